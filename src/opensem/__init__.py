@@ -1,0 +1,11 @@
+"""OpenSEM: turn raw domain documents into a fine-tuned, evaluated small expert model.
+
+The pipeline, one package per stage:
+
+    forge/  raw documents -> grounded instruction/answer pairs (train.jsonl, test.jsonl)
+    train/  train.jsonl -> LoRA adapter in models/adapters/{run_name}
+    judge/  golden set -> answers of base and tuned model -> promptfoo -> 1-5 scores -> report
+    run.py  the whole loop, with lineage and an HTML report
+"""
+
+__version__ = "0.1.0"

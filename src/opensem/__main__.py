@@ -1,0 +1,3 @@
+from opensem.cli import main
+
+main()

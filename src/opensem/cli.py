@@ -1,0 +1,203 @@
+"""The `opensem` command line. Every stage command takes --workspace/-w and --set SECTION.KEY=VALUE."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from opensem import __version__
+from opensem.errors import OpenSEMError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+app = typer.Typer(
+    name="opensem",
+    help="OpenSEM: raw documents -> grounded training data -> LoRA adapter -> judged Baseline vs Fine-Tuned report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+STATE = {"debug": False}
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (default: current directory)")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)"),
+]
+
+
+def _ws(workspace: Path, sets: Optional[list[str]]):
+    from opensem.config import check_overrides
+    from opensem.workspace import Workspace
+
+    check_overrides(sets)
+    ws = Workspace(workspace, tuple(sets or ()))
+    ws.check()
+    return ws
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False,
+):
+    STATE["debug"] = debug or os.environ.get("OPENSEM_DEBUG") == "1"
+    if version:
+        out.print(f"opensem {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to create the workspace")] = Path("."),
+    example: Annotated[Optional[str], typer.Option(help="Also copy an example domain (e.g. product-manual)")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite files that already exist")] = False,
+):
+    """Create the workspace layout (configs, data/raw, evals, models) in DIRECTORY."""
+    from opensem.workspace import init_workspace
+
+    created = init_workspace(directory, example, force)
+    console.print(f"workspace ready at [bold]{directory.resolve()}[/] ({len(created)} file(s) written)")
+    if example:
+        console.print(f"example '{example}' copied: run `opensem run -w {directory}`")
+    else:
+        console.print(f"next: put documents in {directory}/data/raw and a golden set in {directory}/evals/golden_set.json")
+
+
+@app.command()
+def doctor(workspace: WorkspaceOpt = Path(".")):
+    """What this machine has and what OpenSEM can do on it."""
+    from opensem.doctor import run_doctor
+
+    run_doctor(Path(workspace), out)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question")],
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter name in models/adapters or a path")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens")] = 128,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Answer a question with the base model of the train config (and an adapter, if given)."""
+    from opensem.inference import load_chat_model
+    from opensem.judge.answers import resolve_adapter
+    from opensem.models import resolve_base_model
+
+    ws = _ws(workspace, sets)
+    cfg = ws.train_config()
+    base = resolve_base_model(cfg.base_model, ws.base_models_dir)
+    adapter_dir = str(resolve_adapter(ws, cfg, adapter)) if adapter else None
+    model = load_chat_model(base.path, adapter_dir)
+    system = ws.eval_config().answers.system_prompt
+    conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    out.print(model.generate([conv], max_new_tokens=max_new_tokens)[0].text)
+
+
+@app.command()
+def forge(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimated cost; call nobody")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Stage 1: data/raw -> data/processed/train.jsonl + test.jsonl, via the configured teacher."""
+    from opensem.forge import run_forge
+
+    run_forge(_ws(workspace, sets), dry_run=dry_run, console=console)
+
+
+@app.command()
+def train(
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
+    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/adapters")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Stage 3: LoRA fine-tuning from configs/train_config.yaml -> models/adapters/{run_name}."""
+    from opensem.train import run_training
+
+    run_training(_ws(workspace, sets), resume=resume, run_name=run_name, console=console)
+
+
+@app.command()
+def judge(
+    mode: Annotated[Optional[str], typer.Option(help="baseline | fine-tuned")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter name or path (default: the latest)")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Report each judge's agreement with human scores")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Stages 2 and 4: answer the golden set, score 1-5 through promptfoo, print Baseline vs Fine-Tuned."""
+    from opensem.judge import run_calibration, run_judge
+
+    ws = _ws(workspace, sets)
+    if calibrate:
+        run_calibration(ws, console=out)
+        return
+    if mode not in ("baseline", "fine-tuned"):
+        raise OpenSEMError("--mode must be 'baseline' or 'fine-tuned' (or use --calibrate)")
+    run_judge(ws, mode=mode, adapter=adapter, console=out)
+
+
+@app.command()
+def run(
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage even if its inputs did not change")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """The whole loop: forge -> baseline -> train -> fine-tuned -> report (skips up-to-date stages)."""
+    from opensem.pipeline import run_pipeline
+
+    run_pipeline(_ws(workspace, sets), force=force, console=out)
+
+
+@app.command()
+def runs(workspace: WorkspaceOpt = Path(".")):
+    """List past runs and their headline numbers."""
+    from opensem.pipeline import list_runs
+
+    list_runs(_ws(workspace, None), console=out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: user errors are one line and a non-zero exit; --debug shows the traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("OPENSEM_DEBUG") == "1"
+    try:
+        app(args=args, standalone_mode=False)
+    except OpenSEMError as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors and friends
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+def stage_main(command: str) -> None:
+    """For src/forge.py, src/train.py, src/judge.py: `python src/forge.py [options]`."""
+    main([command, *sys.argv[1:]])

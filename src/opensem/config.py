@@ -1,0 +1,368 @@
+"""The three YAML files of a workspace, validated by pydantic.
+
+configs/forge_config.yaml  -> ForgeConfig   (the Data Forge)
+configs/train_config.yaml  -> TrainConfig   (the Training Floor; Axolotl's key names)
+configs/eval_config.yaml   -> EvalConfig    (the Judge)
+
+Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
+dotted key path and, for a misspelled key, the closest valid one. Any value can be overridden from the
+command line with ``--set train.learning_rate=1e-4`` (the first part names the file).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opensem.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+PROVIDERS = ("local", "openai", "anthropic", "openai-compatible")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher / judge model endpoint (shared by the forge and the judge)
+# --------------------------------------------------------------------------------------------------
+class LLMSpec(Strict):
+    """A chat model the tool talks to: a hosted API, an OpenAI-compatible server, or an in-process model."""
+
+    provider: Literal["local", "openai", "anthropic", "openai-compatible"] = "local"
+    model: Optional[str] = Field(None, description="Model name; defaults per provider")
+    base_url: Optional[str] = Field(None, description="For openai-compatible (Ollama, vLLM, LM Studio...)")
+    api_key_env: Optional[str] = Field(None, description="Name of the environment variable with the key")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(1024, ge=1, le=200_000)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0, le=50)
+    concurrency: int = Field(8, ge=1, le=256)
+    requests_per_minute: Optional[int] = Field(None, ge=1)
+    tokens_per_minute: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LLMSpec":
+        if self.provider == "openai-compatible" and not self.base_url:
+            raise ValueError("provider 'openai-compatible' needs base_url (e.g. http://localhost:11434/v1)")
+        return self
+
+    def resolved_model(self) -> str:
+        if self.model:
+            return self.model
+        return {
+            "openai": "gpt-4o-mini",
+            "anthropic": "claude-3-5-haiku-latest",
+            "openai-compatible": "default",
+            "local": EMBEDDED_MODEL,
+        }[self.provider]
+
+    def resolved_key_env(self) -> Optional[str]:
+        if self.api_key_env:
+            return self.api_key_env
+        return {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
+
+
+class Price(Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    # USD per million tokens, list prices; edit forge_config.yaml `cost.prices` to change or add.
+    "gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.60},
+    "gpt-4o": {"input_per_mtok": 2.50, "output_per_mtok": 10.00},
+    "gpt-4.1-mini": {"input_per_mtok": 0.40, "output_per_mtok": 1.60},
+    "gpt-4.1": {"input_per_mtok": 2.00, "output_per_mtok": 8.00},
+    "claude-3-5-haiku-latest": {"input_per_mtok": 0.80, "output_per_mtok": 4.00},
+    "claude-sonnet-4-5": {"input_per_mtok": 3.00, "output_per_mtok": 15.00},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Forge
+# --------------------------------------------------------------------------------------------------
+class ChunkingConfig(Strict):
+    chunk_tokens: int = Field(256, ge=16, le=32_000)
+    overlap_tokens: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "ChunkingConfig":
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class GenerationConfig(Strict):
+    pairs_per_chunk: int = Field(4, ge=1, le=100, description="Budget of pairs asked for per chunk")
+    strategy: Literal["auto", "passage", "sentence"] = Field(
+        "auto",
+        description="passage: the teacher writes question+answer from the whole chunk (capable teachers); "
+        "sentence: one source sentence per request, the teacher writes questions, the answer is the "
+        "sentence (weak local teachers). auto: sentence for the local provider, passage otherwise.",
+    )
+    questions_per_sentence: int = Field(3, ge=1, le=10)
+    system_prompt: Optional[str] = Field(None, description="Optional system turn written into every record")
+
+
+class QualityConfig(Strict):
+    min_question_chars: int = Field(12, ge=1)
+    max_question_chars: int = Field(300, ge=10)
+    min_answer_chars: int = Field(8, ge=1)
+    max_answer_chars: int = Field(2000, ge=10)
+    grounding_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Share of answer content words found in the chunk")
+    near_duplicate_threshold: float = Field(0.8, ge=0.0, le=1.0, description="MinHash Jaccard of question+answer")
+    golden_overlap_threshold: float = Field(0.6, ge=0.0, le=1.0, description="MinHash Jaccard of question vs golden questions")
+    golden_embedding_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Cosine of question vs golden questions")
+
+
+class OutputConfig(Strict):
+    format: Literal["sharegpt", "messages"] = "sharegpt"
+    test_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 42
+
+
+class CostConfig(Strict):
+    max_cost_usd: Optional[float] = Field(None, ge=0)
+    prices: dict[str, Price] = Field(default_factory=dict, description="Extra or overriding prices per model")
+
+    def price_for(self, model: str) -> Optional[Price]:
+        if model in self.prices:
+            return self.prices[model]
+        if model in DEFAULT_PRICES:
+            return Price(**DEFAULT_PRICES[model])
+        return None
+
+
+class ForgeConfig(Strict):
+    input_dir: str = "data/raw"
+    output_dir: str = "data/processed"
+    golden_set: str = "evals/golden_set.json"
+    teacher: LLMSpec = Field(default_factory=LLMSpec)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train (Axolotl key names)
+# --------------------------------------------------------------------------------------------------
+class DatasetSpec(Strict):
+    path: str
+    type: Literal["chat_template"] = "chat_template"
+    field_messages: str = "conversations"
+
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class TrainConfig(Strict):
+    base_model: str = EMBEDDED_MODEL
+    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/train.jsonl")])
+    test_datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/test.jsonl")])
+    engine: Literal["auto", "unsloth", "hf"] = "auto"
+    adapter: Literal["lora", "qlora"] = "lora"
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    sequence_len: int = Field(512, ge=16, le=131_072)
+    sample_packing: bool = False
+    train_on_inputs: bool = False
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(3.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="Overrides num_epochs when set")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: picked by the hardware profile")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on test_datasets every N steps; default: at the end")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume with --resume)")
+    logging_steps: int = Field(5, ge=1)
+    max_vram_gb: float = Field(22.0, gt=0, description="Hard VRAM cap on consumer GPUs (RTX 4090 safety)")
+    wandb_project: Optional[str] = None
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    output_dir: str = "models/adapters"
+    run_name: Optional[str] = None
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not RUN_NAME_RE.match(v) or ".." in v):
+            raise ValueError(
+                f"run_name {v!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
+            )
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _modules(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("lora_target_modules must name at least one module, or be 'all-linear'")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval
+# --------------------------------------------------------------------------------------------------
+class AnswerConfig(Strict):
+    max_new_tokens: int = Field(96, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    batch_size: int = Field(16, ge=1, le=1024)
+    system_prompt: Optional[str] = None
+
+
+class JudgeSpec(LLMSpec):
+    provider: Literal["offline", "local", "openai", "anthropic", "openai-compatible"] = "offline"  # type: ignore[assignment]
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(400, ge=16)
+    fallback_to_offline: bool = Field(True, description="Use the offline scorer when the judge is unreachable")
+
+    def resolved_model(self) -> str:
+        if self.provider == "offline":
+            return "reference-scorer-v1"
+        return super().resolved_model()
+
+
+class EvalConfig(Strict):
+    golden_set: str = "evals/golden_set.json"
+    reports_dir: str = "evals/reports"
+    answers: AnswerConfig = Field(default_factory=AnswerConfig)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    pass_threshold: int = Field(4, ge=1, le=5)
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
+    seed: int = 0
+    forgetting_set: Optional[str] = Field("builtin", description="'builtin', a path to a golden-format file, or null")
+    promptfoo: Optional[str] = Field(None, description="promptfoo command; default: the workspace's or the tool's node_modules")
+
+
+SECTIONS: dict[str, tuple[str, type[Strict]]] = {
+    "forge": ("configs/forge_config.yaml", ForgeConfig),
+    "train": ("configs/train_config.yaml", TrainConfig),
+    "eval": ("configs/eval_config.yaml", EvalConfig),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+# --------------------------------------------------------------------------------------------------
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at the place ``loc`` (the path to the unknown key) in the model tree."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = _model_in(ann)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def _model_in(ann: Any) -> Optional[type[BaseModel]]:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, file: str, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        candidates = _valid_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), candidates, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(candidates)}"
+        return f"{file}: unknown key '{key}': {hint}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{file}: key '{key}': {msg}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[str, list[str], Any]:
+    """``train.learning_rate=1e-4`` -> ("train", ["learning_rate"], 0.0001)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. train.learning_rate=1e-4")
+    path, raw = text.split("=", 1)
+    parts = [p for p in path.strip().split(".") if p]
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        raise ConfigError(
+            f"--set {text!r}: the key must start with one of {', '.join(SECTIONS)} (e.g. train.num_epochs=2)"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts[0], parts[1:], value
+
+
+def _apply(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_section(section: str, root: Path, overrides: list[str] | None = None, path: Path | None = None):
+    rel, model = SECTIONS[section]
+    file = path or (root / rel)
+    data = read_yaml(file)
+    for text in overrides or []:
+        sec, keys, value = parse_override(text)
+        if sec == section:
+            _apply(data, keys, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        shown = file if file.exists() else f"{file} (defaults)"
+        raise ConfigError(format_validation_error(e, str(shown), model)) from None
+
+
+def check_overrides(overrides: list[str] | None) -> None:
+    for text in overrides or []:
+        parse_override(text)
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

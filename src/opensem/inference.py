@@ -1,0 +1,123 @@
+"""Local inference: one interface for a batch of chat conversations -> completions.
+
+Used by the forge's local teacher, the judge's answer generation and the local judge. It applies the
+model's own chat template, decodes greedily by default, batches with left padding (longest prompts
+together, to waste little on padding), and stops at the model's end-of-turn token. GPU when present.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class ChatModel:
+    """A causal LM (optionally with a LoRA adapter) that answers chat conversations in batches."""
+
+    def __init__(self, model_path: str, adapter: Optional[str] = None, device: Optional[str] = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path, self.adapter = model_path, adapter
+        self.device = device or pick_device()
+        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+            model = model.merge_and_unload()  # same answers, faster decoding
+        self.model = model.to(self.device).eval()
+        self._lock = threading.Lock()
+        eos = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                eos.add(tid)
+        self.stop_ids = sorted(i for i in eos if i is not None)
+
+    def render(self, conversation: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        batch_size: int = 16,
+        seed: int = 0,
+        progress=None,
+    ) -> list[Completion]:
+        import torch
+
+        prompts = [self.render(c) for c in conversations]
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        results: list[Optional[Completion]] = [None] * len(prompts)
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+                ).to(self.device)
+                kwargs = dict(
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+                if temperature > 0:
+                    torch.manual_seed(seed + start)
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                out = self.model.generate(**batch, **kwargs)
+                width = batch["input_ids"].shape[1]
+                for row, i in enumerate(idx):
+                    gen = out[row, width:].tolist()
+                    n = len(gen)
+                    for k, t in enumerate(gen):
+                        if t in self.stop_ids:
+                            n = k + 1
+                            break
+                    text = self.tokenizer.decode(gen[:n], skip_special_tokens=True).strip()
+                    results[i] = Completion(text, len(encoded[i]), n)
+                if progress:
+                    progress(len(idx))
+        return results  # type: ignore[return-value]
+
+
+_CACHE: dict[tuple, ChatModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_chat_model(model_path: str, adapter: Optional[str] = None) -> ChatModel:
+    """Load once per process; the forge, the judge and a local judge share a loaded model."""
+    key = (model_path, adapter)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = ChatModel(model_path, adapter)
+        return _CACHE[key]

@@ -1,0 +1,310 @@
+"""The Provider interface and the four providers: openai, anthropic, openai-compatible, local."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from opensem.config import LLMSpec
+from opensem.errors import OpenSEMError
+
+
+class LLMError(Exception):
+    """A call failed after its retries (or could not be retried). Never contains an API key."""
+
+
+@dataclass
+class LLMReply:
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    data: Any = None  # parsed JSON when a schema was requested and the reply parsed
+    cached: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
+
+
+def strip_reasoning(text: str) -> str:
+    text = THINK_RE.sub("", text)
+    if "</think>" in text:  # an opening tag swallowed by the server
+        text = text.split("</think>", 1)[1]
+    return text.strip()
+
+
+def parse_json_lenient(text: str) -> Any:
+    """JSON from a chatty reply: code fences, leading prose, trailing commas, reasoning blocks."""
+    text = strip_reasoning(text)
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    if fence:
+        text = fence.group(1)
+    for opener, closer in (("{", "}"), ("[", "]")):
+        start, end = text.find(opener), text.rfind(closer)
+        if start != -1 and end > start:
+            chunk = text[start : end + 1]
+            for candidate in (chunk, re.sub(r",\s*([}\]])", r"\1", chunk)):
+                try:
+                    return json.loads(candidate)
+                except json.JSONDecodeError:
+                    continue
+    raise ValueError("no JSON object found in the reply")
+
+
+class RateLimiter:
+    """Requests- and tokens-per-minute limits shared by all worker threads (a sliding 60 s window)."""
+
+    def __init__(self, rpm: Optional[int], tpm: Optional[int]):
+        self.rpm, self.tpm = rpm, tpm
+        self.events: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+
+    def acquire(self, tokens: int) -> None:
+        if not self.rpm and not self.tpm:
+            return
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.events = [(t, n) for t, n in self.events if now - t < 60]
+                ok_r = not self.rpm or len(self.events) < self.rpm
+                ok_t = not self.tpm or sum(n for _, n in self.events) + tokens <= self.tpm or not self.events
+                if ok_r and ok_t:
+                    self.events.append((now, tokens))
+                    return
+                wait = 60 - (now - self.events[0][0]) + 0.01
+            time.sleep(min(max(wait, 0.01), 5))
+
+
+class Provider:
+    """A chat model. Subclasses implement ``_call``; retries, rate limits and parsing live here."""
+
+    name = "base"
+
+    def __init__(self, spec: LLMSpec):
+        self.spec = spec
+        self.model = spec.resolved_model()
+        self.limiter = RateLimiter(spec.requests_per_minute, spec.tokens_per_minute)
+
+    # identity used by the cache: what changes the answer
+    def identity(self) -> dict:
+        return {"provider": self.spec.provider, "model": self.model, "base_url": self.spec.base_url}
+
+    def complete(
+        self,
+        messages: list[dict],
+        schema: Optional[dict] = None,
+        temperature: Optional[float] = None,
+        max_tokens: Optional[int] = None,
+    ) -> LLMReply:
+        temperature = self.spec.temperature if temperature is None else temperature
+        max_tokens = max_tokens or self.spec.max_tokens
+        est = sum(len(m["content"]) for m in messages) // 4 + max_tokens
+        attempt = 0
+        while True:
+            self.limiter.acquire(est)
+            try:
+                reply = self._call(messages, schema, temperature, max_tokens)
+                break
+            except RetryableError as e:
+                attempt += 1
+                if attempt > self.spec.max_retries:
+                    raise LLMError(f"{self.spec.provider}/{self.model}: gave up after {attempt} tries: {e}") from None
+                time.sleep(backoff_delay(attempt, e.retry_after))
+        reply.text = strip_reasoning(reply.text)
+        if schema is not None and reply.data is None:
+            try:
+                reply.data = parse_json_lenient(reply.text)
+            except ValueError:
+                reply.data = None  # the caller counts it as malformed
+        return reply
+
+    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:  # pragma: no cover
+        raise NotImplementedError
+
+
+class RetryableError(Exception):
+    def __init__(self, msg: str, retry_after: Optional[float] = None):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+def backoff_delay(attempt: int, retry_after: Optional[float], base: float = 0.5, cap: float = 60.0) -> float:
+    """Honour Retry-After when the server sent one; else exponential backoff with full jitter."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), cap)
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def _retry_after(exc: Exception) -> Optional[float]:
+    resp = getattr(exc, "response", None)
+    headers = getattr(resp, "headers", None) or {}
+    for key in ("retry-after-ms", "retry-after"):
+        val = headers.get(key)
+        if val is None:
+            continue
+        try:
+            seconds = float(val)
+        except ValueError:
+            continue
+        return seconds / 1000 if key.endswith("ms") else seconds
+    return None
+
+
+def _api_key(spec: LLMSpec) -> Optional[str]:
+    env = spec.resolved_key_env()
+    if env is None:
+        return None
+    key = os.environ.get(env)
+    if not key and spec.provider in ("openai", "anthropic"):
+        raise OpenSEMError(
+            f"provider '{spec.provider}' needs an API key in the environment variable {env} "
+            f"(set it, or use provider: local / openai-compatible)"
+        )
+    return key
+
+
+class OpenAIProvider(Provider):
+    """OpenAI and any OpenAI-compatible server (Ollama, vLLM, llama.cpp server, LM Studio, OpenRouter)."""
+
+    def __init__(self, spec: LLMSpec):
+        super().__init__(spec)
+        import openai
+
+        self._openai = openai
+        key = _api_key(spec) or "not-needed"
+        base = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.client = openai.OpenAI(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0)
+        self.schema_supported = True
+
+    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
+        o = self._openai
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
+        if schema is not None and self.schema_supported:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema, "strict": True},
+            }
+        try:
+            resp = self.client.chat.completions.create(**kwargs)
+        except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
+            raise RetryableError(_describe(e), _retry_after(e)) from None
+        except o.BadRequestError as e:
+            if "response_format" in kwargs and self.spec.provider == "openai-compatible":
+                self.schema_supported = False  # old servers: ask in the prompt, parse leniently
+                return self._call(messages, schema, temperature, max_tokens)
+            raise LLMError(f"{self.spec.provider}/{self.model}: request rejected: {_describe(e)}") from None
+        except o.AuthenticationError:
+            raise OpenSEMError(
+                f"{self.spec.provider}: the API key in {self.spec.resolved_key_env()} was rejected (401)"
+            ) from None
+        except o.APIStatusError as e:
+            if e.status_code >= 500 or e.status_code == 408:
+                raise RetryableError(_describe(e), _retry_after(e)) from None
+            raise LLMError(f"{self.spec.provider}/{self.model}: {_describe(e)}") from None
+        if not getattr(resp, "choices", None):
+            raise RetryableError("reply had no choices")
+        msg = resp.choices[0].message
+        usage = getattr(resp, "usage", None)
+        return LLMReply(
+            text=msg.content or "",
+            input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            output_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+
+class AnthropicProvider(Provider):
+    def __init__(self, spec: LLMSpec):
+        super().__init__(spec)
+        import anthropic
+
+        self._anthropic = anthropic
+        key = _api_key(spec)
+        base = spec.base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
+        self.client = anthropic.Anthropic(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0)
+
+    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
+        a = self._anthropic
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        chat = [m for m in messages if m["role"] != "system"]
+        kwargs: dict[str, Any] = dict(model=self.model, messages=chat, temperature=temperature, max_tokens=max_tokens)
+        if system:
+            kwargs["system"] = system
+        if schema is not None:
+            kwargs["tools"] = [{"name": "output", "description": "Return the result", "input_schema": schema}]
+            kwargs["tool_choice"] = {"type": "tool", "name": "output"}
+        try:
+            resp = self.client.messages.create(**kwargs)
+        except (a.RateLimitError, a.InternalServerError, a.APITimeoutError, a.APIConnectionError) as e:
+            raise RetryableError(_describe(e), _retry_after(e)) from None
+        except a.AuthenticationError:
+            raise OpenSEMError(
+                f"anthropic: the API key in {self.spec.resolved_key_env()} was rejected (401)"
+            ) from None
+        except a.APIStatusError as e:
+            if e.status_code >= 500 or e.status_code in (408, 529):
+                raise RetryableError(_describe(e), _retry_after(e)) from None
+            raise LLMError(f"anthropic/{self.model}: {_describe(e)}") from None
+        text, data = "", None
+        for block in resp.content or []:
+            if getattr(block, "type", "") == "tool_use":
+                data = block.input
+                text = json.dumps(block.input)
+            elif getattr(block, "type", "") == "text":
+                text += block.text
+        usage = getattr(resp, "usage", None)
+        return LLMReply(
+            text=text,
+            data=data,
+            input_tokens=getattr(usage, "input_tokens", 0) or 0,
+            output_tokens=getattr(usage, "output_tokens", 0) or 0,
+        )
+
+
+class LocalProvider(Provider):
+    """An in-process model through opensem.inference (the embedded model by default)."""
+
+    def __init__(self, spec: LLMSpec, models_dir=None):
+        super().__init__(spec)
+        from pathlib import Path
+
+        from opensem.models import resolve_base_model
+
+        self.resolved = resolve_base_model(self.model, Path(models_dir or "models/base"))
+
+    def identity(self) -> dict:
+        return {"provider": "local", "model": self.model, "fingerprint": self.resolved.fingerprint}
+
+    @property
+    def chat_model(self):
+        from opensem.inference import load_chat_model
+
+        return load_chat_model(self.resolved.path)
+
+    def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0):
+        outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+        return [LLMReply(strip_reasoning(o.text), o.prompt_tokens, o.completion_tokens) for o in outs]
+
+    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
+        return self.complete_batch([messages], temperature, max_tokens)[0]
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    return f"{name} (HTTP {status})" if status else name
+
+
+def get_provider(spec: LLMSpec, models_dir=None) -> Provider:
+    if spec.provider in ("openai", "openai-compatible"):
+        return OpenAIProvider(spec)
+    if spec.provider == "anthropic":
+        return AnthropicProvider(spec)
+    if spec.provider == "local":
+        return LocalProvider(spec, models_dir)
+    raise OpenSEMError(f"unknown provider {spec.provider!r}")

@@ -1,0 +1,93 @@
+"""A content-addressed cache of model replies, written as each reply arrives.
+
+Key: sha256 of (provider identity, messages, schema, temperature, max_tokens). A rerun, or a run resumed
+after Ctrl-C, a crash or a budget stop, makes zero repeated calls for work already done. Each entry keeps
+the request and the reply, so the cache is also the log of every prompt and response (never a key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from opensem.llm.base import LLMReply, Provider
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CachedProvider:
+    def __init__(self, provider: Provider, cache_dir: Path):
+        self.provider = provider
+        self.cache_dir = Path(cache_dir)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, messages, schema, temperature, max_tokens, variant: int = 0) -> str:
+        payload = {
+            "variant": variant,
+            "id": self.provider.identity(),
+            "messages": messages,
+            "schema": schema,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Optional[LLMReply]:
+        p = self._path(key)
+        if not p.exists():
+            return None
+        try:
+            entry = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn file from an old crash: redo the call
+        r = entry["reply"]
+        return LLMReply(r["text"], r["input_tokens"], r["output_tokens"], r.get("data"), cached=True)
+
+    def put(self, key: str, messages, reply: LLMReply) -> None:
+        entry = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "provider": self.provider.identity(),
+            "messages": messages,
+            "reply": {
+                "text": reply.text,
+                "data": reply.data,
+                "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens,
+            },
+        }
+        atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False))
+
+    def complete(self, messages, schema=None, temperature=None, max_tokens=None, variant: int = 0) -> LLMReply:
+        spec = self.provider.spec
+        temperature = spec.temperature if temperature is None else temperature
+        max_tokens = max_tokens or spec.max_tokens
+        k = self.key(messages, schema, temperature, max_tokens, variant)
+        hit = self.get(k)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        reply = self.provider.complete(messages, schema, temperature, max_tokens)
+        self.misses += 1
+        self.put(k, messages, reply)
+        return reply

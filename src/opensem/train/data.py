@@ -1,0 +1,95 @@
+"""Chat data for training: ShareGPT or OpenAI-messages JSONL -> token ids with an assistant-only loss mask.
+
+The base model's own chat template renders every conversation, exactly as inference renders prompts, and
+the end-of-turn token after each answer is trained, so the tuned model learns to stop. After truncation to
+``sequence_len`` an example with no trainable token left is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from opensem.errors import OpenSEMError
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+            "model": "assistant", "bot": "assistant"}
+
+
+def to_messages(record: dict, field: str, where: str) -> list[dict]:
+    turns = record.get(field)
+    if turns is None:
+        turns = record.get("messages") if field == "conversations" else record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise OpenSEMError(f"{where}: no '{field}' list of turns (set datasets[].field_messages in train_config.yaml)")
+    msgs = []
+    for t in turns:
+        role = ROLE_MAP.get(t.get("from", t.get("role", "")))
+        content = t.get("value", t.get("content"))
+        if role is None or not isinstance(content, str):
+            raise OpenSEMError(f"{where}: a turn needs from/role (human, gpt, system...) and value/content text")
+        msgs.append({"role": role, "content": content})
+    return msgs
+
+
+def load_conversations(path: Path, field: str) -> list[list[dict]]:
+    if not path.exists():
+        raise OpenSEMError(f"{path}: training data not found: run `opensem forge` first, or fix datasets[].path in train_config.yaml")
+    convs = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise OpenSEMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            convs.append(to_messages(rec, field, f"{path}:{n}"))
+    return convs
+
+
+@dataclass
+class TokenizedSet:
+    rows: list[dict]  # {"input_ids": [...], "assistant_masks": [...]}
+    dropped_no_target: int
+    truncated: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+def tokenize_conversations(tokenizer, convs: list[list[dict]], sequence_len: int, train_on_inputs: bool = False) -> TokenizedSet:
+    rows, dropped, truncated = [], 0, 0
+    for msgs in convs:
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        mask = [1 if train_on_inputs else 0] * len(ids)
+        # every assistant turn: the tokens between the prompt (with generation prompt) and the turn's end
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(_ids(tokenizer, msgs[:i], add_generation_prompt=True))
+            end = len(_ids(tokenizer, msgs[: i + 1], add_generation_prompt=False))
+            for k in range(start, min(end, len(ids))):
+                mask[k] = 1
+        if len(ids) > sequence_len:
+            ids, mask = ids[:sequence_len], mask[:sequence_len]
+            truncated += 1
+        if not any(mask):
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "assistant_masks": mask})
+    return TokenizedSet(rows, dropped, truncated)
+
+
+def _ids(tokenizer, msgs, add_generation_prompt: bool) -> list[int]:
+    if not msgs:
+        return []
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)

@@ -1,0 +1,169 @@
+"""The two training engines. Both return (model, tokenizer) ready for the same TRL SFTTrainer.
+
+- hf: transformers + PEFT. Works everywhere (CPU, MPS, CUDA), also under torchrun / accelerate launch.
+- unsloth: Unsloth's patched model and kernels on NVIDIA GPUs. Imported lazily, and before
+  transformers/trl/peft in the process (``import_unsloth_first``), or it loses its patches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Optional
+
+from opensem.config import TrainConfig
+from opensem.errors import OpenSEMError
+
+LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def unsloth_available() -> tuple[bool, str]:
+    """Can Unsloth run here? (without importing it unless a GPU is present)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no NVIDIA GPU"
+    if importlib.util.find_spec("unsloth") is None:
+        return False, "unsloth is not installed (pip install 'opensem[gpu]')"
+    return True, "NVIDIA GPU and unsloth installed"
+
+
+def choose_engine(cfg: TrainConfig, console) -> str:
+    ok, why = unsloth_available()
+    if cfg.engine == "hf":
+        return "hf"
+    if cfg.engine == "unsloth":
+        if not ok:
+            raise OpenSEMError(f"configs/train_config.yaml: key 'engine': unsloth cannot run here ({why}); use engine: hf or auto")
+        return "unsloth"
+    if ok:
+        return "unsloth"
+    console.print(f"engine auto: using the hf engine (transformers + PEFT + TRL) because Unsloth cannot run here: {why}")
+    return "hf"
+
+
+def import_unsloth_first() -> None:
+    late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if late:
+        print(f"note: {', '.join(late)} were imported before unsloth; its patches may be partial", file=sys.stderr)
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # NotImplementedError without an accelerator, ImportError on a broken install
+        raise OpenSEMError(f"unsloth failed to import ({type(e).__name__}: {str(e)[:120]}); use engine: hf") from None
+
+
+def target_modules(cfg: TrainConfig):
+    return LINEAR_NAMES if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules)
+
+
+def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    kwargs: dict = {}
+    if device == "cuda":
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        if cfg.adapter == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=kwargs["dtype"],
+            )
+    else:
+        kwargs["dtype"] = torch.float32  # CPU: fp32 master weights, bf16 autocast when the profile says so
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if cfg.adapter == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tok
+
+
+def load_unsloth(model_path: str, cfg: TrainConfig, precision: str, gradient_checkpointing: bool):
+    from unsloth import FastLanguageModel  # imported first by the recipe
+
+    import torch
+
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        max_seq_length=cfg.sequence_len,
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+        load_in_4bit=cfg.adapter == "qlora",
+        local_files_only=os.path.isdir(model_path),
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_modules(cfg),
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        random_state=cfg.seed,
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def make_trainer_class():
+    """SFTTrainer whose loss looks only at answer positions, and which counts real (non-pad) tokens.
+
+    The logits (and the lm_head work) are computed only for positions that predict an answer token
+    (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. The call goes
+    through the (DDP-wrapped) model as usual, so data-parallel training still syncs gradients.
+    """
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class AnswerOnlySFTTrainer(SFTTrainer):
+        real_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            mask = inputs.get("attention_mask")
+            if model.training:
+                self.real_tokens += int(mask.sum()) if mask is not None else labels.numel()
+            shift = labels[:, 1:]
+            keep = (shift != -100).any(dim=0).nonzero().squeeze(-1)
+            out = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")},
+                        logits_to_keep=keep, use_cache=False)
+            logits = out.logits  # [batch, len(keep), vocab]
+            targets = shift[:, keep]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss / (targets != -100).sum().clamp(min=1)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return AnswerOnlySFTTrainer
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def last_checkpoint(folder) -> Optional[str]:
+    from pathlib import Path
+
+    ckpts = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    return str(ckpts[-1]) if ckpts else None

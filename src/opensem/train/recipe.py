@@ -1,0 +1,282 @@
+"""The Training Floor recipe: one LoRA fine-tuning run, top to bottom, driven by configs/train_config.yaml.
+
+    1. config, run name and run folder     5. tokenizer, model + LoRA (engine: unsloth | hf)
+    2. hardware profile (printed, recorded)  6. TRL SFTTrainer (answer-only loss), checkpoints, wandb
+    3. engine choice (unsloth first!)       7. train; Ctrl-C saves a checkpoint; --resume continues
+    4. data: chat template + answer mask    8. adapter + tokenizer + log + manifest -> models/adapters/{run}
+
+The same entry point runs under ``torchrun --nproc_per_node N`` / ``accelerate launch`` (hf engine):
+rank 0 writes the outputs; gloo is used on CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from opensem.config import TrainConfig
+from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
+from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
+from opensem.train import engines
+from opensem.train.hardware import apply_vram_cap, detect_hardware, make_profile
+from opensem.workspace import Workspace
+
+ADJ = "amber brisk calm deft eager fleet gentle hardy keen lucid merry noble quiet rapid sage steady swift vivid".split()
+NOUN = "finch heron lark otter wren badger falcon marten osprey plover raven stoat swift tern vole wasp bee moth".split()
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """Readable and unique: base model, date, two words (same on every rank of a torchrun job)."""
+    seed = os.environ.get("TORCHELASTIC_RUN_ID") or f"{time.time_ns()}-{os.getpid()}"
+    rng = random.Random(seed)
+    base = Path(cfg.base_model.rstrip("/")).name.replace(".gguf", "").lower()[:32]
+    stamp = time.strftime("%Y%m%d-%H%M") if "TORCHELASTIC_RUN_ID" not in os.environ else "ddp"
+    return f"{base}-{stamp}-{rng.choice(ADJ)}-{rng.choice(NOUN)}"
+
+
+def find_resumable(adapters: Path, name: Optional[str]) -> Path:
+    cands = [adapters / name] if name else sorted(adapters.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for d in cands:
+        status = read_json(d / "run.json", {}).get("status")
+        if status in ("running", "interrupted") and engines.last_checkpoint(d / "checkpoints"):
+            return d
+    raise OpenSEMError(f"--resume: no interrupted run with a checkpoint in {adapters}" + (f" named {name!r}" if name else ""))
+
+
+def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = None, console: Optional[Console] = None) -> Path:
+    console = console or Console(stderr=True)
+    rank, world_size = engines.world()
+    main = rank == 0
+    say = console.print if main else (lambda *a, **k: None)
+
+    # 1. config, run name and run folder ------------------------------------------------------------
+    cfg = ws.train_config()
+    if run_name is not None:
+        cfg = TrainConfig.model_validate(cfg.model_dump() | {"run_name": run_name})  # validates the name
+    adapters = ws.path(cfg.output_dir)
+    if resume:
+        run_dir = find_resumable(adapters, cfg.run_name)
+        cfg = TrainConfig.model_validate(read_json(run_dir / "run.json")["config"])
+    else:
+        name = cfg.run_name or default_run_name(cfg)
+        run_dir = adapters / name
+        if main and run_dir.exists() and any(run_dir.iterdir()):
+            raise OpenSEMError(
+                f"{cfg.output_dir}/{name} already exists: choose another run_name, delete it, or use --resume to continue it"
+            )
+        cfg = TrainConfig.model_validate(cfg.model_dump() | {"run_name": name})
+    train_path = ws.path(cfg.datasets[0].path)
+    if not train_path.exists():
+        raise OpenSEMError(f"{cfg.datasets[0].path}: training data not found: run `opensem forge` first")
+
+    # 2. hardware profile ------------------------------------------------------------------------------
+    hw = detect_hardware()
+    if cfg.adapter == "qlora" and hw.device != "cuda":
+        raise ConfigError("configs/train_config.yaml: key 'adapter': qlora (4-bit) needs an NVIDIA GPU; use adapter: lora here")
+
+    # 3. engine: Unsloth must be imported before transformers / trl / peft ------------------------------
+    engine = engines.choose_engine(cfg, console if main else Console(quiet=True))
+    if engine == "unsloth":
+        if world_size > 1:
+            raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
+        engines.import_unsloth_first()
+
+    from opensem.models import resolve_base_model
+
+    base = resolve_base_model(cfg.base_model, ws.base_models_dir)
+    import transformers
+
+    mcfg = transformers.AutoConfig.from_pretrained(base.path)
+    n_params = _param_count(mcfg)
+    profile = make_profile(cfg, hw, n_params / 1e9, getattr(mcfg, "hidden_size", 0), getattr(mcfg, "num_hidden_layers", 0))
+    say(f"hardware profile: {profile.describe()}")
+    for note in profile.notes:
+        say(f"  {note}")
+    if hw.device == "cuda":
+        apply_vram_cap(profile)
+
+    # 4. data ------------------------------------------------------------------------------------------
+    from datasets import Dataset
+
+    from opensem.train.data import load_conversations, tokenize_conversations
+
+    if engine == "unsloth":
+        model, tok = engines.load_unsloth(base.path, cfg, profile.precision, profile.gradient_checkpointing)
+    else:
+        model, tok = engines.load_hf(base.path, cfg, profile.precision, hw.device)
+    train_set = tokenize_conversations(tok, load_conversations(train_path, cfg.datasets[0].field_messages), cfg.sequence_len, cfg.train_on_inputs)
+    test_path = ws.path(cfg.test_datasets[0].path) if cfg.test_datasets else None
+    test_set = None
+    if test_path and test_path.exists() and test_path.stat().st_size > 0:
+        test_set = tokenize_conversations(tok, load_conversations(test_path, cfg.test_datasets[0].field_messages), cfg.sequence_len, cfg.train_on_inputs)
+    if not train_set.rows:
+        raise OpenSEMError(f"{cfg.datasets[0].path}: no example has a trainable answer token within sequence_len={cfg.sequence_len}")
+    say(
+        f"data: {len(train_set.rows)} train examples ({train_set.tokens} tokens), "
+        f"{len(test_set.rows) if test_set else 0} test; {train_set.truncated} truncated to {cfg.sequence_len} tokens, "
+        f"{train_set.dropped_no_target} dropped with no answer token left"
+    )
+
+    # 5-6. trainer ---------------------------------------------------------------------------------------
+    from trl import SFTConfig
+
+    ckpt_dir = run_dir / "checkpoints"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", {"status": "running", "started": now(), "config": cfg.model_dump(mode="json"), "engine": engine})
+    report_to = _setup_wandb(cfg, ws, main)
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        run_name=cfg.run_name,
+        per_device_train_batch_size=profile.micro_batch_size,
+        per_device_eval_batch_size=profile.micro_batch_size,
+        gradient_accumulation_steps=profile.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        optim=cfg.optimizer,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if (cfg.eval_steps and test_set) else "no",
+        eval_steps=cfg.eval_steps,
+        prediction_loss_only=True,
+        bf16=profile.precision == "bf16",
+        fp16=profile.precision == "fp16",
+        use_cpu=hw.device == "cpu",
+        gradient_checkpointing=profile.gradient_checkpointing and engine == "hf",
+        max_length=cfg.sequence_len,
+        packing=cfg.sample_packing,
+        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        report_to=report_to,
+        ddp_backend="gloo" if (world_size > 1 and hw.device == "cpu") else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        dataloader_num_workers=0,
+        disable_tqdm=not main,
+    )
+    trainer_cls = engines.make_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_set.rows),
+        eval_dataset=Dataset.from_list(test_set.rows) if test_set and test_set.rows else None,
+        processing_class=tok,
+    )
+
+    # 7. train ------------------------------------------------------------------------------------------
+    resume_from = engines.last_checkpoint(ckpt_dir) if resume else None
+    if resume_from:
+        say(f"resuming from {resume_from}")
+    t0 = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        if main:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "interrupted", "step": trainer.state.global_step})
+        raise StageInterrupted(
+            f"training interrupted at step {trainer.state.global_step}: checkpoint saved in "
+            f"{cfg.output_dir}/{cfg.run_name}/checkpoints; continue with `opensem train --resume`"
+        ) from None
+    wall = time.time() - t0
+    eval_loss = None
+    if test_set and test_set.rows:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    # 8. outputs (rank 0) ---------------------------------------------------------------------------------
+    if not main:
+        return run_dir
+    trainer.model.save_pretrained(str(run_dir))
+    tok.save_pretrained(str(run_dir))
+    log = trainer.state.log_history
+    (run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    train_losses = [r["loss"] for r in log if "loss" in r]
+    real_tokens = trainer.real_tokens * world_size
+    forge_manifest = train_path.parent / "forge_manifest.json"
+    manifest = {
+        "stage": "train",
+        "created": now(),
+        "run_name": cfg.run_name,
+        "engine": engine,
+        "config": cfg.model_dump(mode="json"),
+        "config_sha": json_sha256(cfg.model_dump(mode="json")),
+        "data": {
+            "train": {"path": cfg.datasets[0].path, "sha256": file_sha256(train_path), "examples": len(train_set.rows),
+                      "tokens": train_set.tokens, "truncated": train_set.truncated, "dropped_no_target": train_set.dropped_no_target},
+            "test": {"path": cfg.test_datasets[0].path, "sha256": file_sha256(test_path), "examples": len(test_set.rows)}
+            if test_set else None,
+            "forge_manifest_sha256": file_sha256(forge_manifest) if forge_manifest.exists() else None,
+        },
+        "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
+                       "parameters": n_params},
+        "hardware": profile.hardware,
+        "profile": {k: v for k, v in profile.__dict__.items() if k != "hardware"},
+        "world_size": world_size,
+        "seed": cfg.seed,
+        "steps": trainer.state.global_step,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss": eval_loss,
+        "wall_time_s": round(wall, 1),
+        "real_tokens": real_tokens,
+        "tokens_per_s": round(real_tokens / wall, 1) if wall > 0 else None,
+        "versions": versions(),
+        "resumed_from": resume_from,
+    }
+    write_json(run_dir / "manifest.json", manifest)
+    write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "complete", "finished": now()})
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    say(
+        f"adapter saved to {cfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, train loss "
+        f"{_fmt(manifest['first_train_loss'])} -> {_fmt(manifest['final_train_loss'])}, eval loss {_fmt(eval_loss)}, "
+        f"{manifest['tokens_per_s']} tokens/s, {manifest['wall_time_s']} s)"
+    )
+    if report_to == ["wandb"]:
+        import wandb
+
+        if wandb.run is not None:
+            say(f"wandb run directory: {wandb.run.dir}")
+            wandb.finish()
+    return run_dir
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _param_count(mcfg) -> int:
+    h = getattr(mcfg, "hidden_size", 0)
+    layers = getattr(mcfg, "num_hidden_layers", 0)
+    inter = getattr(mcfg, "intermediate_size", 4 * h)
+    vocab = getattr(mcfg, "vocab_size", 0)
+    return int(layers * (4 * h * h + 3 * h * inter) + vocab * h)
+
+
+def _setup_wandb(cfg: TrainConfig, ws: Workspace, main: bool) -> list[str]:
+    if not cfg.wandb_project:
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise OpenSEMError("wandb_project is set but wandb is not installed: pip install 'opensem[tracking]'") from None
+    os.environ["WANDB_PROJECT"] = cfg.wandb_project
+    os.environ.setdefault("WANDB_DIR", str(ws.root))
+    mode = cfg.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    os.environ["WANDB_MODE"] = mode
+    if main and mode == "offline":
+        print(f"wandb: offline mode (no WANDB_API_KEY); sync later with `wandb sync {ws.root}/wandb/offline-run-*`")
+    return ["wandb"]

@@ -1,0 +1,112 @@
+"""A workspace: the folder layout of the requirements, wherever the user keeps it.
+
+    configs/{forge,train,eval}_config.yaml
+    data/raw/            your documents (.txt, .md, .pdf)
+    data/processed/      train.jsonl, test.jsonl, forge manifest   (generated)
+    evals/golden_set.json
+    evals/reports/       judge results                              (generated)
+    models/base/         materialised base models                   (generated)
+    models/adapters/     one folder per training run                 (generated)
+    .opensem/            caches and run records                      (generated)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from opensem.config import EvalConfig, ForgeConfig, TrainConfig, load_section
+from opensem.errors import OpenSEMError
+
+LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
+GITIGNORE = """\
+data/processed/*
+models/base/*
+models/adapters/*
+evals/reports/
+.opensem/
+wandb/
+"""
+
+
+@dataclass
+class Workspace:
+    root: Path
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).expanduser().resolve()
+
+    # --- paths -------------------------------------------------------------------------------------
+    def path(self, rel: str | Path) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".opensem"
+
+    @property
+    def base_models_dir(self) -> Path:
+        return self.root / "models" / "base"
+
+    # --- configs -----------------------------------------------------------------------------------
+    def forge_config(self) -> ForgeConfig:
+        return load_section("forge", self.root, list(self.overrides))
+
+    def train_config(self) -> TrainConfig:
+        return load_section("train", self.root, list(self.overrides))
+
+    def eval_config(self) -> EvalConfig:
+        return load_section("eval", self.root, list(self.overrides))
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise OpenSEMError(f"workspace {self.root} does not exist: create it with `opensem init {self.root}`")
+
+
+def template_dir() -> Path:
+    return Path(str(resources.files("opensem") / "assets" / "workspace"))
+
+
+def examples_root() -> Path:
+    """The examples shipped with the repository (examples/ beside src/), or inside the package."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "examples", Path(str(resources.files("opensem") / "assets" / "examples"))):
+        if cand.is_dir():
+            return cand
+    raise OpenSEMError("the example domains are not installed with this copy of opensem")
+
+
+def init_workspace(dest: Path, example: str | None = None, force: bool = False) -> list[Path]:
+    """Create the layout in ``dest``; never overwrite a user's file unless ``force``."""
+    dest = Path(dest).expanduser().resolve()
+    created: list[Path] = []
+    for d in LAYOUT_DIRS:
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    src = template_dir()
+    copies: list[tuple[Path, Path]] = [(f, dest / f.relative_to(src)) for f in src.rglob("*") if f.is_file()]
+    if example:
+        ex = examples_root() / example
+        if not ex.is_dir():
+            names = ", ".join(sorted(p.name for p in examples_root().iterdir() if p.is_dir()))
+            raise OpenSEMError(f"no example named {example!r}; available: {names}")
+        # the example's files win over the template's
+        copies = [c for c in copies if not (ex / c[0].relative_to(src)).exists()]
+        copies += [(f, dest / f.relative_to(ex)) for f in ex.rglob("*") if f.is_file() and f.name != "README.md"]
+    templates = {f.relative_to(src): f.read_bytes() for f in src.rglob("*") if f.is_file()}
+    for s, d in copies:
+        # a file still equal to the template is not the user's: an example may replace it
+        untouched = d.exists() and templates.get(d.relative_to(dest)) == d.read_bytes()
+        if d.exists() and not force and not untouched:
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s, d)
+        created.append(d)
+    gi = dest / ".gitignore"
+    if not gi.exists():
+        gi.write_text(GITIGNORE)
+        created.append(gi)
+    return created
