@@ -1,0 +1,161 @@
+"""Numbers and tables of a judge run: summaries, Baseline vs Fine-Tuned comparison, Markdown."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from opensem.judge.stats import bootstrap_ci, paired_compare
+from opensem.text import exact_match, rouge_l, token_f1
+
+
+def summarize(items: list[dict], threshold: int, samples: int, seed: int) -> dict:
+    """items: per golden item {id, question, golden, output, score, error}."""
+    scored = [it for it in items if it["score"] is not None]
+    scores = [it["score"] for it in scored]
+    return {
+        "n": len(items),
+        "scored": len(scored),
+        "judge_errors": len(items) - len(scored),
+        "mean_score": float(np.mean(scores)) if scores else None,
+        "mean_score_ci": bootstrap_ci(scores, samples, seed) if scores else None,
+        "accuracy": float(np.mean([s >= threshold for s in scores])) if scores else None,
+        "accuracy_ci": bootstrap_ci([float(s >= threshold) for s in scores], samples, seed) if scores else None,
+        "exact_match": float(np.mean([exact_match(it["output"], it["golden"]) for it in items])) if items else None,
+        "token_f1": float(np.mean([token_f1(it["output"], it["golden"]) for it in items])) if items else None,
+        "rouge_l": float(np.mean([rouge_l(it["output"], it["golden"]) for it in items])) if items else None,
+        "mean_length_words": float(np.mean([len(it["output"].split()) for it in items])) if items else None,
+    }
+
+
+def compare(base_items: list[dict], tuned_items: list[dict], threshold: int, samples: int, seed: int) -> dict:
+    b = {it["id"]: it for it in base_items}
+    pairs = [(b[t["id"]], t) for t in tuned_items if t["id"] in b and t["score"] is not None and b[t["id"]]["score"] is not None]
+    bs = [x["score"] for x, _ in pairs]
+    ts = [y["score"] for _, y in pairs]
+    p = paired_compare(bs, ts, samples, seed)
+    acc_b = float(np.mean([s >= threshold for s in bs])) if bs else 0.0
+    acc_t = float(np.mean([s >= threshold for s in ts])) if ts else 0.0
+    acc_pair = paired_compare([float(s >= threshold) for s in bs], [float(s >= threshold) for s in ts], samples, seed)
+    regressions = sorted(
+        ({"id": y["id"], "question": y["question"], "golden": y["golden"], "baseline": x["output"], "fine_tuned": y["output"],
+          "baseline_score": x["score"], "fine_tuned_score": y["score"], "drop": x["score"] - y["score"]}
+         for x, y in pairs if y["score"] < x["score"] - 1e-9),
+        key=lambda r: -r["drop"],
+    )
+    return {
+        "paired_n": p.n,
+        "excluded_for_errors": len(tuned_items) - len(pairs),
+        "mean_diff": p.mean_diff,
+        "mean_diff_ci": p.ci,
+        "p_value": p.p_value,
+        "wins": p.wins,
+        "ties": p.ties,
+        "losses": p.losses,
+        "accuracy_baseline": acc_b,
+        "accuracy_fine_tuned": acc_t,
+        "accuracy_diff_pp": (acc_t - acc_b) * 100,
+        "accuracy_diff_ci_pp": (acc_pair.ci[0] * 100, acc_pair.ci[1] * 100),
+        "accuracy_relative": ((acc_t - acc_b) / acc_b * 100) if acc_b > 0 else None,
+        "regressions": regressions,
+    }
+
+
+def headline(cmp: dict) -> str:
+    pp, rel = cmp["accuracy_diff_pp"], cmp["accuracy_relative"]
+    a, b = cmp["accuracy_baseline"] * 100, cmp["accuracy_fine_tuned"] * 100
+    rel_s = f", {rel:+.0f}% relative" if rel is not None else ""
+    if pp > 0:
+        return f"Accuracy improved by {pp:.1f}% ({a:.1f}% -> {b:.1f}%: +{pp:.1f} percentage points{rel_s})"
+    if pp < 0:
+        return f"Accuracy fell by {-pp:.1f}% ({a:.1f}% -> {b:.1f}%: {pp:.1f} percentage points{rel_s})"
+    return f"Accuracy unchanged at {a:.1f}%"
+
+
+def _f(x, digits=2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _ci(ci, digits=2) -> str:
+    return "-" if not ci else f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+SUMMARY_ROWS = [
+    ("n (scored / judge errors)", lambda s: f"{s['n']} ({s['scored']} / {s['judge_errors']})"),
+    ("mean judge score (1-5)", lambda s: _f(s["mean_score"])),
+    ("  95% bootstrap CI", lambda s: _ci(s["mean_score_ci"])),
+    ("accuracy (score >= pass)", lambda s: _pct(s["accuracy"])),
+    ("exact match", lambda s: _pct(s["exact_match"])),
+    ("token F1", lambda s: _f(s["token_f1"], 3)),
+    ("ROUGE-L", lambda s: _f(s["rouge_l"], 3)),
+    ("mean answer length (words)", lambda s: _f(s["mean_length_words"], 1)),
+]
+
+
+def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict],
+           forgetting: Optional[dict] = None) -> None:
+    title = "Baseline vs Fine-Tuned" if (base and tuned) else ("Baseline" if base else "Fine-Tuned")
+    table = Table(title=f"{title}  -  judge: {judge_name}")
+    table.add_column("metric")
+    if base:
+        table.add_column("Baseline", justify="right")
+    if tuned:
+        table.add_column("Fine-Tuned", justify="right")
+    for label, fn in SUMMARY_ROWS:
+        table.add_row(label, *([fn(base["summary"])] if base else []), *([fn(tuned["summary"])] if tuned else []))
+    console.print(table)
+    if cmp:
+        t = Table(title="paired comparison (same questions)")
+        t.add_column("")
+        t.add_column("value", justify="right")
+        t.add_row("mean score difference", f"{cmp['mean_diff']:+.2f}")
+        t.add_row("  95% bootstrap CI", _ci(cmp["mean_diff_ci"]))
+        t.add_row("  paired permutation p-value", f"{cmp['p_value']:.4f}")
+        t.add_row("win / tie / loss", f"{cmp['wins']} / {cmp['ties']} / {cmp['losses']}")
+        t.add_row("accuracy difference (pp)", f"{cmp['accuracy_diff_pp']:+.1f}  CI {_ci(cmp['accuracy_diff_ci_pp'], 1)}")
+        if cmp["excluded_for_errors"]:
+            t.add_row("excluded (judge errors)", str(cmp["excluded_for_errors"]))
+        console.print(t)
+        if cmp["regressions"]:
+            r = Table(title=f"regressions: {len(cmp['regressions'])} question(s) scored lower after fine-tuning")
+            for col in ("id", "question", "baseline", "fine-tuned"):
+                r.add_column(col)
+            for g in cmp["regressions"][:10]:
+                r.add_row(g["id"], g["question"][:60], f"{g['baseline_score']:.2f}", f"{g['fine_tuned_score']:.2f}")
+            console.print(r)
+        if forgetting:
+            console.print(forgetting["message"])
+        sig = cmp["mean_diff_ci"][0] > 0 or cmp["mean_diff_ci"][1] < 0
+        console.print(f"[bold]{headline(cmp)}[/]  (mean score {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])}"
+                      f"{'' if sig else ', not significant'})")
+
+
+def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict], lineage: dict,
+             forgetting: Optional[dict] = None) -> str:
+    cols = (["Baseline"] if base else []) + (["Fine-Tuned"] if tuned else [])
+    lines = [f"# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for label, fn in SUMMARY_ROWS:
+        vals = ([fn(base["summary"])] if base else []) + ([fn(tuned["summary"])] if tuned else [])
+        lines.append(f"| {label.strip()} | " + " | ".join(vals) + " |")
+    if cmp:
+        lines += ["", f"**{headline(cmp)}**", "",
+                  f"- mean score difference {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])}, paired permutation p = {cmp['p_value']:.4f}",
+                  f"- win / tie / loss: {cmp['wins']} / {cmp['ties']} / {cmp['losses']}",
+                  f"- regressions: {len(cmp['regressions'])}"]
+        for g in cmp["regressions"][:20]:
+            lines.append(f"  - `{g['id']}` {g['question']} ({g['baseline_score']:.2f} -> {g['fine_tuned_score']:.2f})")
+        if forgetting:
+            lines += ["", f"- forgetting check: {forgetting['message']}"]
+    lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in lineage.items()]
+    return "\n".join(lines) + "\n"

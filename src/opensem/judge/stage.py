@@ -1,0 +1,206 @@
+"""Stages 2 and 4, the Judge: golden set -> answers -> promptfoo + judge -> scores -> Baseline vs Fine-Tuned.
+
+    opensem judge --mode baseline      the untouched base model; results stored for later comparison
+    opensem judge --mode fine-tuned    base + adapter (latest, or --adapter); compared with the baseline
+    opensem judge --calibrate          each judge's agreement with the human-scored calibration set
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from opensem.errors import OpenSEMError
+from opensem.golden import GoldenItem, duplicate_questions, load_golden
+from opensem.judge import promptfoo, report
+from opensem.judge.answers import adapter_hash, generate_answers, resolve_adapter
+from opensem.judge.scorers import ReferenceScorer, make_judge
+from opensem.judge.stats import paired_compare
+from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
+from opensem.models import resolve_base_model
+from opensem.progress import stage_progress
+from opensem.workspace import Workspace
+
+
+def _judge_with_fallback(ws: Workspace, ecfg, console: Console):
+    judge = make_judge(ecfg.judge, ws)
+    if isinstance(judge, ReferenceScorer) or ecfg.judge.provider == "local":
+        return judge
+    probe = judge.score_one("What is 2 + 2?", "4.", "4")
+    if probe.error and ("Connection" in probe.error or "Timeout" in probe.error or "gave up" in probe.error):
+        if ecfg.judge.fallback_to_offline:
+            console.print(f"[yellow]judge {judge.short} is unreachable ({probe.error[:80]}); using the offline reference scorer[/]")
+            return ReferenceScorer()
+        raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {probe.error[:120]}")
+    return judge
+
+
+def _forgetting_items(ecfg, ws: Workspace) -> list[GoldenItem]:
+    if not ecfg.forgetting_set:
+        return []
+    if ecfg.forgetting_set == "builtin":
+        path = Path(str(resources.files("opensem") / "assets" / "judge" / "general_knowledge.json"))
+    else:
+        path = ws.path(ecfg.forgetting_set)
+    return load_golden(path, required=True)
+
+
+def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: Optional[Console] = None) -> dict:
+    console = console or Console()
+    t0 = time.time()
+    ecfg, tcfg = ws.eval_config(), ws.train_config()
+    golden_path = ws.path(ecfg.golden_set)
+    items = load_golden(golden_path)
+    for a, b in duplicate_questions(items):
+        console.print(f"[yellow]warning[/]: {ecfg.golden_set}: items {a} and {b} ask the same question")
+    base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
+    adapter_dir = resolve_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
+    judge = _judge_with_fallback(ws, ecfg, console)
+    forget = _forgetting_items(ecfg, ws)
+
+    # 1. answers, batched and cached ---------------------------------------------------------------------
+    label = "Fine-Tuned" if adapter_dir else "Baseline"
+    everything = [(it.id, it.question, it.system) for it in items] + [("forget:" + it.id, it.question, None) for it in forget]
+    with stage_progress(console, f"{mode}: answering {len(items)} golden + {len(forget)} general questions", len(everything)) as adv:
+        answers = generate_answers(ws, base.path, base.fingerprint, adapter_dir, everything, ecfg.answers, progress=adv)
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = ws.path(ecfg.reports_dir) / f"{mode}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    answers_file = run_dir / "answers.json"
+    write_json(answers_file, {k: v for k, v in answers.items() if not k.startswith("forget:")})
+
+    # 2. promptfoo runs the golden set; the judge grades through it ------------------------------------------
+    by_id = {it.id: it for it in items}
+    with stage_progress(console, f"{mode}: judging with {judge.short} via promptfoo", len(items)) as adv:
+
+        def grade(item_id: str, output: str) -> dict:
+            it = by_id[item_id]
+            v = judge.score_many([(it.question, it.answer, output)])[0]
+            adv(1)
+            return {"error": v.error} if v.error else {"score": v.score, "reason": v.reason}
+
+        cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)
+        config = promptfoo.write_config(run_dir, label, items, answers_file, ecfg.pass_threshold,
+                                        f"OpenSEM {mode}: {base.name}" + (f" + {adapter_dir.name}" if adapter_dir else ""))
+        with promptfoo.JudgeServer(grade) as server:
+            data = promptfoo.run_eval(cmd, config, run_dir / "promptfoo_output.json", server.url, answers_file,
+                                      sys.executable, run_dir / "promptfoo.log")
+    parsed = promptfoo.parse_results(data)
+    per_item = [
+        {"id": it.id, "question": it.question, "golden": it.answer, **parsed[it.id]}
+        for it in items if it.id in parsed
+    ]
+    summary = report.summarize(per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+
+    # 3. forgetting check items (same judge, directly) ------------------------------------------------------
+    forget_items = []
+    if forget:
+        verdicts = judge.score_many([(f.question, f.answer, answers["forget:" + f.id]) for f in forget])
+        forget_items = [{"id": f.id, "question": f.question, "golden": f.answer, "output": answers["forget:" + f.id],
+                         "score": v.score, "reason": v.reason, "error": v.error} for f, v in zip(forget, verdicts)]
+
+    lineage = {
+        "golden_set": f"{ecfg.golden_set} {file_sha256(golden_path)}",
+        "eval_config": json_sha256(ecfg.model_dump(mode="json")),
+        "base_model": f"{base.name} {base.fingerprint}",
+        "adapter": f"{adapter_dir} {adapter_hash(adapter_dir)}" if adapter_dir else "none",
+        "adapter_manifest": file_sha256(adapter_dir / "manifest.json") if adapter_dir and (adapter_dir / "manifest.json").exists() else "none",
+        "judge": judge.name,
+        "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
+    }
+    result = {
+        "stage": "judge",
+        "mode": mode,
+        "created": now(),
+        "label": label,
+        "judge": judge.name,
+        "judge_short": judge.short,
+        "pass_threshold": ecfg.pass_threshold,
+        "summary": summary,
+        "items": per_item,
+        "forgetting_items": forget_items,
+        "lineage": lineage,
+        "key": {"golden": file_sha256(golden_path), "base": base.fingerprint, "judge": judge.name,
+                "answers": ecfg.answers.model_dump(mode="json")},
+        "run_dir": str(run_dir.relative_to(ws.root)) if run_dir.is_relative_to(ws.root) else str(run_dir),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    write_json(run_dir / "results.json", result)
+
+    # 4. compare with the stored baseline --------------------------------------------------------------------
+    reports_dir = ws.path(ecfg.reports_dir)
+    base_res = tuned_res = cmp = forgetting = None
+    if mode == "baseline":
+        base_res = result
+        shutil.copyfile(run_dir / "results.json", reports_dir / "baseline-latest.json")
+    else:
+        tuned_res = result
+        base_res = read_json(reports_dir / "baseline-latest.json")
+        if base_res is None or base_res.get("key") != {**result["key"]}:
+            console.print("no baseline for this golden set, base model and judge yet: running the baseline first")
+            base_res = run_judge(ws, "baseline", console=Console(quiet=True))
+        cmp = report.compare(base_res["items"], per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+        forgetting = forgetting_check(base_res.get("forgetting_items", []), forget_items, ecfg)
+        result["comparison"] = cmp
+        result["forgetting"] = forgetting
+        result["baseline_run"] = base_res["run_dir"]
+        write_json(run_dir / "results.json", result)
+        shutil.copyfile(run_dir / "results.json", reports_dir / "fine-tuned-latest.json")
+    md = report.markdown(judge.name, base_res, tuned_res, cmp, lineage, forgetting)
+    (run_dir / "report.md").write_text(md, encoding="utf-8")
+    report.render(console, judge.name, base_res, tuned_res, cmp, forgetting)
+    console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
+                  f"browse: cd {result['run_dir']} && npx promptfoo view")
+    return result
+
+
+def forgetting_check(base_items: list[dict], tuned_items: list[dict], ecfg) -> Optional[dict]:
+    if not base_items or not tuned_items:
+        return None
+    b = {x["id"]: x for x in base_items}
+    pairs = [(b[t["id"]]["score"], t["score"]) for t in tuned_items if t["id"] in b and t["score"] is not None and b[t["id"]]["score"] is not None]
+    if not pairs:
+        return None
+    p = paired_compare([x for x, _ in pairs], [y for _, y in pairs], ecfg.bootstrap_samples, ecfg.seed)
+    flagged = p.ci[1] < 0
+    msg = (f"general knowledge ({p.n} questions): mean score {p.mean_diff:+.2f}, 95% CI [{p.ci[0]:.2f}, {p.ci[1]:.2f}]"
+           + (": FORGETTING - the drop is beyond its confidence interval" if flagged else ": no significant forgetting"))
+    return {"n": p.n, "mean_diff": p.mean_diff, "ci": p.ci, "p_value": p.p_value, "flagged": flagged, "message": msg}
+
+
+def run_calibration(ws: Workspace, console: Optional[Console] = None) -> dict:
+    """Agreement of the offline scorer (and the configured judge, if it is another) with human scores."""
+    from rich.table import Table
+    from scipy.stats import spearmanr
+
+    console = console or Console()
+    path = Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
+    items = json.loads(path.read_text(encoding="utf-8"))
+    human = [it["human_score"] for it in items]
+    ecfg = ws.eval_config()
+    judges = [ReferenceScorer()]
+    if ecfg.judge.provider != "offline":
+        judges.append(make_judge(ecfg.judge, ws))
+    table = Table(title=f"judge calibration on {len(items)} human-scored answers")
+    for col in ("judge", "Spearman", "exact", "within 1", "errors"):
+        table.add_column(col, justify="right" if col != "judge" else "left")
+    out = {}
+    for j in judges:
+        verdicts = j.score_many([(it["question"], it["golden"], it["candidate"]) for it in items])
+        ok = [(h, v.score) for h, v in zip(human, verdicts) if v.score is not None]
+        errors = len(items) - len(ok)
+        rho = float(spearmanr([h for h, _ in ok], [s for _, s in ok]).statistic) if len(ok) > 2 else float("nan")
+        exact = sum(round(s) == h for h, s in ok) / len(ok) if ok else 0.0
+        within = sum(abs(round(s) - h) <= 1 for h, s in ok) / len(ok) if ok else 0.0
+        out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)}
+        table.add_row(j.name, f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
+    console.print(table)
+    return out
