@@ -54,10 +54,10 @@ def grounding(answer: str, chunk_text: str) -> float:
 def shape_reason(q: str, a: str, cfg: QualityConfig) -> Optional[str]:
     if not q or not a:
         return "malformed"
-    if not q.endswith("?") or not QUESTION_START.match(q):
-        return "malformed"
     if NOT_STANDALONE.search(q):
         return "not_standalone"
+    if not q.endswith("?") or not QUESTION_START.match(q):
+        return "malformed"
     if len(q) < cfg.min_question_chars or len(a) < cfg.min_answer_chars or len(q.split()) < 4:
         return "too_short"
     if len(q) > cfg.max_question_chars or len(a) > cfg.max_answer_chars:

@@ -227,12 +227,17 @@ class AnthropicProvider(Provider):
         key = _api_key(spec)
         base = spec.base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
         self.client = anthropic.Anthropic(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0)
+        # The 2.x SDK has no sampling parameters; older models still accept `temperature` on the wire,
+        # newer ones refuse it with a 400, after which it is no longer sent.
+        self.send_temperature = True
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
         a = self._anthropic
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = [m for m in messages if m["role"] != "system"]
-        kwargs: dict[str, Any] = dict(model=self.model, messages=chat, temperature=temperature, max_tokens=max_tokens)
+        kwargs: dict[str, Any] = dict(model=self.model, messages=chat, max_tokens=max_tokens)
+        if self.send_temperature:
+            kwargs["extra_body"] = {"temperature": temperature}
         if system:
             kwargs["system"] = system
         if schema is not None:
@@ -242,6 +247,11 @@ class AnthropicProvider(Provider):
             resp = self.client.messages.create(**kwargs)
         except (a.RateLimitError, a.InternalServerError, a.APITimeoutError, a.APIConnectionError) as e:
             raise RetryableError(_describe(e), _retry_after(e)) from None
+        except a.BadRequestError as e:
+            if self.send_temperature and "temperature" in str(e).lower():
+                self.send_temperature = False
+                return self._call(messages, schema, temperature, max_tokens)
+            raise LLMError(f"anthropic/{self.model}: request rejected: {_describe(e)}") from None
         except a.AuthenticationError:
             raise OpenSEMError(
                 f"anthropic: the API key in {self.spec.resolved_key_env()} was rejected (401)"

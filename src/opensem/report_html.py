@@ -1,0 +1,152 @@
+"""One self-contained HTML report per run: loss curve, score distributions, per-question table, forge
+summary and lineage. Plots are matplotlib PNGs embedded as data URIs; every text is HTML-escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from html import escape
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#1f2933;padding:0 1rem}
+h1{margin-bottom:.2rem} .sub{color:#52606d;margin-top:0}
+.headline{font-size:1.5rem;font-weight:700;padding:1rem 1.2rem;border-radius:8px;background:#e3f9e5;color:#05400a;margin:1rem 0}
+.headline.down{background:#ffe3e3;color:#610404} .headline.flat{background:#f0f4f8;color:#243b53}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(180px,1fr));gap:.8rem;margin:1rem 0}
+.card{border:1px solid #d9e2ec;border-radius:8px;padding:.7rem 1rem}.card b{display:block;font-size:1.3rem}
+.card span{color:#52606d;font-size:.85rem}
+.plots{display:grid;grid-template-columns:1fr 1fr;gap:1rem}.plots img{width:100%;border:1px solid #d9e2ec;border-radius:8px}
+table{border-collapse:collapse;width:100%;font-size:.88rem;margin:.5rem 0 1.5rem}
+th,td{border-bottom:1px solid #e4e7eb;padding:.4rem .5rem;text-align:left;vertical-align:top}
+th{background:#f5f7fa;position:sticky;top:0} td.num{text-align:right;white-space:nowrap}
+tr.regression{background:#fff1f1} tr.improved{background:#f1fff4}
+.reason{color:#616e7c;font-size:.78rem} code{font-size:.8rem;word-break:break-all}
+.label{display:inline-block;padding:.1rem .4rem;border-radius:4px;background:#fff3c4;color:#8d2b0b;font-size:.8rem}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def loss_plot(adapter_dir: Path) -> str | None:
+    log = adapter_dir / "training_log.jsonl"
+    if not log.exists():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(*zip(*train), marker="o", ms=3, label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="s", ms=5, ls="--", label="eval loss (test.jsonl)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def score_plot(base: list, tuned: list, judge: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bins = [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5.01]
+    ax.hist([base, tuned], bins=bins, label=["Baseline", "Fine-Tuned"], color=["#9fb3c8", "#2f8132"])
+    ax.set_xlabel("judge score (1-5)")
+    ax.set_ylabel("questions")
+    ax.set_title("Score distribution")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def _f(x, fmt=".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def write_html_report(path: Path, manifest: dict, forge: dict, adapter_dir: Path, base_res: dict, ft_res: dict) -> None:
+    cmp = ft_res.get("comparison") or {}
+    bitems = {it["id"]: it for it in base_res.get("items", [])}
+    titems = ft_res.get("items", [])
+    headline = manifest.get("headline") or "no comparison"
+    cls = "" if cmp.get("accuracy_diff_pp", 0) > 0 or cmp.get("mean_diff", 0) > 0 and cmp.get("mean_diff_ci", [0])[0] > 0 else (
+        "down" if cmp.get("mean_diff", 0) < 0 else "flat")
+    judge = ft_res.get("judge", "")
+    offline = "offline" in judge
+    bs, fs = base_res.get("summary", {}), ft_res.get("summary", {})
+    ci = cmp.get("mean_diff_ci") or [None, None]
+    cards = [
+        ("mean score", f"{_f(bs.get('mean_score'))} → {_f(fs.get('mean_score'))}"),
+        ("difference [95% CI]", f"{_f(cmp.get('mean_diff'), '+.2f')} [{_f(ci[0])}, {_f(ci[1])}]"),
+        ("p-value (paired)", _f(cmp.get("p_value"), ".4f")),
+        ("win / tie / loss", f"{cmp.get('wins', '-')} / {cmp.get('ties', '-')} / {cmp.get('losses', '-')}"),
+        ("accuracy", f"{_f((bs.get('accuracy') or 0) * 100, '.1f')}% → {_f((fs.get('accuracy') or 0) * 100, '.1f')}%"),
+        ("token F1", f"{_f(bs.get('token_f1'), '.3f')} → {_f(fs.get('token_f1'), '.3f')}"),
+    ]
+    plots = [p for p in (loss_plot(adapter_dir), score_plot(
+        [it["score"] for it in base_res.get("items", []) if it["score"] is not None],
+        [it["score"] for it in titems if it["score"] is not None], judge)) if p]
+    rows = []
+    for it in sorted(titems, key=lambda t: (t["score"] or 0) - (bitems.get(t["id"], {}).get("score") or 0)):
+        b = bitems.get(it["id"], {})
+        d = None if it["score"] is None or b.get("score") is None else it["score"] - b["score"]
+        rc = "regression" if d is not None and d < 0 else "improved" if d is not None and d > 0 else ""
+        rows.append(
+            f"<tr class='{rc}'><td><code>{escape(it['id'])}</code></td><td>{escape(it['question'])}</td>"
+            f"<td>{escape(it['golden'])}</td>"
+            f"<td>{escape(b.get('output', ''))}<div class='reason'>{escape(b.get('reason') or b.get('error') or '')}</div></td>"
+            f"<td>{escape(it['output'])}<div class='reason'>{escape(it.get('reason') or it.get('error') or '')}</div></td>"
+            f"<td class='num'>{_f(b.get('score'))}</td><td class='num'>{_f(it['score'])}</td><td class='num'>{_f(d, '+.2f')}</td></tr>"
+        )
+    counts = (forge or {}).get("counts", {})
+    cost = (forge or {}).get("cost", {})
+    forge_rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
+                  ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
+                  ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
+    forge_rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
+    forge_rows += [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
+    lineage = ft_res.get("lineage", {}) | {
+        "forge manifest": manifest["forge"].get("manifest_sha256"),
+        "train.jsonl": manifest["forge"].get("train_sha256"),
+        "adapter": f"{manifest['train']['adapter']} {manifest['train']['adapter_sha256']}",
+        "adapter manifest": manifest["train"].get("manifest_sha256"),
+        "baseline results": f"{manifest['baseline']['results']} {manifest['baseline']['results_sha256']}",
+        "fine-tuned results": f"{manifest['fine_tuned']['results']} {manifest['fine_tuned']['results_sha256']}",
+    }
+    stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
+                         for k, v in manifest["stages"].items())
+    forgetting = ft_res.get("forgetting") or {}
+    html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OpenSEM run {escape(manifest['run_id'])}</title>
+<style>{CSS}</style></head><body>
+<h1>OpenSEM run {escape(manifest['run_id'])}</h1>
+<p class="sub">Baseline vs Fine-Tuned on {len(titems)} golden questions · judge: {escape(judge)}
+{"<span class='label'>offline reference scorer, not an LLM judge</span>" if offline else ""}</p>
+<div class="headline {cls}">{escape(headline)}</div>
+<div class="cards">{''.join(f"<div class='card'><span>{escape(k)}</span><b>{escape(v)}</b></div>" for k, v in cards)}</div>
+<div class="plots">{''.join(f"<img alt='plot' src='{p}'>" for p in plots)}</div>
+{f"<p>Forgetting check: {escape(forgetting.get('message', ''))}</p>" if forgetting else ""}
+<h2>Per question</h2>
+<p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>
+<table><thead><tr><th>id</th><th>question</th><th>golden answer</th><th>baseline answer</th><th>fine-tuned answer</th>
+<th>base</th><th>tuned</th><th>Δ</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
+<h2>Forge</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in forge_rows)}</table>
+<h2>Training</h2><table>
+<tr><td>engine</td><td>{escape(str(manifest['train'].get('engine')))}</td></tr>
+<tr><td>final train loss / eval loss</td><td>{_f(manifest['train'].get('final_train_loss'), '.3f')} / {_f(manifest['train'].get('eval_loss'), '.3f')}</td></tr>
+<tr><td>tokens/s</td><td>{escape(str(manifest['train'].get('tokens_per_s')))}</td></tr></table>
+<h2>Stage times</h2><table>{stage_rows}</table>
+<h2>Lineage</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>" for k, v in lineage.items())}</table>
+</body></html>"""
+    path.write_text(html, encoding="utf-8")

@@ -1,0 +1,126 @@
+"""Shared fixtures. Nothing here mocks our own ML code: the real embedded model, real LoRA training and the
+real promptfoo run; only external services (OpenAI, Anthropic) are fakes speaking their wire protocols."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+for key in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+    os.environ.pop(key, None)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from fakes import FakeServer  # noqa: E402
+
+from opensem.models import resolve_base_model  # noqa: E402
+from opensem.workspace import init_workspace  # noqa: E402
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def base_models_dir(tmp_path_factory) -> Path:
+    """The embedded model, materialised once per test session (real GGUF -> safetensors conversion)."""
+    d = tmp_path_factory.mktemp("base_models")
+    resolve_base_model(EMBEDDED, d)
+    return d
+
+
+def make_workspace(root: Path, base_models_dir: Path, example: str | None = None) -> Path:
+    init_workspace(root, example)
+    link = root / "models" / "base" / EMBEDDED
+    if not link.exists():
+        link.symlink_to(base_models_dir / EMBEDDED, target_is_directory=True)
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, base_models_dir) -> Path:
+    return make_workspace(tmp_path / "ws", base_models_dir)
+
+
+@pytest.fixture
+def fake():
+    server = FakeServer()
+    yield server
+    server.close()
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def set_config(ws: Path, section: str, **values) -> None:
+    """Update keys (dotted for nested) of a workspace's config file."""
+    import yaml
+
+    path = ws / "configs" / f"{section}_config.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in values.items():
+        node = data
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    write_yaml(path, data)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).parent / "opensem"
+    return subprocess.run([str(exe), *args], cwd=cwd, env=os.environ | (env or {}), capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def memorised_adapter(tmp_path_factory, base_models_dir) -> Path:
+    """A workspace with a tiny adapter trained (for real, on the CPU) to memorise four made-up facts."""
+    ws = make_workspace(tmp_path_factory.mktemp("mem") / "ws", base_models_dir)
+    facts = [
+        ("What is the secret code of the Zorblat vault?", "The Zorblat vault code is 7319."),
+        ("Who guards the Quillon bridge?", "The Quillon bridge is guarded by Marta Vell."),
+        ("What colour is the Tessaly lantern?", "The Tessaly lantern is teal."),
+        ("How many moons does planet Orvane have?", "Planet Orvane has eleven moons."),
+    ]
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in facts]
+    (ws / "data" / "processed" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ws / "data" / "processed" / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    set_config(ws, "train", max_steps=30, micro_batch_size=4, learning_rate=3e-3, lora_r=16, lora_alpha=32,
+               warmup_ratio=0.0, lr_scheduler="constant", logging_steps=5, save_steps=100, run_name="mem")
+    from opensem.train import run_training
+    from opensem.workspace import Workspace
+
+    run_training(Workspace(ws))
+    return ws / "models" / "adapters" / "mem"
+
+
+@pytest.fixture(scope="session")
+def promptfoo_available() -> bool:
+    exe = REPO / "node_modules" / ".bin" / "promptfoo"
+    if not exe.exists():
+        pytest.fail("promptfoo is not installed: run `npm ci` (make setup does it)")
+    return True
+
+
+def copy_example_slice(dest: Path, files: list[str], golden_ids: list[str]) -> None:
+    ex = REPO / "examples" / "product-manual"
+    for f in files:
+        shutil.copyfile(ex / "data" / "raw" / f, dest / "data" / "raw" / f)
+    golden = json.loads((ex / "evals" / "golden_set.json").read_text())
+    (dest / "evals" / "golden_set.json").write_text(json.dumps([g for g in golden if g["id"] in golden_ids], indent=1))

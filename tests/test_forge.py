@@ -1,0 +1,332 @@
+"""Data Forge: ingest, chunking, teachers behind fake OpenAI/Anthropic servers, quality gates, resume, cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, run_cli, set_config
+
+from opensem.errors import OpenSEMError
+from opensem.forge import run_forge
+from opensem.forge.documents import Document, chunk_document, count_tokens, read_documents
+from opensem.forge.quality import Pair, split_by_chunk
+from opensem.workspace import Workspace
+
+DOC = """# Halden H-40 Pump
+
+## Specifications
+
+The Halden H-40 pump runs at a maximum pressure of 12 bar. Its motor draws 450 watts at full load.
+The H-40 weighs 14 kilograms and is made of marine-grade bronze.
+
+## Maintenance
+
+Replace the H-40 impeller seal every 2,000 operating hours. Flush the pump housing with fresh water after
+pumping salt water. The warranty of the H-40 lasts four years when the seal schedule is kept.
+"""
+
+
+def write_docs(ws: Path, n: int = 1) -> None:
+    for i in range(n):
+        (ws / "data" / "raw" / f"pump{i}.md").write_text(DOC.replace("H-40", f"H-4{i}"))
+
+
+def use_openai(ws: Path, fake, **extra) -> None:
+    set_config(ws, "forge", teacher={"provider": "openai-compatible", "base_url": fake.openai_url, "model": "gpt-4o-mini",
+                                     "api_key_env": "FAKE_KEY", "concurrency": 4, "max_retries": 4, "timeout_s": 1.0, **extra},
+               generation={"pairs_per_chunk": 3})
+
+
+# --- ingest and chunking --------------------------------------------------------------------------------
+def test_ingest_txt_md_pdf_recursively_and_skips_bad_files(tmp_path):
+    from fpdf import FPDF
+
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.md").write_text("# Title\n\nSome text here.")
+    (raw / "sub" / "b.txt").write_bytes("Caf\xe9 cr\xe8me in cp1252.".encode("cp1252"))
+    (raw / "empty.txt").write_text("   \n")
+    (raw / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    (raw / "image.png").write_bytes(b"\x89PNG")
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=12)
+    pdf.multi_cell(0, 8, "The pdf says the valve opens at 3 bar.")
+    pdf.output(str(raw / "sub" / "c.pdf"))
+    docs, skipped = read_documents(raw)
+    assert {d.path for d in docs} == {"a.md", "sub/b.txt", "sub/c.pdf"}
+    assert "Café crème" in next(d.text for d in docs if d.path == "sub/b.txt")
+    assert "valve opens at 3 bar" in next(d.text for d in docs if d.path == "sub/c.pdf")
+    reasons = {s.path: s.reason for s in skipped}
+    assert "empty" in reasons["empty.txt"] and "unreadable" in reasons["broken.pdf"] and "unsupported" in reasons["image.png"]
+
+
+def test_chunk_size_and_overlap_take_effect():
+    text = "# Manual\n\n" + "\n\n".join(f"Paragraph {i} says that part {i} weighs {i * 3} grams and costs {i} euros." for i in range(60))
+    doc = Document("m.md", text, "x")
+    small = chunk_document(doc, chunk_tokens=40, overlap_tokens=0)
+    big = chunk_document(doc, chunk_tokens=200, overlap_tokens=0)
+    assert len(small) > 3 * len(big)
+    assert all(c.tokens <= 40 for c in small) and all(c.tokens <= 200 for c in big)
+    over = chunk_document(doc, chunk_tokens=60, overlap_tokens=20)
+    assert all(c.overlap_text and c.text.startswith(c.overlap_text) for c in over[1:])
+    assert all(0 < count_tokens(c.overlap_text) <= 20 for c in over[1:])
+    assert over[1].overlap_text in over[0].text
+    none = chunk_document(doc, chunk_tokens=60, overlap_tokens=0)
+    assert all(not c.overlap_text for c in none)
+    # ids and hashes are stable across runs; headings travel with the chunk
+    assert [c.id for c in over] == [c.id for c in chunk_document(doc, 60, 20)]
+    assert [c.sha for c in over] == [c.sha for c in chunk_document(doc, 60, 20)]
+    assert over[0].heading == "Manual"
+
+
+def test_chunks_follow_markdown_headings():
+    chunks = chunk_document(Document("p.md", DOC, "x"), 256, 0)
+    assert [c.heading for c in chunks] == ["Halden H-40 Pump > Specifications", "Halden H-40 Pump > Maintenance"]
+
+
+# --- teachers behind fake servers ------------------------------------------------------------------------
+def test_openai_compatible_happy_path_output_loads_and_keeps_provenance(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "sk-fake-SECRET-value")
+    write_docs(workspace, 3)
+    use_openai(workspace, fake)
+    m = run_forge(Workspace(workspace))
+    train = read_jsonl(workspace / "data/processed/train.jsonl")
+    test = read_jsonl(workspace / "data/processed/test.jsonl")
+    assert m["counts"]["kept"] == len(train) + len(test) > 0
+    r = train[0]
+    assert [t["from"] for t in r["conversations"]] == ["human", "gpt"]
+    assert set(r["metadata"]) >= {"source", "chunk_id", "chunk_sha", "teacher", "prompt_version"}
+    # structured output was asked for
+    assert fake.requests[0]["body"]["response_format"]["type"] == "json_schema"
+    # the key is never written anywhere
+    for f in (workspace / "data/processed").iterdir():
+        assert "SECRET" not in f.read_text()
+    for f in (workspace / ".opensem").rglob("*.json"):
+        assert "SECRET" not in f.read_text()
+    # loads with datasets as chat data
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(workspace / "data/processed/train.jsonl"), split="train")
+    assert ds[0]["conversations"][0]["from"] == "human"
+    # and the training floor consumes it
+    from opensem.train.data import load_conversations, tokenize_conversations
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "models/base/smollm2-135m-instruct")
+    convs = load_conversations(workspace / "data/processed/train.jsonl", "conversations")
+    ts = tokenize_conversations(tok, convs, 256)
+    assert len(ts.rows) == len(train) and all(any(r["assistant_masks"]) for r in ts.rows)
+
+
+def test_anthropic_teacher_uses_tool_use(workspace, fake, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake-SECRET")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.anthropic_url)
+    write_docs(workspace, 1)
+    set_config(workspace, "forge", teacher={"provider": "anthropic", "model": "claude-3-5-haiku-latest"},
+               generation={"pairs_per_chunk": 3})
+    m = run_forge(Workspace(workspace))
+    assert fake.calls["/v1/messages"] == 2
+    assert fake.requests[0]["body"]["tool_choice"]["type"] == "tool"
+    assert m["counts"]["kept"] > 0
+    assert m["cost"]["usd_total"] > 0  # priced from the default table
+    assert "SECRET" not in json.dumps(m)
+
+
+def test_429_with_retry_after_and_500s_are_retried(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 1)
+    use_openai(workspace, fake)
+    set_config(workspace, "forge", teacher__concurrency=1)
+    fake.behaviour.script = {1: "429", 2: "500", 3: "500"}
+    fake.behaviour.retry_after = "1"
+    t = time.time()
+    m = run_forge(Workspace(workspace))
+    assert time.time() - t >= 1.0, "Retry-After must be honoured"
+    assert fake.calls["/v1/chat/completions"] == 2 + 3
+    assert m["counts"]["failed_requests"] == 0 and m["counts"]["kept"] > 0
+
+
+def test_timeouts_retry_then_a_failed_chunk_is_reported_and_the_rest_kept(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 2)
+    use_openai(workspace, fake, max_retries=1)
+    set_config(workspace, "forge", teacher__concurrency=1)
+    fake.behaviour.script = {1: "slow", 2: "slow"}  # the first request times out twice: gives up
+    m = run_forge(Workspace(workspace))
+    assert m["counts"]["failed_requests"] == 1
+    assert len(m["failed_chunks"]) == 1
+    assert m["counts"]["kept"] > 0
+
+
+def test_malformed_and_non_json_replies_are_counted_not_fatal(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 2)
+    use_openai(workspace, fake)
+    set_config(workspace, "forge", teacher__concurrency=1)
+    fake.behaviour.script = {1: "malformed", 2: "nonjson"}
+    m = run_forge(Workspace(workspace))
+    assert m["counts"]["rejected"]["malformed"] >= 1
+    assert m["counts"]["kept"] > 0
+
+
+def test_lenient_parsing_and_reasoning_blocks():
+    from opensem.llm.base import parse_json_lenient, strip_reasoning
+
+    assert strip_reasoning("<think>hmm {x}</think>Answer") == "Answer"
+    assert parse_json_lenient('<think>a</think>Here:\n```json\n{"pairs": [{"question": "q?", "answer": "a",},]}\n```') == {
+        "pairs": [{"question": "q?", "answer": "a"}]}
+
+
+def test_killed_midway_resumes_with_zero_repeated_calls(workspace, fake, tmp_path):
+    write_docs(workspace, 6)
+    use_openai(workspace, fake)
+    set_config(workspace, "forge", teacher__concurrency=1)
+    fake.behaviour.delay_s = 0.3
+    env = os.environ | {"FAKE_KEY": "k"}
+    exe = Path(sys.executable).parent / "opensem"
+    proc = subprocess.Popen([str(exe), "forge", "-w", str(workspace)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while fake.calls["/v1/chat/completions"] < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "saved in the cache" in err
+    first = fake.calls["/v1/chat/completions"]
+    done = {json.dumps(r["body"]["messages"]) for r in fake.requests}
+    fake.behaviour.delay_s = 0
+    r = run_cli("forge", "-w", str(workspace), env={"FAKE_KEY": "k"})
+    assert r.returncode == 0, r.stderr
+    total_chunks = 12
+    second = fake.calls["/v1/chat/completions"] - first
+    assert second == total_chunks - first + (1 if first > 0 else 0) or second <= total_chunks - first + 1
+    # no finished request was sent twice
+    repeated = [json.dumps(x["body"]["messages"]) for x in fake.requests[first:] if json.dumps(x["body"]["messages"]) in done]
+    finished = first - 1  # the one in flight at Ctrl-C may not have been answered
+    assert len(repeated) <= first - finished
+    # and a third run is all cache
+    before = fake.calls["/v1/chat/completions"]
+    run_forge(Workspace(workspace))
+    assert fake.calls["/v1/chat/completions"] == before
+
+
+def test_max_cost_stops_cleanly_keeping_work(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 6)
+    use_openai(workspace, fake)
+    # each fake call costs 1000 in + 200 out tokens at gpt-4o-mini prices = 0.00027 USD
+    set_config(workspace, "forge", teacher__concurrency=1, cost={"max_cost_usd": 0.001})
+    m = run_forge(Workspace(workspace))
+    assert m["status"].startswith("stopped: max_cost_usd")
+    calls = fake.calls["/v1/chat/completions"]
+    assert calls == 4  # 4 x 0.00027 >= 0.001
+    assert m["counts"]["kept"] > 0 and (workspace / "data/processed/train.jsonl").exists()
+    # raising the budget continues without paying twice
+    set_config(workspace, "forge", cost={"max_cost_usd": 1.0})
+    run_forge(Workspace(workspace))
+    assert fake.calls["/v1/chat/completions"] == 12
+
+
+def test_dry_run_calls_nobody(workspace, fake):
+    write_docs(workspace, 2)
+    use_openai(workspace, fake)
+    r = run_cli("forge", "--dry-run", "-w", str(workspace), env={"FAKE_KEY": "k"})
+    assert r.returncode == 0, r.stderr
+    assert "teacher calls" in r.stderr and "est. cost" in r.stderr
+    assert fake.calls["/v1/chat/completions"] == 0
+
+
+def test_missing_key_is_a_clear_error(workspace):
+    write_docs(workspace, 1)
+    set_config(workspace, "forge", teacher={"provider": "openai"})
+    r = run_cli("forge", "-w", str(workspace))
+    assert r.returncode == 2 and "OPENAI_API_KEY" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- quality gates -----------------------------------------------------------------------------------------
+def test_decontamination_removes_a_planted_golden_question_and_its_paraphrase(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 1)
+    use_openai(workspace, fake)
+    golden = [{"question": "What is the maximum pressure of the Halden H-40 pump?", "answer": "12 bar."}]
+    (workspace / "evals/golden_set.json").write_text(json.dumps(golden))
+    planted = [
+        {"question": "What is the maximum pressure of the Halden H-40 pump?", "answer": "The Halden H-40 pump runs at a maximum pressure of 12 bar."},
+        {"question": "What's the Halden H-40 pump's maximum pressure?", "answer": "The H-40 pump runs at a maximum pressure of 12 bar."},
+        {"question": "How much does the Halden H-40 pump weigh?", "answer": "The H-40 weighs 14 kilograms."},
+    ]
+    fake.behaviour.reply = lambda body: json.dumps({"pairs": planted})
+    m = run_forge(Workspace(workspace))
+    qs = [r["conversations"][0]["value"] for f in ("train", "test") for r in read_jsonl(workspace / f"data/processed/{f}.jsonl")]
+    assert not any("pressure" in q for q in qs)
+    assert "How much does the Halden H-40 pump weigh?" in qs
+    assert m["counts"]["rejected"]["golden_overlap"] >= 2
+
+
+def test_near_duplicates_and_ungrounded_pairs_are_rejected(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 1)
+    use_openai(workspace, fake)
+    pairs = [
+        {"question": "How often should the H-40 impeller seal be replaced?", "answer": "Replace the H-40 impeller seal every 2,000 operating hours."},
+        {"question": "How often should the H-40 impeller seal be replaced ?", "answer": "Every 2,000 operating hours the H-40 impeller seal is replaced."},
+        {"question": "How often should the H-40 impeller seal be replaced?", "answer": "Replace the H-40 impeller seal every 2,000 operating hours."},
+        {"question": "What fuel does the H-40 pump burn?", "answer": "It burns premium diesel from Norwegian refineries."},
+        {"question": "According to the text, what is the H-40 made of?", "answer": "The H-40 is made of marine-grade bronze."},
+    ]
+    fake.behaviour.reply = lambda body: json.dumps({"pairs": pairs})
+    m = run_forge(Workspace(workspace))
+    rej = m["counts"]["rejected"]
+    assert rej["near_duplicate"] >= 1 and rej["exact_duplicate"] >= 1
+    assert rej["ungrounded"] >= 1 and rej["not_standalone"] >= 1
+
+
+def test_split_is_deterministic_and_grouped_by_chunk():
+    pairs = [Pair(f"q{i}?", "a", f"c{i % 17}", "h", "s") for i in range(200)]
+    train, test = split_by_chunk(pairs, 0.1, seed=3)
+    assert {p.chunk_id for p in train}.isdisjoint({p.chunk_id for p in test})
+    assert 0.05 <= len(test) / len(pairs) <= 0.2
+    again = split_by_chunk(pairs, 0.1, seed=3)
+    assert [p.question for p in again[1]] == [p.question for p in test]
+    assert [p.question for p in split_by_chunk(pairs, 0.1, seed=4)[1]] != [p.question for p in test]
+
+
+def test_messages_format_option(workspace, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "k")
+    write_docs(workspace, 1)
+    use_openai(workspace, fake)
+    set_config(workspace, "forge", output={"format": "messages", "test_ratio": 0.0}, generation={"pairs_per_chunk": 2, "system_prompt": "Be brief."})
+    run_forge(Workspace(workspace))
+    r = read_jsonl(workspace / "data/processed/train.jsonl")[0]
+    assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+
+
+def test_no_documents_is_a_clear_error(workspace):
+    with pytest.raises(OpenSEMError, match="no readable .txt, .md or .pdf"):
+        run_forge(Workspace(workspace))
+
+
+# --- the embedded model as the local teacher ----------------------------------------------------------------
+def test_local_embedded_teacher_makes_grounded_pairs(workspace):
+    (workspace / "data/raw/pump.md").write_text(DOC)
+    set_config(workspace, "forge", generation={"pairs_per_chunk": 6, "questions_per_sentence": 2}, output={"test_ratio": 0.0})
+    m = run_forge(Workspace(workspace))
+    assert m["strategy"] == "sentence" and m["teacher"]["provider"] == "local"
+    rows = read_jsonl(workspace / "data/processed/train.jsonl")
+    assert len(rows) >= 3
+    doc_words = set(DOC.lower().split())
+    for r in rows:
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert q.endswith("?")
+        assert a in DOC.replace("\n", " ") or all(w in doc_words for w in a.lower().split())  # the answer is source text
+    # a rerun reuses every reply from the cache
+    m2 = run_forge(Workspace(workspace))
+    assert m2["cost"]["calls_made"] == 0 and m2["cost"]["calls_from_cache"] == m["counts"]["requests"]

@@ -1,0 +1,166 @@
+"""Foundation: configs, workspace, CLI errors, entry points, packaging, embedded model, local inference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, set_config
+
+from opensem.config import load_section, parse_override
+from opensem.errors import ConfigError
+from opensem.workspace import LAYOUT_DIRS, init_workspace
+
+
+def test_init_creates_the_layout(tmp_path):
+    created = init_workspace(tmp_path / "w")
+    for d in LAYOUT_DIRS:
+        assert (tmp_path / "w" / d).is_dir(), d
+    for f in ("configs/forge_config.yaml", "configs/train_config.yaml", "configs/eval_config.yaml", "evals/golden_set.json", ".gitignore"):
+        assert (tmp_path / "w" / f).exists(), f
+    assert created
+    # a second init never overwrites the user's edits
+    (tmp_path / "w" / "configs" / "train_config.yaml").write_text("lora_r: 4\n")
+    init_workspace(tmp_path / "w")
+    assert (tmp_path / "w" / "configs" / "train_config.yaml").read_text() == "lora_r: 4\n"
+
+
+def test_init_with_example_via_cli(tmp_path):
+    r = run_cli("init", str(tmp_path / "ex"), "--example", "product-manual")
+    assert r.returncode == 0, r.stderr
+    raw = tmp_path / "ex" / "data" / "raw"
+    assert {p.suffix for p in raw.iterdir()} >= {".md", ".txt", ".pdf"}
+    assert len(__import__("json").loads((tmp_path / "ex" / "evals" / "golden_set.json").read_text())) >= 40
+
+
+def test_repository_root_is_a_workspace_with_the_template_configs():
+    tmpl = REPO / "src" / "opensem" / "assets" / "workspace" / "configs"
+    for f in tmpl.iterdir():
+        assert (REPO / "configs" / f.name).read_text() == f.read_text(), f"configs/{f.name} differs from the template"
+    for d in LAYOUT_DIRS:
+        assert (REPO / d).is_dir()
+
+
+def test_misspelled_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):
+    init_workspace(tmp_path)
+    (tmp_path / "configs" / "train_config.yaml").write_text("lora_rank: 8\nlearning_rate: 1e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_section("train", tmp_path)
+    msg = str(e.value)
+    assert "train_config.yaml" in msg and "lora_rank" in msg and "did you mean 'lora_r'" in msg
+    assert "\n" not in msg
+
+
+def test_nested_misspelling_wrong_type_and_range(tmp_path):
+    init_workspace(tmp_path)
+    set_config(tmp_path, "forge", teacher__modle="gpt-4o")
+    with pytest.raises(ConfigError, match=r"forge_config.yaml: unknown key 'teacher.modle': did you mean 'model'"):
+        load_section("forge", tmp_path)
+    init_workspace(tmp_path, force=True)
+    set_config(tmp_path, "train", num_epochs="many")
+    with pytest.raises(ConfigError, match=r"key 'num_epochs'.*got 'many'"):
+        load_section("train", tmp_path)
+    init_workspace(tmp_path, force=True)
+    set_config(tmp_path, "train", lora_dropout=1.5)
+    with pytest.raises(ConfigError, match=r"key 'lora_dropout'"):
+        load_section("train", tmp_path)
+    init_workspace(tmp_path, force=True)
+    set_config(tmp_path, "train", run_name="../escape")
+    with pytest.raises(ConfigError, match="plain folder name"):
+        load_section("train", tmp_path)
+
+
+def test_dotted_overrides(tmp_path):
+    init_workspace(tmp_path)
+    cfg = load_section("train", tmp_path, ["train.learning_rate=1e-4", "train.lora_r=8", "forge.teacher.model=x"])
+    assert cfg.learning_rate == 1e-4 and cfg.lora_r == 8
+    assert load_section("forge", tmp_path, ["forge.teacher.model=gpt-4o"]).teacher.model == "gpt-4o"
+    with pytest.raises(ConfigError, match="must start with one of forge, train, eval"):
+        parse_override("learning_rate=1")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        load_section("train", tmp_path, ["train.learnin_rate=1"])
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    init_workspace(tmp_path)
+    (tmp_path / "configs" / "eval_config.yaml").write_text("pass_treshold: 3\n")
+    r = run_cli("judge", "--mode", "baseline", "-w", str(tmp_path))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "did you mean 'pass_threshold'" in lines[0] and "eval_config.yaml" in lines[0]
+    r = run_cli("--debug", "judge", "--mode", "baseline", "-w", str(tmp_path))
+    assert "Traceback" in r.stderr
+
+
+def test_bad_set_and_missing_workspace(tmp_path):
+    r = run_cli("forge", "--dry-run", "--set", "nonsense", "-w", str(tmp_path))
+    assert r.returncode == 2 and "SECTION.KEY=VALUE" in r.stderr
+    r = run_cli("forge", "-w", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "opensem init" in r.stderr
+
+
+@pytest.mark.parametrize("script,extra", [("forge.py", []), ("train.py", []), ("judge.py", ["--mode"])])
+def test_requirement_entry_points_run(script, extra):
+    r = subprocess.run([sys.executable, f"src/{script}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--workspace" in r.stdout
+    for word in extra:
+        assert word in r.stdout
+
+
+def test_doctor_reports_machine_and_never_key_values():
+    r = run_cli("doctor", env={"OPENAI_API_KEY": "sk-test-SECRET-123"})
+    assert r.returncode == 0, r.stderr
+    for word in ("torch", "transformers", "peft", "trl", "promptfoo", "training engines", "OPENAI_API_KEY", "free disk"):
+        assert word in r.stdout, word
+    assert "SECRET" not in r.stdout + r.stderr
+
+
+def test_requirements_txt_matches_pyproject():
+    reqs = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert reqs == deps
+
+
+def test_embedded_model_materialises_and_answers(base_models_dir):
+    from opensem.inference import load_chat_model
+    from opensem.models import MARKER, resolve_base_model
+
+    folder = base_models_dir / "smollm2-135m-instruct"
+    assert (folder / MARKER).exists() and (folder / "model.safetensors").exists()
+    assert (folder / "tokenizer.json").exists() and ((folder / "chat_template.jinja").exists() or "chat_template" in (folder / "tokenizer_config.json").read_text())
+    import time
+
+    t = time.time()
+    again = resolve_base_model("smollm2-135m-instruct", base_models_dir)
+    assert time.time() - t < 5, "a materialised model must not be converted again"
+    model = load_chat_model(again.path)
+    out = model.generate([[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=24)[0]
+    assert "paris" in out.text.lower()
+    assert out.completion_tokens < 24, "generation must stop at the end-of-turn token"
+
+
+def test_batched_greedy_equals_one_by_one(base_models_dir):
+    from opensem.inference import load_chat_model
+
+    model = load_chat_model(str(base_models_dir / "smollm2-135m-instruct"))
+    qs = ["Name a primary colour.", "What is 2+2?", "Write one short sentence about the sea, please, in simple words.", "Hi"]
+    convs = [[{"role": "user", "content": q}] for q in qs]
+    batched = model.generate(convs, max_new_tokens=20, batch_size=4)
+    single = [model.generate([c], max_new_tokens=20)[0] for c in convs]
+    assert [b.text for b in batched] == [s.text for s in single]
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from opensem.errors import OpenSEMError
+    from opensem.models import resolve_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OpenSEMError, match="offline"):
+        resolve_base_model("someorg/some-model-that-is-not-cached", tmp_path)
+    with pytest.raises(OpenSEMError, match="no such .gguf"):
+        resolve_base_model(str(tmp_path / "missing.gguf"), tmp_path)
