@@ -59,7 +59,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     # 1. config, run name and run folder ------------------------------------------------------------
     cfg = ws.train_config()
     if run_name is not None:
-        cfg = TrainConfig.model_validate(cfg.model_dump() | {"run_name": run_name})  # validates the name
+        cfg = _with(cfg, run_name=run_name)  # validates the name
     adapters = ws.path(cfg.output_dir)
     if resume:
         run_dir = find_resumable(adapters, cfg.run_name)
@@ -71,7 +71,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
             raise OpenSEMError(
                 f"{cfg.output_dir}/{name} already exists: choose another run_name, delete it, or use --resume to continue it"
             )
-        cfg = TrainConfig.model_validate(cfg.model_dump() | {"run_name": name})
+        cfg = _with(cfg, run_name=name)
     train_path = ws.path(cfg.datasets[0].path)
     if not train_path.exists():
         raise OpenSEMError(f"{cfg.datasets[0].path}: training data not found: run `opensem forge` first")
@@ -158,7 +158,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         bf16=profile.precision == "bf16",
         fp16=profile.precision == "fp16",
         use_cpu=hw.device == "cpu",
-        gradient_checkpointing=profile.gradient_checkpointing and engine == "hf",
+        activation_checkpointing=profile.gradient_checkpointing and engine == "hf",
         max_length=cfg.sequence_len,
         packing=cfg.sample_packing,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
@@ -252,6 +252,17 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
             say(f"wandb run directory: {wandb.run.dir}")
             wandb.finish()
     return run_dir
+
+
+def _with(cfg: TrainConfig, **values) -> TrainConfig:
+    from pydantic import ValidationError
+
+    from opensem.config import format_validation_error
+
+    try:
+        return TrainConfig.model_validate(cfg.model_dump() | values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "--run-name", TrainConfig)) from None
 
 
 def _fmt(x) -> str:

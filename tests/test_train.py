@@ -1,0 +1,198 @@
+"""Training Floor: real LoRA training of the embedded model on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_workspace, run_cli, set_config
+
+from opensem.config import TrainConfig
+from opensem.errors import ConfigError, OpenSEMError
+from opensem.train.hardware import Hardware, make_profile
+from opensem.workspace import Workspace
+
+FACT_Q = "What is the secret code of the Zorblat vault?"
+
+
+def ask(base: Path, adapter: Path | None, q: str) -> str:
+    from opensem.inference import ChatModel
+
+    m = ChatModel(str(base), str(adapter) if adapter else None)
+    return m.generate([[{"role": "user", "content": q}]], max_new_tokens=24)[0].text
+
+
+def test_adapter_is_written_reloads_with_peft_and_changes_answers(memorised_adapter, base_models_dir):
+    d = memorised_adapter
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_log.jsonl", "manifest.json"):
+        assert (d / f).exists(), f
+    assert not (d / "checkpoints").exists()
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["engine"] == "hf" and m["hardware"]["device"] == "cpu"
+    assert m["data"]["train"]["sha256"].startswith("sha256:") and m["base_model"]["fingerprint"]
+    assert m["tokens_per_s"] > 0 and m["steps"] == 30 and m["eval_loss"] is not None
+    assert set(m["versions"]) >= {"torch", "transformers", "peft", "trl"}
+    # loss falls
+    assert m["final_train_loss"] < m["first_train_loss"] * 0.5
+    # plain PEFT loads it
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_models_dir / "smollm2-135m-instruct"), str(d))
+    assert any("lora" in n for n, _ in model.named_parameters())
+    # the tuned model reproduces a trained answer that the base model does not know, and stops
+    base = base_models_dir / "smollm2-135m-instruct"
+    tuned_answer = ask(base, d, FACT_Q)
+    base_answer = ask(base, None, FACT_Q)
+    assert "7319" in tuned_answer, tuned_answer
+    assert "7319" not in base_answer
+    assert tuned_answer != base_answer
+
+
+def test_answer_only_loss_masks_prompt_tokens(base_models_dir):
+    from transformers import AutoTokenizer
+
+    from opensem.train.data import tokenize_conversations
+
+    tok = AutoTokenizer.from_pretrained(base_models_dir / "smollm2-135m-instruct")
+    conv = [{"role": "user", "content": "Question here?"}, {"role": "assistant", "content": "The answer."}]
+    ts = tokenize_conversations(tok, [conv], 256)
+    ids, mask = ts.rows[0]["input_ids"], ts.rows[0]["assistant_masks"]
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained.startswith("The answer.") and "<|im_end|>" in trained  # the end-of-turn token is learnt
+    assert "Question" not in trained
+    # truncation that leaves no answer token drops the example and counts it
+    ts = tokenize_conversations(tok, [conv], 12)
+    assert ts.rows == [] and ts.dropped_no_target == 1
+
+
+def test_profiles_per_hardware():
+    cfg = TrainConfig()
+    cpu = make_profile(cfg, Hardware("cpu", "x", 24, True, "x", 2))
+    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None and not cpu.gradient_checkpointing
+    assert make_profile(cfg, Hardware("cpu", "x", 24, False, "x", 2)).precision == "fp32"
+    big = TrainConfig(micro_batch_size=32, sequence_len=4096, max_vram_gb=22)
+    rtx = make_profile(big, Hardware("cuda", "NVIDIA GeForce RTX 4090", 23.6, True, "x", 8, 1), 8.0, 4096, 32)
+    assert rtx.kind == "consumer-gpu" and rtx.vram_cap_gb == 22 and rtx.gradient_checkpointing
+    assert rtx.micro_batch_size * rtx.gradient_accumulation_steps == 32  # effective batch kept
+    h100 = make_profile(big, Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.6, True, "x", 8, 1), 8.0, 4096, 32)
+    assert h100.kind == "datacenter-gpu" and h100.vram_cap_gb is None and h100.precision == "bf16"
+    assert make_profile(cfg, Hardware("cuda", "Tesla T4", 15, False, "x", 8, 1)).precision == "fp16"
+    with pytest.raises(ConfigError, match="qlora"):
+        make_profile(TrainConfig(adapter="qlora"), Hardware("cpu", "x", 24, True, "x", 2))
+
+
+def test_engine_errors_are_clear(workspace):
+    (workspace / "data/processed/train.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    r = run_cli("train", "-w", str(workspace), "--set", "train.engine=unsloth")
+    assert r.returncode == 2 and "unsloth cannot run here" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "-w", str(workspace), "--set", "train.adapter=qlora")
+    assert r.returncode == 2 and "qlora (4-bit) needs an NVIDIA GPU" in r.stderr
+    r = run_cli("train", "-w", str(workspace), "--run-name", "../x")
+    assert r.returncode == 2 and "plain folder name" in r.stderr
+
+
+def test_unsloth_is_imported_lazily():
+    code = "import opensem.cli, opensem.train, opensem.train.recipe, opensem.train.engines, sys; print('unsloth' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def _tiny_workspace(tmp_path, base_models_dir, n=16) -> Path:
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    rows = [{"conversations": [{"from": "human", "value": f"What is item {i}?"}, {"from": "gpt", "value": f"Item {i} is a widget."}]} for i in range(n)]
+    (ws / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ws
+
+
+def test_existing_run_name_is_never_overwritten(tmp_path, base_models_dir):
+    ws = _tiny_workspace(tmp_path, base_models_dir)
+    (ws / "models/adapters/taken").mkdir(parents=True)
+    (ws / "models/adapters/taken/adapter_config.json").write_text("{}")
+    r = run_cli("train", "-w", str(ws), "--run-name", "taken")
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_dir):
+    import re
+    import threading
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    long = " ".join(f"word{k}" for k in range(40))
+    rows = [{"conversations": [{"from": "human", "value": f"Describe item {i}?"}, {"from": "gpt", "value": f"Item {i}: {long}."}]} for i in range(48)]
+    (ws / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    set_config(ws, "train", max_steps=6, micro_batch_size=16, save_steps=100, logging_steps=1, run_name="res")
+    exe = Path(sys.executable).parent / "opensem"
+    proc = subprocess.Popen([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_parts: list[str] = []
+    reached = threading.Event()
+
+    def read():
+        buf = ""
+        while True:
+            ch = proc.stderr.read(1)
+            if not ch:
+                return
+            buf += ch
+            err_parts.append(ch)
+            if re.search(r"\b[2-4]/6 \[", buf[-200:]):
+                reached.set()
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    assert reached.wait(300), "".join(err_parts)[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=240)
+    t.join(timeout=10)
+    err = "".join(err_parts)
+    assert proc.returncode == 130, err[-2000:]
+    assert "opensem train --resume" in err
+    ckpts = list((ws / "models/adapters/res/checkpoints").glob("checkpoint-*"))
+    assert ckpts, "Ctrl-C must save a checkpoint"
+    step = int(ckpts[0].name.split("-")[1])
+    assert 0 < step < 6
+    assert (ckpts[0] / "optimizer.pt").exists() and (ckpts[0] / "scheduler.pt").exists()
+    assert json.loads((ws / "models/adapters/res/run.json").read_text())["status"] == "interrupted"
+    r = run_cli("train", "-w", str(ws), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr
+    m = json.loads((ws / "models/adapters/res/manifest.json").read_text())
+    assert m["steps"] == 6 and m["resumed_from"].endswith(f"checkpoint-{step}")
+    logged = [json.loads(x) for x in (ws / "models/adapters/res/training_log.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in logged if "loss" in x]
+    assert steps[-1] == 6
+
+
+def test_two_process_data_parallel_on_cpu(tmp_path, base_models_dir):
+    ws = _tiny_workspace(tmp_path, base_models_dir)
+    set_config(ws, "train", max_steps=2, micro_batch_size=2, run_name="ddp", save_steps=100)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "src/train.py"), "-w", str(ws)],
+                       capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((ws / "models/adapters/ddp/manifest.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 2
+
+
+def test_wandb_offline_writes_a_run(tmp_path, base_models_dir):
+    ws = _tiny_workspace(tmp_path, base_models_dir, n=8)
+    set_config(ws, "train", max_steps=2, micro_batch_size=4, run_name="wb", wandb_project="opensem-test")
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    r = run_cli("train", "-w", str(ws), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((ws / "wandb").glob("offline-run-*"))
+    assert runs, "an offline wandb run must be written"
+    assert "wandb sync" in r.stdout + r.stderr
+
+
+def test_missing_training_data_is_a_clear_error(workspace):
+    with pytest.raises(OpenSEMError, match="run `opensem forge` first"):
+        from opensem.train import run_training
+
+        run_training(Workspace(workspace))
