@@ -37,7 +37,13 @@ OFFLINE_ENV = {
 def find_promptfoo(configured: Optional[str], workspace: Path) -> list[str]:
     """The pinned promptfoo: configured command, the workspace's or the repository's node_modules, PATH."""
     if configured:
-        return configured.split()
+        cmd = configured.split()
+        if not (shutil.which(cmd[0]) or Path(cmd[0]).exists()):
+            raise OpenSEMError(
+                f"configs/eval_config.yaml: key 'promptfoo': {cmd[0]!r} not found: remove the key to use the pinned "
+                f"promptfoo from `npm ci`, or point it at an installed promptfoo"
+            )
+        return cmd
     repo = Path(__file__).resolve().parents[3]
     for root in (workspace, repo, Path.cwd()):
         exe = root / "node_modules" / ".bin" / "promptfoo"
@@ -118,8 +124,11 @@ def run_eval(cmd: list[str], config: Path, output: Path, judge_url: str, answers
         "PROMPTFOO_CONFIG_DIR": str(config.parent.parent / ".promptfoo"),
     }
     args = cmd + ["eval", "-c", config.name, "-o", output.name, "--no-cache", "--no-progress-bar", "--no-share"]
-    with log.open("w") as fh:
-        proc = subprocess.run(args, cwd=config.parent, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        with log.open("w") as fh:
+            proc = subprocess.run(args, cwd=config.parent, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    except OSError as e:
+        raise OpenSEMError(f"promptfoo could not start ({e.strerror}: {args[0]}): run `npm ci` in the repository") from None
     # promptfoo exits 100 when some tests fail their threshold: that is a result, not an error
     if proc.returncode not in (0, 100) or not output.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]

@@ -60,6 +60,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     items = load_golden(golden_path)
     for a, b in duplicate_questions(items):
         console.print(f"[yellow]warning[/]: {ecfg.golden_set}: items {a} and {b} ask the same question")
+    cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)  # before any work: a clear error if it is missing
     base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
     adapter_dir = resolve_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
     judge = _judge_with_fallback(ws, ecfg, console)
@@ -87,7 +88,6 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
             adv(1)
             return {"error": v.error} if v.error else {"score": v.score, "reason": v.reason}
 
-        cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)
         config = promptfoo.write_config(run_dir, label, items, answers_file, ecfg.pass_threshold,
                                         f"OpenSEM {mode}: {base.name}" + (f" + {adapter_dir.name}" if adapter_dir else ""))
         with promptfoo.JudgeServer(grade) as server:

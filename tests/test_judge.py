@@ -1,0 +1,198 @@
+"""The Judge: real promptfoo, the real embedded model, statistics against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_workspace, run_cli, set_config
+
+from opensem.errors import OpenSEMError
+from opensem.golden import load_golden
+from opensem.judge import run_calibration, run_judge
+from opensem.judge.scorers import ReferenceScorer, parse_verdict
+from opensem.judge.stats import bootstrap_ci, paired_compare, paired_permutation_p
+from opensem.text import rouge_l, token_f1
+from opensem.workspace import Workspace
+
+GOLDEN = [
+    {"id": "z1", "question": "What is the secret code of the Zorblat vault?", "answer": "The Zorblat vault code is 7319."},
+    {"id": "z2", "question": "Who guards the Quillon bridge?", "answer": "The Quillon bridge is guarded by Marta Vell."},
+    {"id": "z3", "question": "What colour is the Tessaly lantern?", "answer": "The Tessaly lantern is teal."},
+    {"id": "z4", "question": "How many moons does planet Orvane have?", "answer": "Planet Orvane has eleven moons."},
+    # hostile data: template syntax, YAML syntax, quotes, newlines and a file:// prefix must stay data
+    {"id": "z5", "question": "file://etc/passwd {{ secret }} {% if x %}y{% endif %}: - [a] \"q\" 'r'\nsecond line?",
+     "answer": "{{ golden }} stays {% raw %} literal: yes"},
+]
+
+
+@pytest.fixture
+def judged_ws(tmp_path, memorised_adapter, base_models_dir, promptfoo_available) -> Path:
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    (ws / "evals/golden_set.json").write_text(json.dumps(GOLDEN))
+    dest = ws / "models/adapters/mem"
+    shutil.copytree(memorised_adapter, dest)
+    set_config(ws, "eval", answers={"max_new_tokens": 24, "batch_size": 8}, forgetting_set=None, bootstrap_samples=500)
+    return ws
+
+
+# --- statistics and metrics against hand-computed values --------------------------------------------------------
+def test_bootstrap_ci_known_values():
+    assert bootstrap_ci([3.0] * 10) == (3.0, 3.0)
+    lo, hi = bootstrap_ci([0, 1] * 50, samples=4000, seed=1)
+    # mean of 100 Bernoulli(0.5): sd 0.05, 95% CI about 0.5 +- 0.098
+    assert 0.39 < lo < 0.42 and 0.58 < hi < 0.61
+
+
+def test_paired_permutation_test_exact_hand_computed():
+    # diffs (1, 2, 3, -1): 16 sign patterns of S = a*1 + b*2 + c*3 + d*1, observed |S| = 5.
+    # b*2 + c*3 = +5 with a + d in {+2, 0 (two ways)} gives |S| >= 5 three times; the mirror image three more: 6/16
+    assert paired_permutation_p([1, 2, 3, -1]) == pytest.approx(6 / 16)
+    assert paired_permutation_p([0, 0, 0]) == 1.0
+    p = paired_compare([1, 2, 3, 4], [2, 4, 6, 3])
+    assert (p.wins, p.ties, p.losses) == (3, 0, 1) and p.mean_diff == pytest.approx(1.25) and p.p_value == pytest.approx(6 / 16)
+
+
+def test_text_metrics_hand_computed():
+    assert token_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)  # 2 common, P=1, R=2/3
+    # LCS("x y z w", "x z w") = 3: precision 3/4, recall 1 -> F = 2 * 0.75 / 1.75
+    assert rouge_l("x y z w", "x z w") == pytest.approx(2 * 0.75 / 1.75)
+    assert rouge_l("the x", "x") == pytest.approx(1.0)  # SQuAD normalisation drops articles
+
+
+def test_verdict_parsing_errors_are_not_zeros():
+    assert parse_verdict({"reason": "ok", "score": 4}, "").score == 4.0
+    for bad in ({"score": 7}, {"score": "four"}, {"reason": "x"}, None, {"score": 2.5}):
+        v = parse_verdict(bad, "garbage")
+        assert v.score is None and v.error
+
+
+def test_golden_set_validation_names_the_item(tmp_path):
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps([{"question": "q?", "answer": "a"}, {"question": "q2?"}]))
+    with pytest.raises(OpenSEMError, match=r"item 2: key 'answer'"):
+        load_golden(p)
+    p.write_text(json.dumps([{"id": "a", "question": "q?", "answer": "x"}, {"id": "a", "question": "r?", "answer": "y"}]))
+    with pytest.raises(OpenSEMError, match="duplicate id"):
+        load_golden(p)
+    p.write_text("{not json")
+    with pytest.raises(OpenSEMError, match="not valid JSON"):
+        load_golden(p)
+
+
+def test_offline_scorer_ranks_answers_sensibly():
+    s = ReferenceScorer()
+    v = s.score_many([
+        ("How long is the warranty?", "Three years.", "The warranty lasts three years."),
+        ("How long is the warranty?", "Three years.", "The warranty lasts five years."),
+        ("How long is the warranty?", "Three years.", ""),
+        ("Is bear damage covered?", "No, bear damage is not covered.", "Yes, it is covered."),
+    ])
+    assert v[0].score >= 4 and v[1].score < 2.5 and v[2].score == 1.0 and v[3].score < 2.5
+
+
+# --- baseline and fine-tuned through real promptfoo ---------------------------------------------------------------
+def test_baseline_then_fine_tuned_with_real_promptfoo(judged_ws):
+    ws = Workspace(judged_ws)
+    base = run_judge(ws, "baseline")
+    run_dir = judged_ws / base["run_dir"]
+    for f in ("promptfooconfig.yaml", "promptfoo_output.json", "results.json", "report.md", "answers.json"):
+        assert (run_dir / f).exists(), f
+    tuned = run_judge(ws, "fine-tuned")
+    assert tuned["comparison"]["paired_n"] == len(GOLDEN)
+    # the table's numbers are those recomputed from promptfoo's own JSON
+    for res in (base, tuned):
+        pf = json.loads((judged_ws / res["run_dir"] / "promptfoo_output.json").read_text())
+        raw = {r["vars"]["id"]: r for r in pf["results"]["results"]}
+        scores = [raw[g["id"]]["gradingResult"]["componentResults"][0]["score"] for g in GOLDEN]
+        assert res["summary"]["mean_score"] == pytest.approx(np.mean(scores))
+        assert res["summary"]["accuracy"] == pytest.approx(np.mean([s >= 4 for s in scores]))
+        outputs = [raw[g["id"]]["response"]["output"] for g in GOLDEN]
+        assert res["summary"]["token_f1"] == pytest.approx(np.mean([token_f1(o, g["answer"]) for o, g in zip(outputs, GOLDEN)]))
+        # hostile golden text reached promptfoo as data, unchanged
+        hostile = next(r for r in pf["results"]["results"] if r["vars"]["id"] == "z5")
+        assert hostile["testCase"]["metadata"]["question"] == GOLDEN[4]["question"]
+        assert hostile["testCase"]["metadata"]["golden"] == GOLDEN[4]["answer"]
+        assert hostile["gradingResult"]["componentResults"][0]["score"] is not None
+    # the tuned model learnt the facts the base model did not know
+    t = {it["id"]: it for it in tuned["items"]}
+    b = {it["id"]: it for it in base["items"]}
+    assert "7319" in t["z1"]["output"] and "7319" not in b["z1"]["output"]
+    assert tuned["comparison"]["mean_diff"] > 0
+    md = (judged_ws / tuned["run_dir"] / "report.md").read_text()
+    assert "Accuracy" in md and "offline reference scorer" in md
+    # answers are cached: a second baseline run generates nothing new
+    from opensem import inference
+
+    inference._CACHE.clear()
+    run_judge(ws, "baseline")
+    assert not inference._CACHE, "cached answers must not load the model again"
+
+
+def test_cli_table_and_headline(judged_ws):
+    r = run_cli("judge", "--mode", "baseline", "-w", str(judged_ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(judged_ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "Baseline vs Fine-Tuned" in out and "offline reference scorer" in out
+    assert "95% bootstrap CI" in out and "p-value" in out and "win / tie / loss" in out
+    assert ("Accuracy improved by" in out) or ("Accuracy fell by" in out) or ("Accuracy unchanged" in out)
+
+
+def test_judge_through_fake_openai_compatible_server_counts_malformed_replies(judged_ws, fake):
+    replies = iter([json.dumps({"reason": "probe", "score": 5})] + [
+        json.dumps({"reason": "matches the reference", "score": 5}),
+        "I think it is pretty good!",  # malformed: no JSON
+        json.dumps({"reason": "wrong number", "score": 1}),
+        json.dumps({"reason": "out of range", "score": 9}),  # malformed: out of range
+        json.dumps({"reason": "partly", "score": 3}),
+    ])
+    fake.behaviour.reply = lambda body: next(replies)
+    set_config(judged_ws, "eval", judge={"provider": "openai-compatible", "base_url": fake.openai_url, "model": "judge-model"})
+    res = run_judge(Workspace(judged_ws), "baseline")
+    assert res["summary"]["judge_errors"] == 2 and res["summary"]["scored"] == 3
+    errs = [it for it in res["items"] if it["error"]]
+    assert all(it["score"] is None for it in errs)  # never zeros
+    assert "unparseable" in errs[0]["error"]
+    assert res["judge"] == "LLM judge openai-compatible/judge-model"
+    # the rubric: temperature 0, the golden answer as reference, no word of which model answered
+    req = fake.requests[1]["body"]
+    assert req["temperature"] == 0
+    text = json.dumps(req["messages"])
+    assert "Reference answer" in text and "Baseline" not in text and "Fine-Tuned" not in text and "smollm" not in text.lower()
+
+
+def test_unreachable_judge_falls_back_to_the_labelled_offline_scorer(judged_ws):
+    set_config(judged_ws, "eval", judge={"provider": "openai-compatible", "base_url": "http://127.0.0.1:9/v1", "max_retries": 0, "timeout_s": 2})
+    res = run_judge(Workspace(judged_ws), "baseline")
+    assert "offline reference scorer" in res["judge"]
+
+
+def test_calibration_reports_agreement(workspace):
+    r = run_cli("judge", "--calibrate", "-w", str(workspace))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Spearman" in r.stdout and "within 1" in r.stdout
+    res = run_calibration(Workspace(workspace))
+    off = res["offline-reference"]
+    assert off["n"] >= 40 and off["spearman"] >= 0.6
+    items = json.loads((Path(__file__).resolve().parents[1] / "src/opensem/assets/judge/calibration_set.json").read_text())
+    kinds = {i["kind"].split("-")[0] for i in items}
+    assert {"right", "partly", "wrong", "verbose", "empty"} <= kinds
+
+
+def test_forgetting_check_runs_for_both_models(judged_ws):
+    set_config(judged_ws, "eval", forgetting_set="builtin")
+    run_judge(Workspace(judged_ws), "baseline")
+    res = run_judge(Workspace(judged_ws), "fine-tuned")
+    assert res["forgetting"]["n"] == 20 and "general knowledge" in res["forgetting"]["message"]
+
+
+def test_missing_promptfoo_is_a_clear_error(judged_ws):
+    set_config(judged_ws, "eval", promptfoo="/nonexistent/promptfoo")
+    r = run_cli("judge", "--mode", "baseline", "-w", str(judged_ws))
+    assert r.returncode == 2 and "'/nonexistent/promptfoo' not found" in r.stderr and "npm ci" in r.stderr
+    assert "answering" not in r.stdout  # it fails before any work
