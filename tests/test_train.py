@@ -75,7 +75,9 @@ def test_answer_only_loss_masks_prompt_tokens(base_models_dir):
 def test_profiles_per_hardware():
     cfg = TrainConfig()
     cpu = make_profile(cfg, Hardware("cpu", "x", 24, True, "x", 2))
-    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None and not cpu.gradient_checkpointing
+    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None and cpu.checkpoint_layers == 0.5
+    assert make_profile(TrainConfig(gradient_checkpointing=False), Hardware("cpu", "x", 24, True, "x", 2)).checkpoint_layers == 0
+    assert make_profile(TrainConfig(gradient_checkpointing=0.25), Hardware("cpu", "x", 24, True, "x", 2)).checkpoint_layers == 0.25
     assert make_profile(cfg, Hardware("cpu", "x", 24, False, "x", 2)).precision == "fp32"
     big = TrainConfig(micro_batch_size=32, sequence_len=4096, max_vram_gb=22)
     rtx = make_profile(big, Hardware("cuda", "NVIDIA GeForce RTX 4090", 23.6, True, "x", 8, 1), 8.0, 4096, 32)
@@ -83,6 +85,9 @@ def test_profiles_per_hardware():
     assert rtx.micro_batch_size * rtx.gradient_accumulation_steps == 32  # effective batch kept
     h100 = make_profile(big, Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.6, True, "x", 8, 1), 8.0, 4096, 32)
     assert h100.kind == "datacenter-gpu" and h100.vram_cap_gb is None and h100.precision == "bf16"
+    assert h100.gradient_checkpointing  # 32 x 4096 tokens of an 8B model do not fit in 80 GB without it
+    fits = make_profile(TrainConfig(micro_batch_size=8, sequence_len=512), Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.6, True, "x", 8, 1), 8.0, 4096, 32)
+    assert not fits.gradient_checkpointing and fits.micro_batch_size == 8 and fits.vram_cap_gb is None  # the whole card
     assert make_profile(cfg, Hardware("cuda", "Tesla T4", 15, False, "x", 8, 1)).precision == "fp16"
     with pytest.raises(ConfigError, match="qlora"):
         make_profile(TrainConfig(adapter="qlora"), Hardware("cpu", "x", 24, True, "x", 2))

@@ -189,7 +189,9 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: picked by the hardware profile")
-    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    gradient_checkpointing: Union[bool, Literal["auto"], float] = Field(
+        "auto", description="auto (by hardware profile), true, false, or the share of decoder layers to checkpoint (0-1)"
+    )
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on test_datasets every N steps; default: at the end")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume with --resume)")
     logging_steps: int = Field(5, ge=1)
@@ -206,6 +208,13 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"run_name {v!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
             )
+        return v
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _share(cls, v):
+        if isinstance(v, float) and not isinstance(v, bool) and not 0.0 <= v <= 1.0:
+            raise ValueError("a share of layers must be between 0 and 1")
         return v
 
     @field_validator("lora_target_modules")

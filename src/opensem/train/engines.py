@@ -76,7 +76,9 @@ def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
                 bnb_4bit_compute_dtype=kwargs["dtype"],
             )
     else:
-        kwargs["dtype"] = torch.float32  # CPU: fp32 master weights, bf16 autocast when the profile says so
+        # CPU: the frozen base weights in bf16 when the profile trains in bf16 (half the memory, and autocast
+        # keeps no second copy); the LoRA weights stay fp32 (PEFT upcasts adapters) for stable updates.
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if cfg.adapter == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -114,6 +116,22 @@ def load_unsloth(model_path: str, cfg: TrainConfig, precision: str, gradient_che
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def apply_checkpointing(model, share: float) -> int:
+    """Recompute the activations of ``share`` of the decoder layers (evenly spread); returns how many."""
+    if share <= 0:
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func") or type(m).__name__.endswith("DecoderLayer")]
+    layers = [m for m in layers if hasattr(m, "gradient_checkpointing")]
+    every = max(1, round(1 / share))
+    on = 0
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+        on += layer.gradient_checkpointing
+    return on
 
 
 def make_trainer_class():

@@ -53,6 +53,7 @@ class Profile:
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     vram_cap_gb: Optional[float] = None
+    checkpoint_layers: float = 0.0  # share of decoder layers whose activations are recomputed
     notes: list = field(default_factory=list)
 
     def describe(self) -> str:
@@ -61,7 +62,7 @@ class Profile:
         return (
             f"{self.kind}: {hw['name']} ({hw['memory_gb']:.0f} GB){cap}; {self.precision}; micro batch "
             f"{self.micro_batch_size} x accumulation {self.gradient_accumulation_steps}; gradient checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'}"
+            f"{'off' if not self.checkpoint_layers else 'all layers' if self.checkpoint_layers >= 1 else f'{self.checkpoint_layers:.0%} of layers'}"
         )
 
 
@@ -130,7 +131,14 @@ def make_profile(cfg: TrainConfig, hw: Hardware, params_b: float = 0.0, hidden: 
     else:
         precision = "fp32"
     mb, ga = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-    gc = cfg.gradient_checkpointing if isinstance(cfg.gradient_checkpointing, bool) else None
+    share: Optional[float] = None
+    if isinstance(cfg.gradient_checkpointing, bool):
+        gc: Optional[bool] = cfg.gradient_checkpointing
+    elif isinstance(cfg.gradient_checkpointing, float):
+        share = cfg.gradient_checkpointing
+        gc = share > 0
+    else:
+        gc = None
     cap = None
     if kind == "consumer-gpu":
         cap = min(cfg.max_vram_gb, hw.memory_gb)
@@ -140,10 +148,16 @@ def make_profile(cfg: TrainConfig, hw: Hardware, params_b: float = 0.0, hidden: 
         while mb > 1 and estimate_gb(params_b, cfg, mb, gc, hidden, layers) > cap:
             mb, ga = mb // 2, ga * 2
             notes.append(f"micro batch lowered to {mb} (accumulation {ga}) to stay under {cap:g} GB")
+    elif gc is None and hw.device != "cuda":
+        # CPU: recompute every other layer: about half the activation memory for about half the recompute time
+        gc, share = True, 0.5
+        notes.append("CPU: gradient checkpointing on every other layer (memory near full checkpointing, speed near none)")
     elif gc is None:
-        # data-centre GPUs and CPUs have the memory: recomputing activations would only cost time
-        gc = hw.device == "cuda" and estimate_gb(params_b, cfg, mb, False, hidden, layers) > hw.memory_gb * 0.9
-    return Profile(asdict(hw) | {"kind": kind}, kind, precision, mb, ga, bool(gc), cap, notes)
+        # data-centre GPUs have the memory: recomputing activations would only cost time
+        gc = estimate_gb(params_b, cfg, mb, False, hidden, layers) > hw.memory_gb * 0.9
+    if share is None:
+        share = 1.0 if gc else 0.0
+    return Profile(asdict(hw) | {"kind": kind}, kind, precision, mb, ga, bool(gc), cap, share if gc else 0.0, notes)
 
 
 def apply_vram_cap(profile: Profile) -> None:

@@ -111,6 +111,10 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         model, tok = engines.load_unsloth(base.path, cfg, profile.precision, profile.gradient_checkpointing)
     else:
         model, tok = engines.load_hf(base.path, cfg, profile.precision, hw.device)
+    if engine == "hf":
+        n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
+        if n_ckpt:
+            say(f"gradient checkpointing on {n_ckpt} decoder layers")
     train_set = tokenize_conversations(tok, load_conversations(train_path, cfg.datasets[0].field_messages), cfg.sequence_len, cfg.train_on_inputs)
     test_path = ws.path(cfg.test_datasets[0].path) if cfg.test_datasets else None
     test_set = None
@@ -158,7 +162,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         bf16=profile.precision == "bf16",
         fp16=profile.precision == "fp16",
         use_cpu=hw.device == "cpu",
-        activation_checkpointing=profile.gradient_checkpointing and engine == "hf",
+        activation_checkpointing=False,  # applied above, per layer (hf); Unsloth applies its own
         max_length=cfg.sequence_len,
         packing=cfg.sample_packing,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
