@@ -39,7 +39,8 @@ def choose_engine(cfg: TrainConfig, console) -> str:
         return "unsloth"
     if ok:
         return "unsloth"
-    console.print(f"engine auto: using the hf engine (transformers + PEFT + TRL) because Unsloth cannot run here: {why}")
+    console.print(f"engine auto: using the hf engine (transformers + PEFT + TRL) because Unsloth cannot run here: {why}",
+                  soft_wrap=True)
     return "hf"
 
 
