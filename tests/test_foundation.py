@@ -42,6 +42,7 @@ def test_repository_root_is_a_workspace_with_the_template_configs():
         assert (REPO / "configs" / f.name).read_text() == f.read_text(), f"configs/{f.name} differs from the template"
     for d in LAYOUT_DIRS:
         assert (REPO / d).is_dir()
+    assert (REPO / "evals" / "golden_set.json").exists()  # written by `make setup` (opensem init .)
 
 
 def test_misspelled_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):

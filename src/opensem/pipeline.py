@@ -91,12 +91,11 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     judge_inputs = {"golden": golden_sha, "eval": ecfg.model_dump(mode="json"), "base": base.fingerprint}
 
     # 2. baseline ---------------------------------------------------------------------------------------------
-    reports = ws.path(ecfg.reports_dir)
     baseline = p.stage(
         "baseline",
         judge_inputs,
         lambda prev: (ws.root / prev.get("results", "-")).exists(),
-        lambda: {"results": _rel(ws, reports / run_judge(ws, "baseline", console=console)["run_dir"].split("/")[-1] / "results.json")},
+        lambda: {"results": _rel(ws, ws.root / run_judge(ws, "baseline", console=console)["run_dir"] / "results.json")},
     )
 
     # 3. train ------------------------------------------------------------------------------------------------
@@ -130,7 +129,8 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
         "fine-tuned",
         judge_inputs | {"adapter": train["adapter_sha"]},
         lambda prev: (ws.root / prev.get("results", "-")).exists(),
-        lambda: {"results": _rel(ws, reports / run_judge(ws, "fine-tuned", adapter=str(ws.root / train["adapter"]), console=console)["run_dir"].split("/")[-1] / "results.json")},
+        lambda: {"results": _rel(ws, ws.root / run_judge(ws, "fine-tuned", adapter=str(ws.root / train["adapter"]),
+                                                          console=console)["run_dir"] / "results.json")},
     )
 
     # 5. lineage + report -------------------------------------------------------------------------------------
