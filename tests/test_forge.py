@@ -177,6 +177,21 @@ def test_malformed_and_non_json_replies_are_counted_not_fatal(workspace, fake, m
     assert m["counts"]["kept"] > 0
 
 
+def test_rate_limits_requests_and_tokens_per_window():
+    from opensem.llm.base import RateLimiter
+
+    rl = RateLimiter(rpm=3, tpm=None, window_s=0.5)
+    t = time.perf_counter()
+    for _ in range(6):
+        rl.acquire(10)
+    assert time.perf_counter() - t >= 0.5  # the 4th request waited for the window
+    rl = RateLimiter(rpm=None, tpm=100, window_s=0.5)
+    t = time.perf_counter()
+    for _ in range(3):
+        rl.acquire(60)  # 60 + 60 > 100: each waits for the previous to leave the window
+    assert time.perf_counter() - t >= 1.0
+
+
 def test_lenient_parsing_and_reasoning_blocks():
     from opensem.llm.base import parse_json_lenient, strip_reasoning
 

@@ -28,6 +28,7 @@ th,td{border-bottom:1px solid #e4e7eb;padding:.4rem .5rem;text-align:left;vertic
 th{background:#f5f7fa;position:sticky;top:0} td.num{text-align:right;white-space:nowrap}
 tr.regression{background:#fff1f1} tr.improved{background:#f1fff4}
 .reason{color:#616e7c;font-size:.78rem} code{font-size:.8rem;word-break:break-all}
+td.id{white-space:nowrap} .warn{background:#fff3c4;border-left:4px solid #f0b429;padding:.6rem 1rem;border-radius:4px}
 .label{display:inline-block;padding:.1rem .4rem;border-radius:4px;background:#fff3c4;color:#8d2b0b;font-size:.8rem}
 """
 
@@ -104,7 +105,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, adapter_dir: Path
         d = None if it["score"] is None or b.get("score") is None else it["score"] - b["score"]
         rc = "regression" if d is not None and d < 0 else "improved" if d is not None and d > 0 else ""
         rows.append(
-            f"<tr class='{rc}'><td><code>{escape(it['id'])}</code></td><td>{escape(it['question'])}</td>"
+            f"<tr class='{rc}'><td class='id'><code>{escape(it['id'])}</code></td><td>{escape(it['question'])}</td>"
             f"<td>{escape(it['golden'])}</td>"
             f"<td>{escape(b.get('output', ''))}<div class='reason'>{escape(b.get('reason') or b.get('error') or '')}</div></td>"
             f"<td>{escape(it['output'])}<div class='reason'>{escape(it.get('reason') or it.get('error') or '')}</div></td>"
@@ -136,7 +137,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, adapter_dir: Path
 <div class="headline {cls}">{escape(headline)}</div>
 <div class="cards">{''.join(f"<div class='card'><span>{escape(k)}</span><b>{escape(v)}</b></div>" for k, v in cards)}</div>
 <div class="plots">{''.join(f"<img alt='plot' src='{p}'>" for p in plots)}</div>
-{f"<p>Forgetting check: {escape(forgetting.get('message', ''))}</p>" if forgetting else ""}
+{f"<p class='{'warn' if forgetting.get('flagged') else ''}'>Forgetting check: {escape(forgetting.get('message', ''))}</p>" if forgetting else ""}
 <h2>Per question</h2>
 <p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>
 <table><thead><tr><th>id</th><th>question</th><th>golden answer</th><th>baseline answer</th><th>fine-tuned answer</th>

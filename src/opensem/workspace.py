@@ -99,6 +99,8 @@ def init_workspace(dest: Path, example: str | None = None, force: bool = False) 
     templates = {f.relative_to(src): f.read_bytes() for f in src.rglob("*") if f.is_file()}
     for s, d in copies:
         # a file still equal to the template is not the user's: an example may replace it
+        if d.exists() and d.read_bytes() == s.read_bytes():
+            continue
         untouched = d.exists() and templates.get(d.relative_to(dest)) == d.read_bytes()
         if d.exists() and not force and not untouched:
             continue

@@ -121,8 +121,7 @@ def run_eval(cmd: list[str], config: Path, output: Path, judge_url: str, answers
         "OPENSEM_JUDGE_URL": judge_url,
         "OPENSEM_ANSWERS": str(answers_file),
         "PROMPTFOO_PYTHON": python,
-        "PROMPTFOO_CONFIG_DIR": str(config.parent.parent / ".promptfoo"),
-    }
+    }  # promptfoo keeps the eval in its usual store (PROMPTFOO_CONFIG_DIR, default ~/.promptfoo): `promptfoo view` shows it
     args = cmd + ["eval", "-c", config.name, "-o", output.name, "--no-cache", "--no-progress-bar", "--no-share"]
     try:
         with log.open("w") as fh:

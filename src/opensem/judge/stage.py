@@ -158,7 +158,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     (run_dir / "report.md").write_text(md, encoding="utf-8")
     report.render(console, judge.name, base_res, tuned_res, cmp, forgetting)
     console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
-                  f"browse: cd {result['run_dir']} && npx promptfoo view")
+                  f"browse it with `npx promptfoo view`")
     return result
 
 

@@ -60,8 +60,8 @@ def parse_json_lenient(text: str) -> Any:
 class RateLimiter:
     """Requests- and tokens-per-minute limits shared by all worker threads (a sliding 60 s window)."""
 
-    def __init__(self, rpm: Optional[int], tpm: Optional[int]):
-        self.rpm, self.tpm = rpm, tpm
+    def __init__(self, rpm: Optional[int], tpm: Optional[int], window_s: float = 60.0):
+        self.rpm, self.tpm, self.window = rpm, tpm, window_s
         self.events: list[tuple[float, int]] = []
         self.lock = threading.Lock()
 
@@ -71,13 +71,13 @@ class RateLimiter:
         while True:
             with self.lock:
                 now = time.monotonic()
-                self.events = [(t, n) for t, n in self.events if now - t < 60]
+                self.events = [(t, n) for t, n in self.events if now - t < self.window]
                 ok_r = not self.rpm or len(self.events) < self.rpm
                 ok_t = not self.tpm or sum(n for _, n in self.events) + tokens <= self.tpm or not self.events
                 if ok_r and ok_t:
                     self.events.append((now, tokens))
                     return
-                wait = 60 - (now - self.events[0][0]) + 0.01
+                wait = self.window - (now - self.events[0][0]) + 0.01
             time.sleep(min(max(wait, 0.01), 5))
 
 
