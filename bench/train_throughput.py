@@ -57,7 +57,7 @@ def run_opensem(model_dir: str, data: Path, steps: int, batch: int, out: Path) -
 
     cfg = yaml.safe_load((ws / "configs/train_config.yaml").read_text())
     cfg.update(max_steps=steps, micro_batch_size=batch, lora_r=16, lora_alpha=32, learning_rate=2e-4, save_steps=10_000,
-               logging_steps=1, run_name="bench", sequence_len=1024, test_datasets=[])
+               logging_steps=1, run_name="bench", sequence_len=1024, test_datasets=[], replay=None)  # same data as TRL
     cfg["datasets"][0]["field_messages"] = "messages"
     (ws / "configs/train_config.yaml").write_text(yaml.safe_dump(cfg))
     from opensem.train import run_training

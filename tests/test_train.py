@@ -37,6 +37,7 @@ def test_adapter_is_written_reloads_with_peft_and_changes_answers(memorised_adap
     assert m["engine"] == "hf" and m["hardware"]["device"] == "cpu"
     assert m["data"]["train"]["sha256"].startswith("sha256:") and m["base_model"]["fingerprint"]
     assert m["tokens_per_s"] > 0 and m["steps"] == 30 and m["eval_loss"] is not None
+    assert m["data"]["replay"]["examples"] == 1  # 0.2 x 4 facts, rounded: answered by the base model
     assert set(m["versions"]) >= {"torch", "transformers", "peft", "trl"}
     # loss falls
     assert m["final_train_loss"] < m["first_train_loss"] * 0.5
@@ -70,6 +71,17 @@ def test_answer_only_loss_masks_prompt_tokens(base_models_dir):
     # truncation that leaves no answer token drops the example and counts it
     ts = tokenize_conversations(tok, [conv], 12)
     assert ts.rows == [] and ts.dropped_no_target == 1
+
+
+def test_replay_prompts_are_kept_apart_from_the_forgetting_check():
+    from importlib import resources
+
+    from opensem.text import embed
+
+    replay = json.loads((resources.files("opensem") / "assets/train/replay_prompts.json").read_text())
+    check = [g["question"] for g in json.loads((resources.files("opensem") / "assets/judge/general_knowledge.json").read_text())]
+    assert len(replay) >= 50
+    assert float((embed(replay) @ embed(check).T).max()) < 0.6  # no paraphrase of a forgetting-check question
 
 
 def test_profiles_per_hardware():

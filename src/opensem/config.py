@@ -177,6 +177,12 @@ class TrainConfig(Strict):
     sequence_len: int = Field(512, ge=16, le=131_072)
     sample_packing: bool = False
     train_on_inputs: bool = False
+    replay: Optional[str] = Field(
+        "builtin",
+        description="Against forgetting: general prompts ('builtin', or a JSON list file) answered by the base model "
+        "itself and mixed into training; null to turn off",
+    )
+    replay_ratio: float = Field(0.2, ge=0.0, le=2.0, description="Replay examples per training example")
     micro_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(3.0, gt=0)

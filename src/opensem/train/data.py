@@ -93,3 +93,61 @@ def _ids(tokenizer, msgs, add_generation_prompt: bool) -> list[int]:
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
+
+
+def replay_prompts(ws, cfg) -> list[str]:
+    """The general prompts of the ``replay`` setting (builtin, or a JSON list file)."""
+    from importlib import resources
+
+    if not cfg.replay or cfg.replay_ratio <= 0:
+        return []
+    if cfg.replay == "builtin":
+        path = Path(str(resources.files("opensem") / "assets" / "train" / "replay_prompts.json"))
+    else:
+        path = ws.path(cfg.replay)
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise OpenSEMError(f"configs/train_config.yaml: key 'replay': cannot read {path} ({e})") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise OpenSEMError(f"configs/train_config.yaml: key 'replay': {path} must be a JSON list of prompt strings")
+    return prompts
+
+
+def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
+    """Replay against forgetting: general prompts answered by the untouched base model, to be mixed in.
+
+    The adapter then learns the domain while being shown what the base model already did on general
+    requests. The prompts are kept apart from the judge's forgetting-check questions. Answers are cached
+    by (base model fingerprint, prompt); only answers that ended at the end-of-turn token are used.
+    """
+    import hashlib
+
+    from opensem.lineage import read_json, write_json
+
+    prompts = replay_prompts(ws, cfg)
+    n = min(len(prompts), round(cfg.replay_ratio * n_train))
+    if n <= 0:
+        return []
+    prompts = prompts[:n]
+    cache = ws.state_dir / "cache" / "replay"
+    max_new = 96
+
+    def key(p: str) -> Path:
+        return cache / (hashlib.sha256(json.dumps([base.fingerprint, p, max_new]).encode()).hexdigest() + ".json")
+
+    todo = [p for p in prompts if read_json(key(p)) is None]
+    if todo:
+        from opensem.inference import ChatModel
+
+        say(f"replay: the base model answers {len(todo)} general prompts (mixed in against forgetting)")
+        model = ChatModel(base.path)
+        for p, out in zip(todo, model.generate([[{"role": "user", "content": p}] for p in todo], max_new_tokens=max_new, batch_size=16)):
+            write_json(key(p), {"prompt": p, "answer": out.text, "finished": out.completion_tokens < max_new})
+        del model
+    convs = []
+    for p in prompts:
+        rec = read_json(key(p))
+        if rec and rec["finished"] and rec["answer"].strip():
+            convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": rec["answer"]}])
+    return convs

@@ -105,7 +105,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     # 4. data ------------------------------------------------------------------------------------------
     from datasets import Dataset
 
-    from opensem.train.data import load_conversations, tokenize_conversations
+    from opensem.train.data import build_replay, load_conversations, tokenize_conversations
 
     if engine == "unsloth":
         model, tok = engines.load_unsloth(base.path, cfg, profile.precision, profile.gradient_checkpointing)
@@ -115,7 +115,9 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
         if n_ckpt:
             say(f"gradient checkpointing on {n_ckpt} decoder layers")
-    train_set = tokenize_conversations(tok, load_conversations(train_path, cfg.datasets[0].field_messages), cfg.sequence_len, cfg.train_on_inputs)
+    train_convs = load_conversations(train_path, cfg.datasets[0].field_messages)
+    replay = build_replay(ws, cfg, base, len(train_convs), say)  # same on every rank: greedy answers, cached
+    train_set = tokenize_conversations(tok, train_convs + replay, cfg.sequence_len, cfg.train_on_inputs)
     test_path = ws.path(cfg.test_datasets[0].path) if cfg.test_datasets else None
     test_set = None
     if test_path and test_path.exists() and test_path.stat().st_size > 0:
@@ -123,7 +125,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     if not train_set.rows:
         raise OpenSEMError(f"{cfg.datasets[0].path}: no example has a trainable answer token within sequence_len={cfg.sequence_len}")
     say(
-        f"data: {len(train_set.rows)} train examples ({train_set.tokens} tokens), "
+        f"data: {len(train_set.rows)} train examples ({len(replay)} of them replay, {train_set.tokens} tokens), "
         f"{len(test_set.rows) if test_set else 0} test; {train_set.truncated} truncated to {cfg.sequence_len} tokens, "
         f"{train_set.dropped_no_target} dropped with no answer token left"
     )
@@ -224,6 +226,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
             "test": {"path": cfg.test_datasets[0].path, "sha256": file_sha256(test_path), "examples": len(test_set.rows)}
             if test_set else None,
             "forge_manifest_sha256": file_sha256(forge_manifest) if forge_manifest.exists() else None,
+            "replay": {"source": cfg.replay, "examples": len(replay)},
         },
         "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
                        "parameters": n_params},
