@@ -91,9 +91,6 @@ def run_plain_trl(model_dir: str, data: Path, steps: int, batch: int, out: Path)
         return batch_
 
     trainer.data_collator = counting
-    trainer.train_dataset  # prepared
-    from torch.utils.data import DataLoader  # noqa: F401
-
     t = time.time()
     trainer.train()
     wall = time.time() - t

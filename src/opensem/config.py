@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from opensem.errors import ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-PROVIDERS = ("local", "openai", "anthropic", "openai-compatible")
 
 
 class Strict(BaseModel):

@@ -7,9 +7,12 @@ together, to waste little on padding), and stops at the model's end-of-turn toke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -121,3 +124,54 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None) -> ChatModel
         if key not in _CACHE:
             _CACHE[key] = ChatModel(model_path, adapter)
         return _CACHE[key]
+
+
+def answer_key(model_fingerprint: str, adapter_hash: Optional[str], system: Optional[str], question: str,
+               max_new_tokens: int, temperature: float) -> str:
+    """Cache key of one answer: what changes it (model, adapter, system prompt, question, decoding)."""
+    payload = {"model": model_fingerprint, "adapter": adapter_hash, "system": system, "question": question,
+               "max_new_tokens": max_new_tokens, "temperature": temperature}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cached_answers(
+    cache_dir: Path,
+    model_path: str,
+    adapter: Optional[str],
+    requests: list[tuple[str, list[dict]]],  # (answer_key, conversation)
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    progress=None,
+    announce: Optional[Callable[[int], None]] = None,
+    keep_model: bool = True,
+) -> dict[str, dict]:
+    """Answers by key, {"answer", "finished"}: cached ones are read, the rest generated in batches and each
+    written as it is made. ``finished``: the answer ended at the end-of-turn token within max_new_tokens.
+    ``keep_model=False`` frees the model afterwards instead of keeping it loaded for the process."""
+    from opensem.lineage import atomic_write_text, read_json
+
+    out: dict[str, dict] = {}
+    todo: list[tuple[str, list[dict]]] = []
+    for key, conv in requests:
+        hit = read_json(cache_dir / f"{key}.json")
+        if hit is not None:
+            out[key] = {"answer": hit["answer"], "finished": hit.get("finished", True)}
+            if progress:
+                progress(1)
+        else:
+            todo.append((key, conv))
+    if not todo:
+        return out
+    if announce:
+        announce(len(todo))
+    model = load_chat_model(model_path, adapter) if keep_model else ChatModel(model_path, adapter)
+    for start in range(0, len(todo), batch_size * 4):
+        part = todo[start : start + batch_size * 4]
+        outs = model.generate([c for _, c in part], max_new_tokens=max_new_tokens, temperature=temperature,
+                              batch_size=batch_size, progress=progress)
+        for (key, conv), o in zip(part, outs):
+            rec = {"question": conv[-1]["content"], "answer": o.text, "finished": o.completion_tokens < max_new_tokens}
+            out[key] = rec
+            atomic_write_text(cache_dir / f"{key}.json", json.dumps(rec, ensure_ascii=False))
+    return out

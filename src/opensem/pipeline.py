@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.table import Table
 
-from opensem.errors import OpenSEMError, StageInterrupted
+from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.workspace import Workspace
 
@@ -80,7 +80,7 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     golden_sha = file_sha256(ws.path(ecfg.golden_set))
 
     # 1. forge ------------------------------------------------------------------------------------------------
-    forge = p.stage(
+    p.stage(
         "forge",
         {"raw": _raw_inputs(ws, fcfg), "config": fcfg.model_dump(mode="json"), "golden": golden_sha},
         lambda prev: _maybe(train_path) == prev.get("train_sha") and _maybe(out_dir / "forge_manifest.json") is not None,

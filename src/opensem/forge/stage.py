@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +29,8 @@ from opensem.forge.synthesis import (
     source_sentences,
 )
 from opensem.golden import load_golden
-from opensem.lineage import file_sha256, json_sha256, now, versions, write_json
+from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, versions, write_json
 from opensem.llm import CachedProvider, LLMError, LLMReply, get_provider
-from opensem.llm.cache import atomic_write_text
 from opensem.progress import stage_progress
 from opensem.workspace import Workspace
 
@@ -57,8 +56,6 @@ class Costs:
     new_usd: float = 0.0  # spent in this run (cached replies were paid for before)
     calls: int = 0
     cached: int = 0
-    priced: bool = True
-    by_call: list = field(default_factory=list)
 
     def add(self, reply: LLMReply, price) -> None:
         self.input_tokens += reply.input_tokens
@@ -318,7 +315,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
 
 def _estimate_tokens(r: Request) -> tuple[int, int]:
     inp = sum(count_tokens(m["content"]) for m in r.messages) * 4 // 3
-    out = min(r.max_tokens, 120 * (len(r.messages) and 1) if r.schema is None else 90 * 4)
+    out = min(r.max_tokens, 120 if r.schema is None else 360)  # a question; or a JSON list of pairs
     return inp, out
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
 from opensem.config import AnswerConfig, TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
-from opensem.llm.cache import atomic_write_text
+from opensem.inference import answer_key, cached_answers
 from opensem.workspace import Workspace
 
 
@@ -49,35 +47,12 @@ def generate_answers(
     progress=None,
 ) -> dict[str, str]:
     """Answers keyed by item id. Cached answers are reused; the rest are generated in batches."""
-    cache = ws.state_dir / "cache" / "answers"
     ahash = adapter_hash(adapter)
-
-    def key(q: str, system: Optional[str]) -> str:
-        payload = {"model": model_fingerprint, "adapter": ahash, "system": system, "question": q,
-                   "max_new_tokens": acfg.max_new_tokens, "temperature": acfg.temperature}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    answers: dict[str, str] = {}
-    todo: list[tuple[str, str, Optional[str], str]] = []
+    keys, requests = {}, []
     for item_id, q, system in items:
         system = system or acfg.system_prompt
-        k = key(q, system)
-        hit = read_json(cache / f"{k}.json")
-        if hit is not None:
-            answers[item_id] = hit["answer"]
-            if progress:
-                progress(1)
-        else:
-            todo.append((item_id, q, system, k))
-    if todo:
-        from opensem.inference import load_chat_model
-
-        model = load_chat_model(model_path, str(adapter) if adapter else None)
-        for start in range(0, len(todo), acfg.batch_size * 4):
-            part = todo[start : start + acfg.batch_size * 4]
-            outs = model.generate([conversation(q, s) for _, q, s, _ in part], max_new_tokens=acfg.max_new_tokens,
-                                  temperature=acfg.temperature, batch_size=acfg.batch_size, progress=progress)
-            for (item_id, q, _, k), o in zip(part, outs):
-                answers[item_id] = o.text
-                atomic_write_text(cache / f"{k}.json", json.dumps({"question": q, "answer": o.text}, ensure_ascii=False))
-    return answers
+        keys[item_id] = answer_key(model_fingerprint, ahash, system, q, acfg.max_new_tokens, acfg.temperature)
+        requests.append((keys[item_id], conversation(q, system)))
+    got = cached_answers(ws.state_dir / "cache" / "answers", model_path, str(adapter) if adapter else None, requests,
+                         acfg.max_new_tokens, acfg.temperature, acfg.batch_size, progress=progress)
+    return {item_id: got[k]["answer"] for item_id, k in keys.items()}

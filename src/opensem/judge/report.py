@@ -143,7 +143,7 @@ def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optio
 def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict], lineage: dict,
              forgetting: Optional[dict] = None) -> str:
     cols = (["Baseline"] if base else []) + (["Fine-Tuned"] if tuned else [])
-    lines = [f"# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(cols) + " |",
+    lines = ["# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for label, fn in SUMMARY_ROWS:
         vals = ([fn(base["summary"])] if base else []) + ([fn(tuned["summary"])] if tuned else [])

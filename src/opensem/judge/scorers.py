@@ -162,6 +162,16 @@ class LLMJudge:
     def score_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
         return [self.score_one(*it) for it in items]
 
+    def unreachable(self) -> Optional[str]:
+        """Why the judge cannot be reached (after its retries), or None when it answers."""
+        from opensem.llm import LLMError
+
+        try:
+            self.cached.complete(judge_messages("What is 2 + 2?", "4.", "4"), schema=JUDGE_SCHEMA, temperature=0.0)
+        except LLMError as e:
+            return str(e) if e.unreachable else None
+        return None
+
     def score_one(self, question: str, golden: str, candidate: str) -> Verdict:
         from opensem.llm import LLMError
 

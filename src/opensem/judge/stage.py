@@ -33,12 +33,12 @@ def _judge_with_fallback(ws: Workspace, ecfg, console: Console):
     judge = make_judge(ecfg.judge, ws)
     if isinstance(judge, ReferenceScorer) or ecfg.judge.provider == "local":
         return judge
-    probe = judge.score_one("What is 2 + 2?", "4.", "4")
-    if probe.error and ("Connection" in probe.error or "Timeout" in probe.error or "gave up" in probe.error):
+    why = judge.unreachable()
+    if why:
         if ecfg.judge.fallback_to_offline:
-            console.print(f"[yellow]judge {judge.short} is unreachable ({probe.error[:80]}); using the offline reference scorer[/]")
+            console.print(f"[yellow]judge {judge.short} is unreachable ({why[:80]}); using the offline reference scorer[/]")
             return ReferenceScorer()
-        raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {probe.error[:120]}")
+        raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {why[:120]}")
     return judge
 
 
@@ -144,7 +144,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     else:
         tuned_res = result
         base_res = read_json(reports_dir / "baseline-latest.json")
-        if base_res is None or base_res.get("key") != {**result["key"]}:
+        if base_res is None or base_res.get("key") != result["key"]:
             console.print("no baseline for this golden set, base model and judge yet: running the baseline first")
             base_res = run_judge(ws, "baseline", console=Console(quiet=True))
         cmp = report.compare(base_res["items"], per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)

@@ -16,7 +16,14 @@ from opensem.errors import OpenSEMError
 
 
 class LLMError(Exception):
-    """A call failed after its retries (or could not be retried). Never contains an API key."""
+    """A call failed after its retries (or could not be retried). Never contains an API key.
+
+    ``unreachable``: the endpoint never answered usefully (connection errors, timeouts, 429/5xx until the
+    retries ran out), as opposed to a request it rejected."""
+
+    def __init__(self, msg: str, unreachable: bool = False):
+        super().__init__(msg)
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -114,7 +121,7 @@ class Provider:
             except RetryableError as e:
                 attempt += 1
                 if attempt > self.spec.max_retries:
-                    raise LLMError(f"{self.spec.provider}/{self.model}: gave up after {attempt} tries: {e}") from None
+                    raise LLMError(f"{self.spec.provider}/{self.model}: gave up after {attempt} tries: {e}", unreachable=True) from None
                 time.sleep(backoff_delay(attempt, e.retry_after))
         reply.text = strip_reasoning(reply.text)
         if schema is not None and reply.data is None:

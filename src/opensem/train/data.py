@@ -118,36 +118,21 @@ def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
     """Replay against forgetting: general prompts answered by the untouched base model, to be mixed in.
 
     The adapter then learns the domain while being shown what the base model already did on general
-    requests. The prompts are kept apart from the judge's forgetting-check questions. Answers are cached
-    by (base model fingerprint, prompt); only answers that ended at the end-of-turn token are used.
+    requests. The prompts are kept apart from the judge's forgetting-check questions. Answers share the
+    judge's answer cache (same key: base model, prompt, decoding); only answers that ended at the
+    end-of-turn token are used.
     """
-    import hashlib
-
-    from opensem.lineage import read_json, write_json
+    from opensem.inference import answer_key, cached_answers
 
     prompts = replay_prompts(ws, cfg)
     n = min(len(prompts), round(cfg.replay_ratio * n_train))
     if n <= 0:
         return []
-    prompts = prompts[:n]
-    cache = ws.state_dir / "cache" / "replay"
     max_new = 96
-
-    def key(p: str) -> Path:
-        return cache / (hashlib.sha256(json.dumps([base.fingerprint, p, max_new]).encode()).hexdigest() + ".json")
-
-    todo = [p for p in prompts if read_json(key(p)) is None]
-    if todo:
-        from opensem.inference import ChatModel
-
-        say(f"replay: the base model answers {len(todo)} general prompts (mixed in against forgetting)")
-        model = ChatModel(base.path)
-        for p, out in zip(todo, model.generate([[{"role": "user", "content": p}] for p in todo], max_new_tokens=max_new, batch_size=16)):
-            write_json(key(p), {"prompt": p, "answer": out.text, "finished": out.completion_tokens < max_new})
-        del model
-    convs = []
-    for p in prompts:
-        rec = read_json(key(p))
-        if rec and rec["finished"] and rec["answer"].strip():
-            convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": rec["answer"]}])
-    return convs
+    requests = [(answer_key(base.fingerprint, None, None, p, max_new, 0.0), [{"role": "user", "content": p}]) for p in prompts[:n]]
+    got = cached_answers(
+        ws.state_dir / "cache" / "answers", base.path, None, requests, max_new, keep_model=False,
+        announce=lambda k: say(f"replay: the base model answers {k} general prompts (mixed in against forgetting)"),
+    )
+    return [conv + [{"role": "assistant", "content": got[k]["answer"]}]
+            for k, conv in requests if got[k]["finished"] and got[k]["answer"].strip()]

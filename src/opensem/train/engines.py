@@ -142,7 +142,6 @@ def make_trainer_class():
     (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. The call goes
     through the (DDP-wrapped) model as usual, so data-parallel training still syncs gradients.
     """
-    import torch
     import torch.nn.functional as F
     from trl import SFTTrainer
 

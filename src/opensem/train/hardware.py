@@ -114,9 +114,13 @@ def estimate_gb(params_b: float, cfg: TrainConfig, micro_batch: int, checkpointi
     return weights * 1.15 + acts + 1.0  # +1 GB for CUDA context, LoRA states, logits
 
 
-def make_profile(cfg: TrainConfig, hw: Hardware, params_b: float = 0.0, hidden: int = 0, layers: int = 0) -> Profile:
+def check_adapter(cfg: TrainConfig, hw: Hardware) -> None:
     if cfg.adapter == "qlora" and hw.device != "cuda":
         raise ConfigError("configs/train_config.yaml: key 'adapter': qlora (4-bit) needs an NVIDIA GPU; use adapter: lora here")
+
+
+def make_profile(cfg: TrainConfig, hw: Hardware, params_b: float = 0.0, hidden: int = 0, layers: int = 0) -> Profile:
+    check_adapter(cfg, hw)
     kind = hw.kind
     notes: list[str] = []
     if cfg.precision != "auto":

@@ -25,7 +25,7 @@ from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.train import engines
-from opensem.train.hardware import apply_vram_cap, detect_hardware, make_profile
+from opensem.train.hardware import apply_vram_cap, check_adapter, detect_hardware, make_profile
 from opensem.workspace import Workspace
 
 ADJ = "amber brisk calm deft eager fleet gentle hardy keen lucid merry noble quiet rapid sage steady swift vivid".split()
@@ -78,8 +78,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
 
     # 2. hardware profile ------------------------------------------------------------------------------
     hw = detect_hardware()
-    if cfg.adapter == "qlora" and hw.device != "cuda":
-        raise ConfigError("configs/train_config.yaml: key 'adapter': qlora (4-bit) needs an NVIDIA GPU; use adapter: lora here")
+    check_adapter(cfg, hw)  # before any model is loaded
 
     # 3. engine: Unsloth must be imported before transformers / trl / peft ------------------------------
     engine = engines.choose_engine(cfg, console if main else Console(quiet=True))
