@@ -61,3 +61,28 @@ def test_opensem_run_end_to_end_with_lineage_and_skips(tmp_path, base_models_dir
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert "forge: up to date" in r4.stdout and "baseline: up to date" in r4.stdout
     assert "train: up to date" not in r4.stdout and "fine-tuned: up to date" not in r4.stdout
+
+
+def test_an_interrupted_stage_keeps_what_it_recorded_and_nothing_else(tmp_path):
+    from rich.console import Console
+
+    from opensem.lineage import json_sha256
+    from opensem.pipeline import Pipeline
+    from opensem.workspace import Workspace, init_workspace
+
+    init_workspace(tmp_path)
+    p = Pipeline(Workspace(tmp_path), False, Console(quiet=True))
+    key = json_sha256({"a": 1})
+    seen = []
+
+    def run():
+        seen.append(p.state["train"].get("run_name"))
+        return {}
+
+    p.state = {"train": {"inputs": key, "status": "running", "run_name": "interrupted-run"}}
+    p.stage("train", {"a": 1}, lambda prev: False, run)  # same inputs, unfinished: resume that run
+    p.state["train"] = {"inputs": key, "status": "done", "run_name": "finished-run"}
+    p.stage("train", {"a": 1}, lambda prev: False, run)  # finished (outputs gone): a new run
+    p.state["train"] = {"inputs": "other", "status": "running", "run_name": "old-inputs"}
+    p.stage("train", {"a": 1}, lambda prev: False, run)  # inputs changed: a new run
+    assert seen == ["interrupted-run", None, None]

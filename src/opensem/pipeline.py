@@ -42,6 +42,11 @@ class Pipeline:
     def save(self) -> None:
         write_json(self.state_path, self.state)
 
+    def mark(self, name: str, **values) -> None:
+        """Record progress of a running stage, so an interrupted run can pick it up."""
+        self.state[name].update(values)
+        self.save()
+
     def stage(self, name: str, inputs: dict, outputs_ok: Callable[[dict], bool], run: Callable[[], dict]) -> dict:
         key = json_sha256(inputs)
         prev = self.state.get(name, {})
@@ -52,9 +57,9 @@ class Pipeline:
             return prev
         self.console.rule(f"[bold]{name}")
         t0 = time.time()
-        self.state[name] = {"inputs": key, "status": "running", "started": now()} | {
-            k: v for k, v in prev.items() if k in ("run_name",) and prev.get("inputs") == key
-        }
+        # an interrupted attempt on the same inputs keeps what it recorded (e.g. the training run to resume)
+        unfinished = prev if prev.get("inputs") == key and prev.get("status") == "running" else {}
+        self.state[name] = unfinished | {"inputs": key, "status": "running", "started": now()}
         self.save()
         record = run()
         self.timings[name] = time.time() - t0
@@ -103,8 +108,7 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     train_inputs = {"train": file_sha256(train_path), "test": _maybe(test_path), "config": train_cfg, "base": base.fingerprint}
 
     def do_train() -> dict:
-        prev = p.state.get("train", {})
-        interrupted = prev.get("run_name") if prev.get("inputs") == json_sha256(train_inputs) else None
+        interrupted = p.state["train"].get("run_name")
         if interrupted and (ws.path(tcfg.output_dir) / interrupted / "checkpoints").exists():
             console.print(f"resuming interrupted training run {interrupted}")
             run_dir = run_training(ws, resume=True, run_name=interrupted, console=console)
@@ -112,8 +116,7 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
             from opensem.train.recipe import default_run_name
 
             name = tcfg.run_name or default_run_name(tcfg)
-            p.state["train"]["run_name"] = name
-            p.save()
+            p.mark("train", run_name=name)
             run_dir = run_training(ws, run_name=name, console=console)
         return {"run_name": run_dir.name, "adapter": _rel(ws, run_dir), "adapter_sha": file_sha256(run_dir / "adapter_model.safetensors")}
 
