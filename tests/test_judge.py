@@ -103,19 +103,24 @@ def test_baseline_then_fine_tuned_with_real_promptfoo(judged_ws):
         assert (run_dir / f).exists(), f
     tuned = run_judge(ws, "fine-tuned")
     assert tuned["comparison"]["paired_n"] == len(GOLDEN)
-    # the table's numbers are those recomputed from promptfoo's own JSON
+    # the table's numbers are those recomputed from promptfoo's own JSON (tests are opaque keys, in golden order)
+    keys = [f"t{i + 1:04d}" for i in range(len(GOLDEN))]
     for res in (base, tuned):
         pf = json.loads((judged_ws / res["run_dir"] / "promptfoo_output.json").read_text())
-        raw = {r["vars"]["id"]: r for r in pf["results"]["results"]}
-        scores = [raw[g["id"]]["gradingResult"]["componentResults"][0]["score"] for g in GOLDEN]
+        raw = {r["vars"]["key"]: r for r in pf["results"]["results"]}
+        assert sorted(raw) == keys
+        scores = [raw[k]["gradingResult"]["componentResults"][0]["score"] for k in keys]
         assert res["summary"]["mean_score"] == pytest.approx(np.mean(scores))
         assert res["summary"]["accuracy"] == pytest.approx(np.mean([s >= 4 for s in scores]))
-        outputs = [raw[g["id"]]["response"]["output"] for g in GOLDEN]
+        outputs = [raw[k]["response"]["output"] for k in keys]
+        assert outputs == [it["output"] for it in res["items"]]
         assert res["summary"]["token_f1"] == pytest.approx(np.mean([token_f1(o, g["answer"]) for o, g in zip(outputs, GOLDEN)]))
-        # hostile golden text reached promptfoo as data, unchanged
-        hostile = next(r for r in pf["results"]["results"] if r["vars"]["id"] == "z5")
-        assert hostile["testCase"]["metadata"]["question"] == GOLDEN[4]["question"]
-        assert hostile["testCase"]["metadata"]["golden"] == GOLDEN[4]["answer"]
+        # no golden text reaches promptfoo at all: its config holds only our keys and fixed words
+        config = (judged_ws / res["run_dir"] / "promptfooconfig.yaml").read_text()
+        for g in GOLDEN:
+            assert g["question"] not in config and g["answer"] not in config and g["id"] not in config
+        hostile = raw[keys[4]]
+        assert hostile["prompt"]["raw"] == keys[4]
         assert hostile["gradingResult"]["componentResults"][0]["score"] is not None
     # the tuned model learnt the facts the base model did not know
     t = {it["id"]: it for it in tuned["items"]}

@@ -244,6 +244,7 @@ class JudgeSpec(LLMSpec):
     provider: Literal["offline", "local", "openai", "anthropic", "openai-compatible"] = "offline"  # type: ignore[assignment]
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(400, ge=16)
+    concurrency: int = Field(4, ge=1, le=256, description="Items graded at once (promptfoo's maxConcurrency)")
     fallback_to_offline: bool = Field(True, description="Use the offline scorer when the judge is unreachable")
 
     def resolved_model(self) -> str:

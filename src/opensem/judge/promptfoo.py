@@ -1,17 +1,23 @@
 """promptfoo runs the regression tests (FR-C1).
 
-For each judge run we write a real promptfoo config into the run's folder: the golden items are the tests
-(only their ids travel as variables; question and golden answer ride in each test's metadata and
-description, which promptfoo neither templates nor loads as files), the model under test is a Python
-provider that returns its pre-generated answers, and the grader is a Python assertion that asks the judge,
-served from this process over 127.0.0.1, for a 1-5 score. promptfoo's JSON output is what every table is
-built from, and `npx promptfoo view` shows the same eval in a browser.
+For each judge run we write a real promptfoo config into the run's folder: the golden items are the tests,
+the model under test is a Python provider that returns its pre-generated answers, and the grader is a
+Python assertion that asks the judge, served from this process over 127.0.0.1, for a 1-5 score.
+promptfoo's JSON output is what every table is built from, and `npx promptfoo view` shows the same eval.
+
+promptfoo renders variables, descriptions and config values as templates and loads `file://` values by
+running them, so nothing the user wrote reaches it: each test is an opaque generated key (`t0001`), and
+questions, golden answers and model answers are looked up on our side by that key. The promptfoo process
+gets a minimal environment (no provider keys), and the judge server answers only requests that carry
+the run's secret token.
 """
 
 from __future__ import annotations
 
 import json
+import hmac
 import os
+import secrets
 import shutil
 import subprocess
 import threading
@@ -56,21 +62,50 @@ def find_promptfoo(configured: Optional[str], workspace: Path) -> list[str]:
     raise OpenSEMError(f"promptfoo is not installed: run `npm ci` in the repository (pins promptfoo@{PROMPTFOO_VERSION}), or `make setup`")
 
 
+# what the promptfoo process may see of our environment: no API keys, nothing it does not need
+ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+             "SYSTEMROOT", "COMSPEC", "PATHEXT", "APPDATA", "LOCALAPPDATA", "USERPROFILE", "NODE_OPTIONS",
+             "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME",
+             "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+ENV_ALLOW_PREFIXES = ("LC_",)
+ENV_PROMPTFOO_SETTINGS = {"PROMPTFOO_CONFIG_DIR", "PROMPTFOO_LOG_DIR", "PROMPTFOO_CACHE_PATH"}
+
+
+def minimal_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES) or k in ENV_PROMPTFOO_SETTINGS}
+    return env | OFFLINE_ENV | extra
+
+
+def test_keys(n: int) -> list[str]:
+    """Opaque, generated test keys: the only thing promptfoo templates."""
+    return [f"t{i + 1:04d}" for i in range(n)]
+
+
 class JudgeServer:
-    """Serves verdicts to promptfoo's grader: POST {"id", "output"} -> {"score", "reason"} or {"error"}."""
+    """Serves verdicts to promptfoo's grader: POST {"key", "output"} + token -> {"score", "reason"} or {"error"}.
+
+    ``score(key, output)`` looks everything up by the opaque key. A request without the run's token gets 403."""
 
     def __init__(self, score: Callable[[str, str], dict]):
         score_fn = score
+        self.token = secrets.token_urlsafe(32)
+        token = self.token.encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
+                given = (self.headers.get("X-OpenSEM-Token") or "").encode()
+                if not hmac.compare_digest(given, token):
+                    return self._send(403, {"error": "forbidden"})
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    result = score_fn(body["id"], body.get("output") or "")
+                    result = score_fn(str(body["key"]), body.get("output") or "")
                 except Exception as e:  # the grader turns this into a promptfoo error, never a zero
                     result = {"error": f"{type(e).__name__}: {e}"}
-                data = json.dumps(result).encode()
-                self.send_response(200)
+                self._send(200, result)
+
+            def _send(self, code: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -80,6 +115,7 @@ class JudgeServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/grade"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -92,36 +128,34 @@ class JudgeServer:
         self.httpd.server_close()
 
 
-def write_config(run_dir: Path, label: str, items: list, answers_file: Path, pass_threshold: int, description: str) -> Path:
+def write_config(run_dir: Path, label: str, keys: list[str], pass_threshold: int, description: str,
+                 concurrency: int) -> Path:
+    """The promptfoo config: opaque keys only. ``label`` and ``description`` must be our own fixed words."""
     files = resources.files("opensem") / "assets" / "promptfoo"
     for name in ("provider.py", "grader.py"):
         (run_dir / name).write_text((files / name).read_text(encoding="utf-8"), encoding="utf-8")
     config = {
         "description": description,
-        "prompts": ["{{id}}"],
-        "providers": [{"id": "file://provider.py", "label": label, "config": {"answers_file": str(answers_file)}}],
-        "defaultTest": {"assert": [{"type": "python", "value": "file://grader.py"}]},
-        "tests": [
-            {
-                "description": it.question,
-                "vars": {"id": it.id},
-                "metadata": {"question": it.question, "golden": it.answer, "pass_threshold": pass_threshold},
-            }
-            for it in items
-        ],
-        "evaluateOptions": {"maxConcurrency": 4},
+        "prompts": ["{{key}}"],
+        "providers": [{"id": "file://provider.py", "label": label}],
+        "defaultTest": {"assert": [{"type": "python", "value": "file://grader.py"}],
+                        "metadata": {"pass_threshold": pass_threshold}},
+        "tests": [{"description": k, "vars": {"key": k}} for k in keys],
+        "evaluateOptions": {"maxConcurrency": concurrency},
     }
     path = run_dir / "promptfooconfig.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
-def run_eval(cmd: list[str], config: Path, output: Path, judge_url: str, answers_file: Path, python: str, log: Path) -> dict:
-    env = os.environ | OFFLINE_ENV | {
-        "OPENSEM_JUDGE_URL": judge_url,
+def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, answers_file: Path, python: str, log: Path) -> dict:
+    # promptfoo keeps the eval in its usual store (PROMPTFOO_CONFIG_DIR, default ~/.promptfoo): `promptfoo view` shows it
+    env = minimal_env({
+        "OPENSEM_JUDGE_URL": server.url,
+        "OPENSEM_JUDGE_TOKEN": server.token,
         "OPENSEM_ANSWERS": str(answers_file),
         "PROMPTFOO_PYTHON": python,
-    }  # promptfoo keeps the eval in its usual store (PROMPTFOO_CONFIG_DIR, default ~/.promptfoo): `promptfoo view` shows it
+    })
     args = cmd + ["eval", "-c", config.name, "-o", output.name, "--no-cache", "--no-progress-bar", "--no-share"]
     try:
         with log.open("w") as fh:
@@ -136,10 +170,10 @@ def run_eval(cmd: list[str], config: Path, output: Path, judge_url: str, answers
 
 
 def parse_results(data: dict) -> dict[str, dict]:
-    """Per item id: output, score (1-5 or None), pass, reason, error: straight from promptfoo's JSON."""
+    """Per test key: output, score (1-5 or None), pass, reason, error: straight from promptfoo's JSON."""
     out: dict[str, dict] = {}
     for r in data["results"]["results"]:
-        item_id = r["vars"]["id"]
+        item_id = r["vars"]["key"]
         grading = r.get("gradingResult") or {}
         comps = grading.get("componentResults") or []
         reason = comps[0].get("reason", "") if comps else grading.get("reason", "")

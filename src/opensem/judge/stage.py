@@ -79,24 +79,29 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     write_json(answers_file, {k: v for k, v in answers.items() if not k.startswith("forget:")})
 
     # 2. promptfoo runs the golden set; the judge grades through it ------------------------------------------
-    by_id = {it.id: it for it in items}
+    # promptfoo sees opaque keys only; questions, golden answers and model answers stay on this side
+    keys = promptfoo.test_keys(len(items))
+    by_key = dict(zip(keys, items))
+    answers_by_key = run_dir / "promptfoo_answers.json"
+    write_json(answers_by_key, {k: answers[it.id] for k, it in by_key.items()})
     with stage_progress(console, f"{mode}: judging with {judge.short} via promptfoo", len(items)) as adv:
 
-        def grade(item_id: str, output: str) -> dict:
-            it = by_id[item_id]
-            v = judge.score_many([(it.question, it.answer, output)])[0]
+        def grade(key: str, output: str) -> dict:
+            it = by_key[key]
+            if output != answers[it.id]:
+                return {"error": f"promptfoo passed an output for {key} that differs from the recorded answer"}
+            v = judge.score_many([(it.question, it.answer, answers[it.id])])[0]
             adv(1)
             return {"error": v.error} if v.error else {"score": v.score, "reason": v.reason}
 
-        config = promptfoo.write_config(run_dir, label, items, answers_file, ecfg.pass_threshold,
-                                        f"OpenSEM {mode}: {base.name}" + (f" + {adapter_dir.name}" if adapter_dir else ""))
+        config = promptfoo.write_config(run_dir, label, keys, ecfg.pass_threshold, f"OpenSEM {mode}", ecfg.judge.concurrency)
         with promptfoo.JudgeServer(grade) as server:
-            data = promptfoo.run_eval(cmd, config, run_dir / "promptfoo_output.json", server.url, answers_file,
+            data = promptfoo.run_eval(cmd, config, run_dir / "promptfoo_output.json", server, answers_by_key,
                                       sys.executable, run_dir / "promptfoo.log")
     parsed = promptfoo.parse_results(data)
     per_item = [
-        {"id": it.id, "question": it.question, "golden": it.answer, **parsed[it.id]}
-        for it in items if it.id in parsed
+        {"id": it.id, "question": it.question, "golden": it.answer, **parsed[k]}
+        for k, it in by_key.items() if k in parsed
     ]
     summary = report.summarize(per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
 

@@ -1,7 +1,8 @@
-"""promptfoo provider for OpenSEM: returns the answer the model under test gave to a golden item.
+"""promptfoo provider for OpenSEM: returns the answer the model under test gave to one golden item.
 
-The answers were generated in batches by `opensem judge` before promptfoo started; this file only looks
-them up by the test's `id` variable, so no question text travels through promptfoo's templating.
+The answers were generated in batches by `opensem judge` before promptfoo started. promptfoo only ever
+sees an opaque key per test (`t0001`, ...); this file looks the answer up by that key in the file named
+by OPENSEM_ANSWERS, so no text from the golden set travels through promptfoo's templating.
 """
 
 import json
@@ -11,12 +12,12 @@ _ANSWERS = {}
 
 
 def call_api(prompt, options, context):
-    path = (options.get("config") or {}).get("answers_file") or os.environ["OPENSEM_ANSWERS"]
+    path = os.environ["OPENSEM_ANSWERS"]
     if path not in _ANSWERS:
         with open(path, encoding="utf-8") as fh:
             _ANSWERS[path] = json.load(fh)
-    item_id = context["vars"]["id"]
+    key = context["vars"]["key"]
     answers = _ANSWERS[path]
-    if item_id not in answers:
-        return {"error": f"no answer recorded for {item_id}"}
-    return {"output": answers[item_id]}
+    if key not in answers:
+        return {"error": f"no answer recorded for {key}"}
+    return {"output": answers[key]}
