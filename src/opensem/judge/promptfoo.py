@@ -65,15 +65,23 @@ def find_promptfoo(configured: Optional[str], workspace: Path) -> list[str]:
 # what the promptfoo process may see of our environment: no API keys, nothing it does not need
 ENV_ALLOW = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
              "SYSTEMROOT", "COMSPEC", "PATHEXT", "APPDATA", "LOCALAPPDATA", "USERPROFILE", "NODE_OPTIONS",
-             "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME",
-             "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+             "XDG_CONFIG_HOME", "XDG_CACHE_HOME"}  # no proxy variables: promptfoo needs no network at all
 ENV_ALLOW_PREFIXES = ("LC_",)
 ENV_PROMPTFOO_SETTINGS = {"PROMPTFOO_CONFIG_DIR", "PROMPTFOO_LOG_DIR", "PROMPTFOO_CACHE_PATH"}
 
 
-def minimal_env(extra: dict[str, str]) -> dict[str, str]:
+def offline_guard() -> Path:
+    return Path(str(resources.files("opensem") / "assets" / "promptfoo" / "offline_guard.cjs"))
+
+
+def minimal_env(extra: dict[str, str], net_log: Path) -> dict[str, str]:
+    """No API keys, promptfoo's offline switches, and the offline guard preloaded into every Node process:
+    promptfoo still posts a "telemetry disabled" event to its host; the guard refuses it (and any other
+    connection that is not to this machine) and records it in ``net_log``."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES) or k in ENV_PROMPTFOO_SETTINGS}
-    return env | OFFLINE_ENV | extra
+    guard = str(offline_guard()).replace("\\", "\\\\").replace('"', '\\"')
+    env["NODE_OPTIONS"] = (env.get("NODE_OPTIONS", "") + f' --require "{guard}"').strip()
+    return env | OFFLINE_ENV | {"OPENSEM_NET_LOG": str(net_log)} | extra
 
 
 def test_keys(n: int) -> list[str]:
@@ -155,7 +163,7 @@ def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, an
         "OPENSEM_JUDGE_TOKEN": server.token,
         "OPENSEM_ANSWERS": str(answers_file),
         "PROMPTFOO_PYTHON": python,
-    })
+    }, net_log=config.parent / "network_refused.jsonl")
     args = cmd + ["eval", "-c", config.name, "-o", output.name, "--no-cache", "--no-progress-bar", "--no-share"]
     try:
         with log.open("w") as fh:
