@@ -80,6 +80,14 @@ def set_config(ws: Path, section: str, **values) -> None:
     write_yaml(path, data)
 
 
+def default_sigint() -> None:
+    """For a child the test will Ctrl-C: a suite started in the background (nohup, some CI runners) passes
+    "ignore SIGINT" on to its children, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
     exe = Path(sys.executable).parent / "opensem"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_workspace, run_cli, set_config
+from conftest import REPO, default_sigint, make_workspace, run_cli, set_config
 
 from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError
@@ -145,7 +145,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_di
     (ws / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     set_config(ws, "train", max_steps=6, micro_batch_size=16, save_steps=100, logging_steps=1, run_name="res")
     exe = Path(sys.executable).parent / "opensem"
-    proc = subprocess.Popen([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     err_parts: list[str] = []
     reached = threading.Event()
 

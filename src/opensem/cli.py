@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from opensem import __version__
 from opensem.errors import OpenSEMError
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-STATE = {"debug": False}
+STATE = {"debug": False, "allow_outside": False}
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (default: current directory)")]
 SetOpt = Annotated[
@@ -40,7 +41,7 @@ def _ws(workspace: Path, sets: Optional[list[str]]):
     from opensem.workspace import Workspace
 
     check_overrides(sets)
-    ws = Workspace(workspace, tuple(sets or ()))
+    ws = Workspace(workspace, tuple(sets or ()), allow_outside=STATE["allow_outside"])
     ws.check()
     return ws
 
@@ -49,8 +50,12 @@ def _ws(workspace: Path, sets: Optional[list[str]]):
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False,
+    allow_outside_workspace: Annotated[
+        bool, typer.Option("--allow-outside-workspace", help="Let output_dir / reports_dir point outside the workspace")
+    ] = False,
 ):
     STATE["debug"] = debug or os.environ.get("OPENSEM_DEBUG") == "1"
+    STATE["allow_outside"] = allow_outside_workspace
     if version:
         out.print(f"opensem {__version__}")
         raise typer.Exit()
@@ -178,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except OpenSEMError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

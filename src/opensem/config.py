@@ -160,7 +160,7 @@ class DatasetSpec(Strict):
     field_messages: str = "conversations"
 
 
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # always fullmatch: "$" lets a trailing newline through
 
 
 class TrainConfig(Strict):
@@ -209,7 +209,7 @@ class TrainConfig(Strict):
     @field_validator("run_name")
     @classmethod
     def _plain_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and (not RUN_NAME_RE.match(v) or ".." in v):
+        if v is not None and (not RUN_NAME_RE.fullmatch(v) or ".." in v):
             raise ValueError(
                 f"run_name {v!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
             )
@@ -301,9 +301,15 @@ def _model_in(ann: Any) -> Optional[type[BaseModel]]:
     return None
 
 
-def format_validation_error(err: ValidationError, file: str, model: type[BaseModel]) -> str:
+def format_validation_error(err: ValidationError, file: str, model: type[BaseModel],
+                            overrides: Optional[dict[tuple, str]] = None) -> str:
+    """One line naming where the bad value came from: the file and key, or the --set flag that set it."""
     first = err.errors()[0]
     loc = tuple(first.get("loc", ()))
+    for keys, text in (overrides or {}).items():
+        if tuple(str(p) for p in loc[: len(keys)]) == keys:
+            file = f"--set {text}"
+            break
     key = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
@@ -343,11 +349,28 @@ def _apply(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}): keep one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
     if not path.exists():
         return {}
+    from opensem.encoding import read_text
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(read_text(path), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -363,15 +386,17 @@ def load_section(section: str, root: Path, overrides: list[str] | None = None, p
     rel, model = SECTIONS[section]
     file = path or (root / rel)
     data = read_yaml(file)
+    applied: dict[tuple, str] = {}
     for text in overrides or []:
         sec, keys, value = parse_override(text)
         if sec == section:
             _apply(data, keys, value)
+            applied[tuple(keys)] = text
     try:
         return model.model_validate(data)
     except ValidationError as e:
         shown = file if file.exists() else f"{file} (defaults)"
-        raise ConfigError(format_validation_error(e, str(shown), model)) from None
+        raise ConfigError(format_validation_error(e, str(shown), model, applied)) from None
 
 
 def check_overrides(overrides: list[str] | None) -> None:

@@ -12,6 +12,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from opensem.encoding import read_text
 from opensem.errors import OpenSEMError
 from opensem.text import normalize
 
@@ -25,15 +26,29 @@ class GoldenItem(BaseModel):
     system: Optional[str] = None
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise DuplicateKey(k)
+    return dict(pairs)
+
+
 def load_golden(path: Path, required: bool = True) -> list[GoldenItem]:
     if not path.exists():
         if required:
             raise OpenSEMError(f"{path}: golden set not found: write a JSON list of {{\"question\", \"answer\"}} items there")
         return []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise OpenSEMError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except DuplicateKey as e:
+        raise OpenSEMError(f"{path}: an item has the key {str(e)!r} twice: keep one") from None
     if isinstance(data, dict) and isinstance(data.get("items"), list):
         data = data["items"]
     if not isinstance(data, list):

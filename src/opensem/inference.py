@@ -34,6 +34,42 @@ def pick_device() -> str:
     return "cpu"
 
 
+class PromptTooLong(ValueError):
+    def __init__(self, index: int, tokens: int, max_new_tokens: int, context: int):
+        self.index, self.tokens, self.max_new_tokens, self.context = index, tokens, max_new_tokens, context
+        super().__init__(f"a prompt of {tokens} tokens plus {max_new_tokens} new tokens exceeds the model's context of {context} tokens")
+
+
+def context_length(config) -> Optional[int]:
+    """The model's context window from its config (None when it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+class PromptChecker:
+    """Prompt lengths against a model's context window, from its tokenizer and config alone (no weights)."""
+
+    def __init__(self, model_path: str):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.context_len = context_length(AutoConfig.from_pretrained(model_path))
+
+    def tokens(self, conversation: Sequence[Message]) -> int:
+        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def too_long(self, conversation: Sequence[Message], max_new_tokens: int) -> Optional[str]:
+        """Why the conversation does not fit, or None."""
+        n = self.tokens(conversation)
+        if self.context_len and n + max_new_tokens > self.context_len:
+            return f"{n} tokens, plus {max_new_tokens} new tokens, exceed the model's context of {self.context_len}"
+        return None
+
+
 class ChatModel:
     """A causal LM (optionally with a LoRA adapter) that answers chat conversations in batches."""
 
@@ -62,6 +98,10 @@ class ChatModel:
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
                 eos.add(tid)
         self.stop_ids = sorted(i for i in eos if i is not None)
+        self.context_len = context_length(model.config)
+
+    def prompt_tokens(self, conversation: Sequence[Message]) -> int:
+        return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
 
     def render(self, conversation: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
@@ -79,6 +119,9 @@ class ChatModel:
 
         prompts = [self.render(c) for c in conversations]
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        for i, ids in enumerate(encoded):  # never run past the context: callers check first, this bounds memory
+            if self.context_len and len(ids) + max_new_tokens > self.context_len:
+                raise PromptTooLong(i, len(ids), max_new_tokens, self.context_len)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         results: list[Optional[Completion]] = [None] * len(prompts)
         with self._lock, torch.inference_mode():
@@ -149,12 +192,16 @@ def cached_answers(
     """Answers by key, {"answer", "finished"}: cached ones are read, the rest generated in batches and each
     written as it is made. ``finished``: the answer ended at the end-of-turn token within max_new_tokens.
     ``keep_model=False`` frees the model afterwards instead of keeping it loaded for the process."""
+    from opensem.errors import OpenSEMError
     from opensem.lineage import atomic_write_text, read_json
 
     out: dict[str, dict] = {}
     todo: list[tuple[str, list[dict]]] = []
     for key, conv in requests:
-        hit = read_json(cache_dir / f"{key}.json")
+        try:
+            hit = read_json(cache_dir / f"{key}.json", None)
+        except OpenSEMError:
+            hit = None  # a torn entry from an old crash: answer again
         if hit is not None:
             out[key] = {"answer": hit["answer"], "finished": hit.get("finished", True)}
             if progress:

@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from opensem.errors import OpenSEMError
+
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -58,8 +60,25 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+_REQUIRED = object()
+
+
+def read_json(path: Path, default: Any = _REQUIRED) -> Any:
+    """A JSON file we wrote. Missing: ``default`` (an error when no default is given). Present but corrupt
+    (torn, edited, not UTF-8): always a one-line error naming the file, never a silent empty value."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if default is _REQUIRED:
+            raise OpenSEMError(f"{path}: not found") from None
         return default
+    except OSError as e:
+        raise OpenSEMError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise OpenSEMError(f"{path}: corrupt (not UTF-8 text): restore it from a backup or delete it to redo what wrote it") from None
+    except json.JSONDecodeError as e:
+        raise OpenSEMError(f"{path}: corrupt JSON (line {e.lineno}: {e.msg}): restore it from a backup or delete it "
+                           f"to redo what wrote it") from None

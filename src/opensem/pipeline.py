@@ -15,11 +15,12 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.table import Table
 
-from opensem.errors import OpenSEMError
+from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.workspace import Workspace
 
 STATE_FILE = "pipeline_state.json"
+UNFINISHED = ("running", "interrupted", "failed")
 
 
 def _raw_inputs(ws: Workspace, cfg) -> list:
@@ -57,11 +58,18 @@ class Pipeline:
             return prev
         self.console.rule(f"[bold]{name}")
         t0 = time.time()
-        # an interrupted attempt on the same inputs keeps what it recorded (e.g. the training run to resume)
-        unfinished = prev if prev.get("inputs") == key and prev.get("status") == "running" else {}
+        # an unfinished attempt on the same inputs keeps what it recorded (e.g. the training run to resume)
+        unfinished = prev if prev.get("inputs") == key and prev.get("status") in UNFINISHED else {}
         self.state[name] = unfinished | {"inputs": key, "status": "running", "started": now()}
         self.save()
-        record = run()
+        try:
+            record = run()
+        except BaseException as e:  # recorded as what it was; the stage's last good outputs stay as they were
+            interrupted = isinstance(e, (KeyboardInterrupt, StageInterrupted))
+            self.state[name] |= {"status": "interrupted" if interrupted else "failed", "ended": now(),
+                                 "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
+            self.save()
+            raise
         self.timings[name] = time.time() - t0
         self.state[name] = {"inputs": key, "status": "done", "finished": now(), "seconds": round(self.timings[name], 1)} | record
         self.save()
@@ -80,7 +88,7 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     fcfg, tcfg, ecfg = ws.forge_config(), ws.train_config(), ws.eval_config()  # all configs valid before any work
     load_golden(ws.path(ecfg.golden_set))
     p = Pipeline(ws, force, console)
-    out_dir = ws.path(fcfg.output_dir)
+    out_dir = ws.output_path(fcfg.output_dir, "forge.output_dir")
     train_path, test_path = ws.path(tcfg.datasets[0].path), ws.path(tcfg.test_datasets[0].path)
     golden_sha = file_sha256(ws.path(ecfg.golden_set))
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from opensem.config import EvalConfig, ForgeConfig, TrainConfig, load_section
-from opensem.errors import OpenSEMError
+from opensem.errors import ConfigError, OpenSEMError
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
 GITIGNORE = """\
@@ -35,6 +35,7 @@ wandb/
 class Workspace:
     root: Path
     overrides: tuple[str, ...] = ()
+    allow_outside: bool = False  # --allow-outside-workspace: outputs may be written outside the root
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser().resolve()
@@ -43,6 +44,16 @@ class Workspace:
     def path(self, rel: str | Path) -> Path:
         p = Path(rel).expanduser()
         return p if p.is_absolute() else self.root / p
+
+    def output_path(self, rel: str | Path, key: str) -> Path:
+        """Where a stage writes: inside the workspace (symlinks and '..' resolved), unless allowed."""
+        p = self.path(rel).resolve()
+        if not (p == self.root or p.is_relative_to(self.root)) and not self.allow_outside:
+            raise ConfigError(
+                f"{key} {str(rel)!r} resolves to {p}, outside the workspace {self.root}: use a folder inside it, "
+                f"or pass --allow-outside-workspace to write there"
+            )
+        return p
 
     @property
     def state_dir(self) -> Path:

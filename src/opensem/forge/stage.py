@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from opensem.config import ForgeConfig
-from opensem.errors import OpenSEMError, StageInterrupted
+from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.forge.documents import Chunk, chunk_document, count_tokens, read_documents
 from opensem.forge.quality import REASONS, Gate, Pair, split_by_chunk
 from opensem.forge.synthesis import (
@@ -30,7 +31,8 @@ from opensem.forge.synthesis import (
 )
 from opensem.golden import load_golden
 from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, versions, write_json
-from opensem.llm import CachedProvider, LLMError, LLMReply, get_provider
+from opensem.llm import CachedProvider, Call, LLMReply, get_provider
+from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
 from opensem.workspace import Workspace
 
@@ -46,29 +48,6 @@ class Request:
     answer: Optional[str] = None  # sentence strategy: the answer is the source text
     reply: Optional[LLMReply] = None
     error: Optional[str] = None
-
-
-@dataclass
-class Costs:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    usd: float = 0.0
-    new_usd: float = 0.0  # spent in this run (cached replies were paid for before)
-    calls: int = 0
-    cached: int = 0
-
-    def add(self, reply: LLMReply, price) -> None:
-        self.input_tokens += reply.input_tokens
-        self.output_tokens += reply.output_tokens
-        usd = 0.0
-        if price is not None:
-            usd = reply.input_tokens / 1e6 * price.input_per_mtok + reply.output_tokens / 1e6 * price.output_per_mtok
-        self.usd += usd
-        if reply.cached:
-            self.cached += 1
-        else:
-            self.calls += 1
-            self.new_usd += usd
 
 
 def _strategy(cfg: ForgeConfig) -> str:
@@ -98,68 +77,17 @@ def plan_requests(chunks: list[Chunk], cfg: ForgeConfig) -> list[Request]:
     return reqs
 
 
-def _execute(reqs: list[Request], cached: CachedProvider, cfg: ForgeConfig, costs: Costs, progress) -> Optional[str]:
-    """Fill in every request's reply (cache first). Returns a stop reason, or None when all ran."""
-    price = cfg.cost.price_for(cached.provider.model) if cfg.teacher.provider in ("openai", "anthropic", "openai-compatible") else None
-    budget = cfg.cost.max_cost_usd
-    todo: list[Request] = []
-    for r in reqs:
-        hit = cached.get(cached.key(r.messages, r.schema, r.temperature, r.max_tokens, r.variant))
-        if hit is not None:
-            r.reply = hit
-            costs.add(hit, price)
-            progress(1)
-        else:
-            todo.append(r)
-    if not todo:
-        return None
-    provider = cached.provider
-    if cfg.teacher.provider == "local":  # one model in this process: batch the prompts
-        by_params: dict[tuple, list[Request]] = {}
-        for r in todo:
-            by_params.setdefault((r.temperature, r.variant, r.max_tokens), []).append(r)
-        for (temp, variant, max_tokens), group in by_params.items():
-            for i in range(0, len(group), 64):
-                part = group[i : i + 64]
-                replies = provider.complete_batch([r.messages for r in part], temp, max_tokens, seed=variant * 1000 + i)
-                for r, rep in zip(part, replies):
-                    cached.put(cached.key(r.messages, r.schema, r.temperature, r.max_tokens, r.variant), r.messages, rep)
-                    r.reply = rep
-                    costs.add(rep, None)
-                progress(len(part))
-        return None
+def _execute(reqs: list[Request], cached: CachedProvider, budget: Budget, progress) -> Optional[str]:
+    """Fill in every request's reply or error (cache first, then the teacher through ``complete_many``).
+    Returns why the run stopped early (the budget, a run of identical failures), or None when all ran."""
+    calls = [Call(r.messages, r.schema, r.temperature, r.max_tokens, r.variant, tag=r) for r in reqs]
 
-    def one(r: Request) -> Request:
-        try:
-            r.reply = cached.complete(r.messages, r.schema, r.temperature, r.max_tokens, r.variant)
-        except LLMError as e:
-            r.error = str(e)
-        return r
+    def done(c: Call) -> None:
+        budget.settle(c)
+        c.tag.reply, c.tag.error = c.reply, c.error
+        progress(1)
 
-    stop: Optional[str] = None
-    pool = ThreadPoolExecutor(max_workers=cfg.teacher.concurrency)
-    pending: set = set()
-    queue = list(todo)
-    try:
-        while queue or pending:
-            while queue and len(pending) < cfg.teacher.concurrency and stop is None:
-                if budget is not None and costs.new_usd >= budget:
-                    stop = f"max_cost_usd {budget} reached"
-                    break
-                pending.add(pool.submit(one, queue.pop(0)))
-            if not pending:
-                break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                r = fut.result()
-                if r.reply is not None:
-                    costs.add(r.reply, price)
-                progress(1)
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return stop
+    return cached.complete_many(calls, done, budget.may_start)
 
 
 def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair], int, int]:
@@ -212,35 +140,34 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+FAILURE_FILE = "forge_failed.json"
+
+
 def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] = None) -> dict:
+    """Stage 1. Writes train.jsonl, test.jsonl and forge_manifest.json only when the run kept pairs; a run
+    that kept nothing leaves the last good ones untouched, records why in forge_failed.json and fails."""
     console = console or Console(stderr=True)
     cfg = ws.forge_config()
     t0 = time.time()
-    input_dir, out_dir = ws.path(cfg.input_dir), ws.path(cfg.output_dir)
+    out_dir = ws.output_path(cfg.output_dir, "forge.output_dir")
 
-    docs, skipped = read_documents(input_dir)
-    for s in skipped:
-        console.print(f"[yellow]skipped[/] {cfg.input_dir}/{s.path}: {s.reason}")
-    if not docs:
-        raise OpenSEMError(
-            f"{cfg.input_dir}: no readable .txt, .md or .pdf documents: put your documents there "
-            f"(or run `opensem init --example product-manual` for the example)"
-        )
-    chunks = [c for d in docs for c in chunk_document(d, cfg.chunking.chunk_tokens, cfg.chunking.overlap_tokens)]
+    # 1. ingest and plan -----------------------------------------------------------------------------------
+    docs, skipped, chunks = _ingest(ws, cfg, console)
     golden = load_golden(ws.path(cfg.golden_set), required=False)
     strategy = _strategy(cfg)
     reqs = plan_requests(chunks, cfg)
     teacher_id = f"{cfg.teacher.provider}/{cfg.teacher.resolved_model()}"
-
     if dry_run:
-        return _print_plan(console, cfg, docs, chunks, reqs, strategy, teacher_id)
+        return _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id)
 
+    # 2. the teacher, through the reply cache, within the budget ---------------------------------------------
+    costs = Costs(price=_price(cfg))
+    budget = Budget(costs, cfg.cost.max_cost_usd, prompt_counter(ws, cfg))
     provider = get_provider(cfg.teacher, models_dir=ws.base_models_dir)
     cached = CachedProvider(provider, ws.state_dir / "cache" / "teacher")
-    costs = Costs()
     with stage_progress(console, f"forge ({teacher_id})", len(reqs)) as advance:
         try:
-            stop = _execute(reqs, cached, cfg, costs, advance)
+            stop = _execute(reqs, cached, budget, advance)
         except KeyboardInterrupt:
             done = sum(r.reply is not None for r in reqs)
             raise StageInterrupted(
@@ -248,22 +175,19 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
                 f"run `opensem forge` again to continue without paying for them twice"
             ) from None
 
+    # 3. parse, quality gates, split ----------------------------------------------------------------------
     pairs, malformed, failed = _parse(reqs, strategy, teacher_id)
     gate = Gate(cfg.quality, [g.question for g in golden])
     gate.rejected["malformed"] += malformed
     kept = gate.filter(pairs, {c.id: c.text for c in chunks})
     train, test = split_by_chunk(kept, cfg.output.test_ratio, cfg.output.seed)
-    sys_prompt = cfg.generation.system_prompt
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "train.jsonl", [to_record(p, cfg.output.format, sys_prompt) for p in train])
-    write_jsonl(out_dir / "test.jsonl", [to_record(p, cfg.output.format, sys_prompt) for p in test])
-
-    failed_chunks = sorted({r.chunk.id for r in reqs if r.error})
+    errors = Counter(r.error for r in reqs if r.error)
+    answered = sum(r.reply is not None for r in reqs)
     manifest = {
         "stage": "forge",
         "created": now(),
-        "status": "stopped: " + stop if stop else "complete",
-        "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
+        "status": _status(stop, failed, answered, train),
+        "config": cfg.model_dump(mode="json"),
         "config_sha": json_sha256(cfg.model_dump(mode="json")),
         "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": cfg.teacher.base_url},
         "strategy": strategy,
@@ -275,6 +199,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
             "files": len(docs),
             "chunks": len(chunks),
             "requests": len(reqs),
+            "answered": answered,
             "pairs_made": len(pairs) + malformed,
             "kept": len(kept),
             "train": len(train),
@@ -282,49 +207,125 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
             "failed_requests": failed,
             "rejected": {r: gate.rejected.get(r, 0) for r in REASONS},
         },
+        "failures": dict(errors.most_common()),
         "rejected_examples": dict(gate.examples),
-        "failed_chunks": failed_chunks,
-        "cost": {
-            "input_tokens": costs.input_tokens,
-            "output_tokens": costs.output_tokens,
-            "usd_total": round(costs.usd, 6),
-            "usd_this_run": round(costs.new_usd, 6),
-            "calls_made": costs.calls,
-            "calls_from_cache": costs.cached,
-            "price_known": cfg.teacher.provider == "local" or cfg.cost.price_for(provider.model) is not None,
-        },
-        "outputs": {
-            "train": {"path": "train.jsonl", "sha256": file_sha256(out_dir / "train.jsonl")},
-            "test": {"path": "test.jsonl", "sha256": file_sha256(out_dir / "test.jsonl")},
-        },
+        "failed_chunks": sorted({r.chunk.id for r in reqs if r.error}),
+        "cost": _cost_record(costs, cfg, provider.model),
         "versions": versions("opensem", "openai", "anthropic", "transformers"),
         "wall_time_s": round(time.time() - t0, 1),
     }
-    write_json(out_dir / "forge_manifest.json", manifest)
-    _print_summary(console, manifest)
-    if failed_chunks:
-        console.print(f"[yellow]{len(failed_chunks)} chunk(s) had failed teacher calls[/]: {', '.join(failed_chunks[:5])}; rerun to retry them")
-    if stop:
-        console.print(f"[yellow]stopped early[/]: {stop}; everything made so far is kept; raise the limit and rerun to continue")
+
+    # 4. a run that kept nothing changes nothing ------------------------------------------------------------
     if not train:
-        raise OpenSEMError(
-            f"forge kept no training pairs (of {len(pairs)} made): see rejected counts in {cfg.output_dir}/forge_manifest.json"
-        )
+        write_json(out_dir / FAILURE_FILE, manifest)
+        _print_summary(console, manifest)
+        raise OpenSEMError(f"forge failed: {_why_nothing(manifest, stop)}; {cfg.output_dir}/train.jsonl and its manifest "
+                           f"are unchanged (details: {cfg.output_dir}/{FAILURE_FILE})")
+
+    # 5. outputs, each replaced atomically, the manifest last ------------------------------------------------
+    sys_prompt = cfg.generation.system_prompt
+    write_jsonl(out_dir / "train.jsonl", [to_record(p, cfg.output.format, sys_prompt) for p in train])
+    write_jsonl(out_dir / "test.jsonl", [to_record(p, cfg.output.format, sys_prompt) for p in test])
+    manifest["outputs"] = {
+        "train": {"path": "train.jsonl", "sha256": file_sha256(out_dir / "train.jsonl")},
+        "test": {"path": "test.jsonl", "sha256": file_sha256(out_dir / "test.jsonl")},
+    }
+    write_json(out_dir / "forge_manifest.json", manifest)
+    (out_dir / FAILURE_FILE).unlink(missing_ok=True)
+    _print_summary(console, manifest)
+    if manifest["failed_chunks"]:
+        console.print(f"[yellow]{failed} teacher call(s) failed[/] ({_top_failure(manifest)}) in {len(manifest['failed_chunks'])} "
+                      f"chunk(s); rerun to retry them")
+    if stop:
+        console.print(f"[yellow]stopped early[/]: {stop}; everything made so far is kept; fix the cause and rerun to continue")
     return manifest
 
 
-def _estimate_tokens(r: Request) -> tuple[int, int]:
-    inp = sum(count_tokens(m["content"]) for m in r.messages) * 4 // 3
-    out = min(r.max_tokens, 120 if r.schema is None else 360)  # a question; or a JSON list of pairs
-    return inp, out
+def _ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, list, list[Chunk]]:
+    docs, skipped = read_documents(ws.path(cfg.input_dir))
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] {escape(cfg.input_dir)}/{escape(s.path)}: {escape(s.reason)}")
+    if not docs:
+        raise OpenSEMError(
+            f"{cfg.input_dir}: no readable .txt, .md or .pdf documents: put your documents there "
+            f"(or run `opensem init --example product-manual` for the example)"
+        )
+    chunks = [c for d in docs for c in chunk_document(d, cfg.chunking.chunk_tokens, cfg.chunking.overlap_tokens)]
+    return docs, skipped, chunks
 
 
-def _print_plan(console, cfg, docs, chunks, reqs, strategy, teacher_id) -> dict:
-    tin = tout = 0
-    for r in reqs:
-        i, o = _estimate_tokens(r)
-        tin += i
-        tout += o
+def _price(cfg: ForgeConfig):
+    """The teacher's price; a budget with no known price is refused before any call."""
+    if cfg.teacher.provider == "local":
+        return None
+    model = cfg.teacher.resolved_model()
+    price = cfg.cost.price_for(model)
+    if price is None and cfg.cost.max_cost_usd is not None:
+        raise ConfigError(
+            f"configs/forge_config.yaml: key 'cost.max_cost_usd' is set but no price is known for model {model!r}, so the "
+            f"budget cannot be enforced: add cost.prices.{model}: {{input_per_mtok: ..., output_per_mtok: ...}} "
+            f"(0 and 0 for a free local server), or set cost.max_cost_usd: null"
+        )
+    return price
+
+
+def _status(stop: Optional[str], failed: int, answered: int, train: list) -> str:
+    if not train:
+        return "failed"
+    if stop:
+        return "stopped: " + stop
+    if failed:
+        return f"partial: {failed} request(s) failed"
+    return "complete"
+
+
+def _why_nothing(m: dict, stop: Optional[str]) -> str:
+    c = m["counts"]
+    if c["answered"] == 0 and m["failures"]:
+        return f"none of the {c['requests']} teacher requests succeeded ({_top_failure(m)})" + (f"; {stop}" if stop else "")
+    if c["answered"] == 0 and stop:
+        return stop
+    return f"kept no training pairs of {c['pairs_made']} made (see the rejected counts)"
+
+
+def _top_failure(m: dict) -> str:
+    (err, n), *rest = m["failures"].items()
+    return f"{n} x {err}" + (f", and {len(rest)} other kind(s)" if rest else "")
+
+
+def _cost_record(costs: Costs, cfg: ForgeConfig, model: str) -> dict:
+    return {
+        "input_tokens": costs.input_tokens,
+        "output_tokens": costs.output_tokens,
+        "usd_total": round(costs.usd, 6),
+        "usd_this_run": round(costs.new_usd, 6),
+        "max_cost_usd": cfg.cost.max_cost_usd,
+        "calls_made": costs.calls,
+        "calls_from_cache": costs.cached,
+        "price_known": cfg.teacher.provider == "local" or cfg.cost.price_for(model) is not None,
+    }
+
+
+MESSAGE_OVERHEAD = 4  # role markers and separators per message, as chat APIs count them
+
+
+def prompt_counter(ws: Workspace, cfg: ForgeConfig):
+    """Tokens of one request's messages: the teacher's own tokenizer and chat template where the teacher is
+    local, else the character-based estimate."""
+    if cfg.teacher.provider == "local":
+        from transformers import AutoTokenizer
+
+        from opensem.models import resolve_base_model
+
+        tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.teacher.resolved_model(), ws.base_models_dir).path)
+        return lambda msgs: len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+    return lambda msgs: sum(count_tokens(m["content"]) + MESSAGE_OVERHEAD for m in msgs)
+
+
+def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> dict:
+    count = prompt_counter(ws, cfg)
+    tin = sum(count(r.messages) for r in reqs)
+    tout = sum(min(r.max_tokens, 120 if r.schema is None else 360) for r in reqs)  # a question; or a JSON list of pairs
     price = cfg.cost.price_for(cfg.teacher.resolved_model())
     usd = None if price is None else tin / 1e6 * price.input_per_mtok + tout / 1e6 * price.output_per_mtok
     if cfg.teacher.provider == "local":
@@ -344,7 +345,10 @@ def _print_plan(console, cfg, docs, chunks, reqs, strategy, teacher_id) -> dict:
     console.print(table)
     for d in docs:
         n = sum(c.doc == d.path for c in chunks)
-        console.print(f"  {cfg.input_dir}/{d.path}: {n} chunk(s)")
+        console.print(f"  {escape(cfg.input_dir)}/{escape(d.path)}: {n} chunk(s)")
+    if usd is None and cfg.cost.max_cost_usd is not None:
+        console.print(f"[yellow]the real run will refuse to start[/]: cost.max_cost_usd is set but no price is known for "
+                      f"{cfg.teacher.resolved_model()!r} (add it under cost.prices)")
     return {"dry_run": True, "files": len(docs), "chunks": len(chunks), "calls": len(reqs),
             "est_input_tokens": tin, "est_output_tokens": tout, "est_usd": usd}
 

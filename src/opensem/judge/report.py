@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from opensem.judge.stats import bootstrap_ci, paired_compare
@@ -131,7 +132,7 @@ def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optio
             for col in ("id", "question", "baseline", "fine-tuned"):
                 r.add_column(col)
             for g in cmp["regressions"][:10]:
-                r.add_row(g["id"], g["question"][:60], f"{g['baseline_score']:.2f}", f"{g['fine_tuned_score']:.2f}")
+                r.add_row(escape(g["id"]), escape(g["question"][:60]), f"{g['baseline_score']:.2f}", f"{g['fine_tuned_score']:.2f}")
             console.print(r)
         if forgetting:
             console.print(forgetting["message"])

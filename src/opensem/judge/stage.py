@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 
 from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
 from opensem.judge import promptfoo, report
-from opensem.judge.answers import adapter_hash, generate_answers, resolve_adapter
+from opensem.judge.answers import adapter_hash, conversation, generate_answers, resolve_adapter
 from opensem.judge.scorers import ReferenceScorer, make_judge
 from opensem.judge.stats import paired_compare
 from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
@@ -36,7 +37,7 @@ def _judge_with_fallback(ws: Workspace, ecfg, console: Console):
     why = judge.unreachable()
     if why:
         if ecfg.judge.fallback_to_offline:
-            console.print(f"[yellow]judge {judge.short} is unreachable ({why[:80]}); using the offline reference scorer[/]")
+            console.print(f"[yellow]judge {escape(judge.short)} is unreachable ({escape(why[:80])}); using the offline reference scorer[/]")
             return ReferenceScorer()
         raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {why[:120]}")
     return judge
@@ -52,6 +53,17 @@ def _forgetting_items(ecfg, ws: Workspace) -> list[GoldenItem]:
     return load_golden(path, required=True)
 
 
+def _check_context(model_path: str, ecfg, items: list[tuple[str, GoldenItem]]) -> None:
+    """Every question fits the model's context with room for the answer, or a one-line error before any work."""
+    from opensem.inference import PromptChecker
+
+    checker = PromptChecker(model_path)
+    for source, it in items:
+        why = checker.too_long(conversation(it.question, it.system or ecfg.answers.system_prompt), ecfg.answers.max_new_tokens)
+        if why:
+            raise OpenSEMError(f"{source}: item {it.id!r}: the question is too long ({why}): shorten it")
+
+
 def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: Optional[Console] = None) -> dict:
     console = console or Console()
     t0 = time.time()
@@ -59,12 +71,13 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     golden_path = ws.path(ecfg.golden_set)
     items = load_golden(golden_path)
     for a, b in duplicate_questions(items):
-        console.print(f"[yellow]warning[/]: {ecfg.golden_set}: items {a} and {b} ask the same question")
+        console.print(f"[yellow]warning[/]: {escape(ecfg.golden_set)}: items {escape(a)} and {escape(b)} ask the same question")
     cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)  # before any work: a clear error if it is missing
     base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
     adapter_dir = resolve_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
-    judge = _judge_with_fallback(ws, ecfg, console)
     forget = _forgetting_items(ecfg, ws)
+    _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
+    judge = _judge_with_fallback(ws, ecfg, console)
 
     # 1. answers, batched and cached ---------------------------------------------------------------------
     label = "Fine-Tuned" if adapter_dir else "Baseline"
@@ -73,7 +86,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
         answers = generate_answers(ws, base.path, base.fingerprint, adapter_dir, everything, ecfg.answers, progress=adv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = ws.path(ecfg.reports_dir) / f"{mode}-{stamp}"
+    run_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir") / f"{mode}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     answers_file = run_dir / "answers.json"
     write_json(answers_file, {k: v for k, v in answers.items() if not k.startswith("forget:")})
@@ -141,14 +154,14 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     write_json(run_dir / "results.json", result)
 
     # 4. compare with the stored baseline --------------------------------------------------------------------
-    reports_dir = ws.path(ecfg.reports_dir)
+    reports_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir")
     base_res = tuned_res = cmp = forgetting = None
     if mode == "baseline":
         base_res = result
         shutil.copyfile(run_dir / "results.json", reports_dir / "baseline-latest.json")
     else:
         tuned_res = result
-        base_res = read_json(reports_dir / "baseline-latest.json")
+        base_res = read_json(reports_dir / "baseline-latest.json", None)
         if base_res is None or base_res.get("key") != result["key"]:
             console.print("no baseline for this golden set, base model and judge yet: running the baseline first")
             base_res = run_judge(ws, "baseline", console=Console(quiet=True))

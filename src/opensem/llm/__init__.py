@@ -8,7 +8,7 @@ token counts. ``CachedProvider`` wraps any of them with a content-addressed cach
 each reply arrives (so nothing paid for is lost to a crash or Ctrl-C) and doubles as the call log.
 """
 
-from opensem.llm.base import LLMError, LLMReply, Provider, get_provider
+from opensem.llm.base import Call, LLMError, LLMReply, Provider, get_provider
 from opensem.llm.cache import CachedProvider
 
-__all__ = ["LLMError", "LLMReply", "Provider", "get_provider", "CachedProvider"]
+__all__ = ["Call", "LLMError", "LLMReply", "Provider", "get_provider", "CachedProvider"]

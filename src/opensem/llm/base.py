@@ -8,8 +8,9 @@ import random
 import re
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from opensem.config import LLMSpec
 from opensem.errors import OpenSEMError
@@ -34,6 +35,20 @@ class LLMReply:
     data: Any = None  # parsed JSON when a schema was requested and the reply parsed
     cached: bool = False
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    """One request of a batch for ``complete_many``: what to ask, then the reply or the error."""
+
+    messages: list[dict]
+    schema: Optional[dict] = None
+    temperature: Optional[float] = None
+    max_tokens: Optional[int] = None
+    variant: int = 0  # several samples of one prompt: part of the cache key, and the local sampling seed
+    tag: Any = None  # the caller's own data (e.g. the chunk it was made from)
+    reply: Optional[LLMReply] = None
+    error: Optional[str] = None
 
 
 THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
@@ -123,13 +138,53 @@ class Provider:
                 if attempt > self.spec.max_retries:
                     raise LLMError(f"{self.spec.provider}/{self.model}: gave up after {attempt} tries: {e}", unreachable=True) from None
                 time.sleep(backoff_delay(attempt, e.retry_after))
-        reply.text = strip_reasoning(reply.text)
-        if schema is not None and reply.data is None:
+        return finish_reply(reply, schema)
+
+    # a run of this many identical failures stops a batch: a wrong model name or URL fails every call alike
+    max_same_errors = 5
+
+    def complete_many(
+        self,
+        calls: list[Call],
+        on_done: Optional[Callable[[Call], None]] = None,
+        may_start: Optional[Callable[[Call], Optional[str]]] = None,
+    ) -> Optional[str]:
+        """Run every call: at most ``spec.concurrency`` at once, within the rate limits. Each finished call
+        (its reply, or its error) goes to ``on_done`` in the calling thread as it arrives. ``may_start(call)``
+        returns a reason to stop before the call is made (a budget), or None. Returns why the batch stopped
+        early, or None when every call ran."""
+        on_done = on_done or (lambda c: None)
+        queue = list(calls)
+        pending: set = set()
+        stop: Optional[str] = None
+        same = _SameErrors(self.max_same_errors)
+
+        def one(c: Call) -> Call:
             try:
-                reply.data = parse_json_lenient(reply.text)
-            except ValueError:
-                reply.data = None  # the caller counts it as malformed
-        return reply
+                c.reply = self.complete(c.messages, c.schema, c.temperature, c.max_tokens)
+            except LLMError as e:
+                c.error = str(e)
+            return c
+
+        pool = ThreadPoolExecutor(max_workers=self.spec.concurrency)
+        try:
+            while queue or pending:
+                while queue and len(pending) < self.spec.concurrency and stop is None:
+                    stop = may_start(queue[0]) if may_start else None
+                    if stop is None:
+                        pending.add(pool.submit(one, queue.pop(0)))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    c = fut.result()
+                    on_done(c)
+                    stop = stop or same.add(c.error)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return stop
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:  # pragma: no cover
         raise NotImplementedError
@@ -139,6 +194,34 @@ class RetryableError(Exception):
     def __init__(self, msg: str, retry_after: Optional[float] = None):
         super().__init__(msg)
         self.retry_after = retry_after
+
+
+class _SameErrors:
+    """Counts identical failures in a row; says stop when there are ``limit`` of them."""
+
+    def __init__(self, limit: int):
+        self.limit, self.last, self.count = limit, None, 0
+
+    def add(self, error: Optional[str]) -> Optional[str]:
+        if error is None:
+            self.last, self.count = None, 0
+            return None
+        self.count = self.count + 1 if error == self.last else 1
+        self.last = error
+        if self.count >= self.limit:
+            return f"{self.count} identical failures in a row: {error}"
+        return None
+
+
+def finish_reply(reply: LLMReply, schema: Optional[dict]) -> LLMReply:
+    """Every reply, from any provider or the cache: reasoning blocks removed, JSON parsed when asked for."""
+    reply.text = strip_reasoning(reply.text)
+    if schema is not None and reply.data is None:
+        try:
+            reply.data = parse_json_lenient(reply.text)
+        except ValueError:
+            reply.data = None  # the caller counts it as malformed
+    return reply
 
 
 def backoff_delay(attempt: int, retry_after: Optional[float], base: float = 0.5, cap: float = 60.0) -> float:
@@ -305,10 +388,44 @@ class LocalProvider(Provider):
 
     def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0):
         outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
-        return [LLMReply(strip_reasoning(o.text), o.prompt_tokens, o.completion_tokens) for o in outs]
+        return [LLMReply(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
         return self.complete_batch([messages], temperature, max_tokens)[0]
+
+    batch_size = 64
+
+    def complete_many(self, calls, on_done=None, may_start=None) -> Optional[str]:
+        """One model in this process: calls with the same decoding settings are generated in batches."""
+        on_done = on_done or (lambda c: None)
+        groups: dict[tuple, list[Call]] = {}
+        for c in calls:
+            t = self.spec.temperature if c.temperature is None else c.temperature
+            groups.setdefault((t, c.max_tokens or self.spec.max_tokens, c.variant), []).append(c)
+        for (temperature, max_tokens, variant), group in groups.items():
+            for i in range(0, len(group), self.batch_size):
+                part = group[i : i + self.batch_size]
+                for c in part:
+                    stop = may_start(c) if may_start else None
+                    if stop:
+                        return stop
+                fits = []
+                for c in part:  # a prompt past the context window is a failed call, never a runaway batch
+                    n = self.chat_model.prompt_tokens(c.messages)
+                    context = self.chat_model.context_len
+                    if context and n + max_tokens > context:
+                        c.error = f"local/{self.model}: a prompt of {n} tokens plus {max_tokens} new tokens exceeds the context of {context}"
+                        on_done(c)
+                    else:
+                        fits.append(c)
+                part = fits
+                if not part:
+                    continue
+                replies = self.complete_batch([c.messages for c in part], temperature, max_tokens, seed=variant * 1000 + i)
+                for c, reply in zip(part, replies):
+                    c.reply = finish_reply(reply, c.schema)
+                    on_done(c)
+        return None
 
 
 def _describe(exc: Exception) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from opensem.lineage import atomic_write_text
-from opensem.llm.base import LLMReply, Provider
+from opensem.llm.base import Call, LLMReply, Provider, finish_reply
 
 
 class CachedProvider:
@@ -49,6 +49,12 @@ class CachedProvider:
         r = entry["reply"]
         return LLMReply(r["text"], r["input_tokens"], r["output_tokens"], r.get("data"), cached=True)
 
+    def _resolve(self, c: Call) -> str:
+        spec = self.provider.spec
+        c.temperature = spec.temperature if c.temperature is None else c.temperature
+        c.max_tokens = c.max_tokens or spec.max_tokens
+        return self.key(c.messages, c.schema, c.temperature, c.max_tokens, c.variant)
+
     def put(self, key: str, messages, reply: LLMReply) -> None:
         entry = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -76,3 +82,29 @@ class CachedProvider:
         self.misses += 1
         self.put(k, messages, reply)
         return reply
+
+    def complete_many(self, calls: list[Call], on_done=None, may_start=None) -> Optional[str]:
+        """``Provider.complete_many`` through the cache: cached replies first, the rest from the provider,
+        each written to the cache as it arrives. Returns why the provider stopped early, or None."""
+        on_done = on_done or (lambda c: None)
+        keys: dict[int, str] = {}
+        misses: list[Call] = []
+        for c in calls:
+            keys[id(c)] = self._resolve(c)
+            hit = self.get(keys[id(c)])
+            if hit is None:
+                misses.append(c)
+                continue
+            self.hits += 1
+            c.reply = finish_reply(hit, c.schema)
+            on_done(c)
+        if not misses:
+            return None
+
+        def done(c: Call) -> None:
+            if c.reply is not None:
+                self.misses += 1
+                self.put(keys[id(c)], c.messages, c.reply)
+            on_done(c)
+
+        return self.provider.complete_many(misses, done, may_start)

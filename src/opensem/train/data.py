@@ -105,10 +105,12 @@ def replay_prompts(ws, cfg) -> list[str]:
         path = Path(str(resources.files("opensem") / "assets" / "train" / "replay_prompts.json"))
     else:
         path = ws.path(cfg.replay)
+    from opensem.encoding import read_text
+
     try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise OpenSEMError(f"configs/train_config.yaml: key 'replay': cannot read {path} ({e})") from None
+        prompts = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise OpenSEMError(f"configs/train_config.yaml: key 'replay': {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise OpenSEMError(f"configs/train_config.yaml: key 'replay': {path} must be a JSON list of prompt strings")
     return prompts
@@ -124,11 +126,18 @@ def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
     """
     from opensem.inference import answer_key, cached_answers
 
+    from opensem.inference import PromptChecker
+
     prompts = replay_prompts(ws, cfg)
     n = min(len(prompts), round(cfg.replay_ratio * n_train))
     if n <= 0:
         return []
     max_new = 96
+    checker = PromptChecker(base.path)
+    fits = [p for p in prompts if not checker.too_long([{"role": "user", "content": p}], max_new)]
+    if len(fits) < len(prompts):
+        say(f"replay: {len(prompts) - len(fits)} prompt(s) skipped: longer than the model's context")
+    prompts = fits
     requests = [(answer_key(base.fingerprint, None, None, p, max_new, 0.0), [{"role": "user", "content": p}]) for p in prompts[:n]]
     got = cached_answers(
         ws.state_dir / "cache" / "answers", base.path, None, requests, max_new, keep_model=False,

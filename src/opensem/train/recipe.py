@@ -60,7 +60,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     cfg = ws.train_config()
     if run_name is not None:
         cfg = _with(cfg, run_name=run_name)  # validates the name
-    adapters = ws.path(cfg.output_dir)
+    adapters = ws.output_path(cfg.output_dir, "train.output_dir")
     if resume:
         run_dir = find_resumable(adapters, cfg.run_name)
         cfg = TrainConfig.model_validate(read_json(run_dir / "run.json")["config"])
@@ -93,6 +93,12 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     import transformers
 
     mcfg = transformers.AutoConfig.from_pretrained(base.path)
+    from opensem.inference import context_length
+
+    context = context_length(mcfg)
+    if context and cfg.sequence_len > context:
+        raise ConfigError(f"configs/train_config.yaml: key 'sequence_len': {cfg.sequence_len} is longer than the base model's "
+                          f"context of {context} tokens: set it to {context} or less")
     n_params = _param_count(mcfg)
     profile = make_profile(cfg, hw, n_params / 1e9, getattr(mcfg, "hidden_size", 0), getattr(mcfg, "num_hidden_layers", 0))
     say(f"hardware profile: {profile.describe()}")
