@@ -45,6 +45,7 @@ class Behaviour:
         self.delay_s = 0.0
         self.retry_after = "1"
         self.reply: Optional[Callable[[dict], str]] = None  # custom assistant text
+        self.count_tokens: Optional[Callable[[str], int]] = None  # report real prompt tokens (else a fixed 1000)
 
     def action(self, n: int) -> str:
         return self.script.get(n, self.default)
@@ -54,6 +55,8 @@ class FakeServer:
     def __init__(self):
         self.calls: Counter = Counter()
         self.requests: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.behaviour = Behaviour()
         self.lock = threading.Lock()
         server = self
@@ -73,8 +76,21 @@ class FakeServer:
                     server.requests.append({"path": path, "body": body, "headers": dict(self.headers)})
                 b = server.behaviour
                 act = b.action(n)
+                with server.lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    return self._reply(body, path, b, act)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _reply(self, body, path, b, act):
                 if b.delay_s:
                     time.sleep(b.delay_s)
+                if act == "404":
+                    return self._send(404, {"error": {"message": "The model does not exist", "type": "invalid_request_error",
+                                                      "code": "model_not_found"}})
                 if act == "429":
                     return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit_error"}},
                                       {"Retry-After": b.retry_after})
@@ -133,8 +149,16 @@ class FakeServer:
         return {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "x"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200},
+            "usage": self.usage(body, text),
         }
+
+    def usage(self, body: dict, text: str) -> dict:
+        count = self.behaviour.count_tokens
+        if count is None:
+            return {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
+        # as chat APIs count: the message texts plus a few tokens of framing per message
+        prompt = sum(count(m["content"]) + 4 for m in body["messages"])
+        return {"prompt_tokens": prompt, "completion_tokens": count(text), "total_tokens": prompt + count(text)}
 
     def anthropic_reply(self, body: dict, act: str) -> dict:
         text = self._text(body, act)

@@ -313,12 +313,11 @@ def prompt_counter(ws: Workspace, cfg: ForgeConfig):
     """Tokens of one request's messages: the teacher's own tokenizer and chat template where the teacher is
     local, else the character-based estimate."""
     if cfg.teacher.provider == "local":
-        from transformers import AutoTokenizer
-
         from opensem.models import resolve_base_model
 
-        tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.teacher.resolved_model(), ws.base_models_dir).path)
-        return lambda msgs: len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+        from opensem.inference import PromptChecker
+
+        return PromptChecker(resolve_base_model(cfg.teacher.resolved_model(), ws.base_models_dir).path).tokens
     return lambda msgs: sum(count_tokens(m["content"]) + MESSAGE_OVERHEAD for m in msgs)
 
 

@@ -53,6 +53,19 @@ def _forgetting_items(ecfg, ws: Workspace) -> list[GoldenItem]:
     return load_golden(path, required=True)
 
 
+def _new_run_dir(parent: Path, name: str) -> Path:
+    """A fresh folder: two runs in the same second never share one."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        d = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise OpenSEMError(f"{parent}: too many runs named {name}")
+
+
 def _check_context(model_path: str, ecfg, items: list[tuple[str, GoldenItem]]) -> None:
     """Every question fits the model's context with room for the answer, or a one-line error before any work."""
     from opensem.inference import PromptChecker
@@ -68,6 +81,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     console = console or Console()
     t0 = time.time()
     ecfg, tcfg = ws.eval_config(), ws.train_config()
+    reports_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir")
     golden_path = ws.path(ecfg.golden_set)
     items = load_golden(golden_path)
     for a, b in duplicate_questions(items):
@@ -85,9 +99,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     with stage_progress(console, f"{mode}: answering {len(items)} golden + {len(forget)} general questions", len(everything)) as adv:
         answers = generate_answers(ws, base.path, base.fingerprint, adapter_dir, everything, ecfg.answers, progress=adv)
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir") / f"{mode}-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _new_run_dir(reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     answers_file = run_dir / "answers.json"
     write_json(answers_file, {k: v for k, v in answers.items() if not k.startswith("forget:")})
 
@@ -154,7 +166,6 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     write_json(run_dir / "results.json", result)
 
     # 4. compare with the stored baseline --------------------------------------------------------------------
-    reports_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir")
     base_res = tuned_res = cmp = forgetting = None
     if mode == "baseline":
         base_res = result
