@@ -142,6 +142,10 @@ class FakeServer:
             return self.behaviour.reply(body)
         if act == "malformed":
             return "Sure! Here are some pairs: question one, answer one."
+        last = body["messages"][-1]["content"]
+        if isinstance(last, str) and last.startswith("Topic:") and "\nSentence: " in last:  # the sentence strategy
+            words = [w for w in WORD_RE.findall(last.split("\nSentence: ", 1)[1]) if w.lower() not in STOP]
+            return f"What does the manual say about {' '.join(words[:4])}?"
         return json.dumps({"pairs": pairs_from_passage(user, wanted_pairs(user))})
 
     def openai_reply(self, body: dict, act: str) -> dict:

@@ -352,3 +352,37 @@ def test_local_embedded_teacher_makes_grounded_pairs(workspace):
     # a rerun reuses every reply from the cache
     m2 = run_forge(Workspace(workspace))
     assert m2["cost"]["calls_made"] == 0 and m2["cost"]["calls_from_cache"] == m["counts"]["requests"]
+
+
+# --- one code path: every strategy with every provider kind ------------------------------------------------------
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "openai-compatible", "local"])
+@pytest.mark.parametrize("strategy", ["passage", "sentence"])
+def test_every_strategy_with_every_provider_kind_writes_pairs(workspace, fake, monkeypatch, provider, strategy):
+    """complete_many is the one way the forge calls any teacher: replies are parsed and cached the same way.
+    (provider: local + strategy: passage used to mark every reply malformed and write nothing.)"""
+    (workspace / "data/raw/pump.md").write_text(DOC)
+    teacher = {"provider": provider, "concurrency": 2, "max_retries": 1, "timeout_s": 5.0}
+    if provider == "openai":
+        monkeypatch.setenv("OPENAI_API_KEY", "k")
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.openai_url)
+    elif provider == "anthropic":
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.anthropic_url)
+    elif provider == "openai-compatible":
+        teacher |= {"base_url": fake.openai_url, "model": "my-model"}
+    else:
+        teacher |= {"temperature": 0.0, "max_tokens": 96}
+    set_config(workspace, "forge", teacher=teacher, cost={"max_cost_usd": None},
+               generation={"strategy": strategy, "pairs_per_chunk": 4, "questions_per_sentence": 1})
+    m = run_forge(Workspace(workspace))
+    assert m["strategy"] == strategy and m["status"] == "complete"
+    assert m["counts"]["kept"] > 0 and m["counts"]["train"] > 0
+    rows = read_jsonl(workspace / "data/processed/train.jsonl")
+    assert all(r["metadata"]["teacher"].startswith(provider) for r in rows)
+    calls = sum(fake.calls.values())
+    assert calls == (0 if provider == "local" else m["counts"]["requests"])
+    # and every reply was cached: a rerun calls nobody and keeps the same data
+    before = (workspace / "data/processed/train.jsonl").read_bytes()
+    again = run_forge(Workspace(workspace))
+    assert sum(fake.calls.values()) == calls and again["cost"]["calls_made"] == 0
+    assert (workspace / "data/processed/train.jsonl").read_bytes() == before

@@ -187,11 +187,11 @@ def test_a_failed_pipeline_stage_is_recorded_as_failed(tmp_path):
     init_workspace(tmp_path)
     p = Pipeline(Workspace(tmp_path), False, Console(quiet=True))
 
-    def boom():
+    def boom(record):
         raise OpenSEMError("the teacher is down")
 
     with pytest.raises(OpenSEMError):
-        p.stage("forge", {"a": 1}, lambda prev: False, boom)
+        p.stage("forge", {"a": 1}, boom)
     state = json.loads((tmp_path / ".opensem/pipeline_state.json").read_text())
     assert state["forge"]["status"] == "failed" and state["forge"]["error"] == "the teacher is down"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import copy_example_slice, make_workspace, run_cli, set_config
 
@@ -68,6 +69,7 @@ def test_an_interrupted_stage_keeps_what_it_recorded_and_nothing_else(tmp_path):
 
     from opensem.lineage import json_sha256
     from opensem.pipeline import Pipeline
+    from opensem.stages import StageResult
     from opensem.workspace import Workspace, init_workspace
 
     init_workspace(tmp_path)
@@ -75,14 +77,56 @@ def test_an_interrupted_stage_keeps_what_it_recorded_and_nothing_else(tmp_path):
     key = json_sha256({"a": 1})
     seen = []
 
-    def run():
-        seen.append(p.state["train"].get("run_name"))
-        return {}
+    def run(record):
+        seen.append(record.get("run_name"))
+        return StageResult("train", {})
 
     p.state = {"train": {"inputs": key, "status": "running", "run_name": "interrupted-run"}}
-    p.stage("train", {"a": 1}, lambda prev: False, run)  # same inputs, unfinished: resume that run
-    p.state["train"] = {"inputs": key, "status": "done", "run_name": "finished-run"}
-    p.stage("train", {"a": 1}, lambda prev: False, run)  # finished (outputs gone): a new run
+    p.stage("train", {"a": 1}, run)  # same inputs, unfinished: resume that run
+    p.state["train"] = {"inputs": key, "status": "failed", "run_name": "failed-run", "error": "boom"}
+    p.stage("train", {"a": 1}, run)  # same inputs, failed: its record is kept too (the checkpoint may resume)
+    p.state["train"] = {"inputs": key, "status": "done", "run_name": "finished-run",
+                        "result": {"stage": "train", "artifacts": {"adapter": {"path": "gone.safetensors", "sha256": "x"}}}}
+    p.stage("train", {"a": 1}, run)  # finished, but its outputs are gone: a new run
     p.state["train"] = {"inputs": "other", "status": "running", "run_name": "old-inputs"}
-    p.stage("train", {"a": 1}, lambda prev: False, run)  # inputs changed: a new run
-    assert seen == ["interrupted-run", None, None]
+    p.stage("train", {"a": 1}, run)  # inputs changed: a new run
+    assert seen == ["interrupted-run", "failed-run", None, None]
+
+
+def test_declared_stages_run_in_order_and_a_stage_of_your_own_plugs_in(tmp_path, monkeypatch):
+    """A stage is one module: here a test module's stage class, named in pipeline_config.yaml as module:attribute."""
+    from rich.console import Console
+
+    from opensem.pipeline import run_pipeline
+    from opensem.workspace import Workspace, init_workspace
+
+    init_workspace(tmp_path)
+    (tmp_path / "data/raw/notes.txt").write_text("The pump runs at 12 bar.")
+    (tmp_path / "configs/pipeline_config.yaml").write_text("stages: [stage_fixtures:CountWords, stage_fixtures:Shout]\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import stage_fixtures
+
+    stage_fixtures.CALLS.clear()
+    m = run_pipeline(Workspace(tmp_path), console=Console(quiet=True))
+    assert stage_fixtures.CALLS == ["count-words", "shout"]
+    assert m["pipeline"] == ["count-words", "shout"] and m["count_words"]["words"] == 6
+    assert (tmp_path / "out/SHOUT.txt").read_text() == "6 WORDS"
+    # unchanged inputs: both skipped; a changed document reruns both, in order
+    run_pipeline(Workspace(tmp_path), console=Console(quiet=True))
+    assert stage_fixtures.CALLS == ["count-words", "shout"]
+    (tmp_path / "data/raw/notes.txt").write_text("The pump runs at 14 bar today.")
+    m = run_pipeline(Workspace(tmp_path), console=Console(quiet=True))
+    assert stage_fixtures.CALLS == ["count-words", "shout"] * 2 and m["count_words"]["words"] == 7
+    # a deleted output reruns only the stage that made it
+    (tmp_path / "out/SHOUT.txt").unlink()
+    run_pipeline(Workspace(tmp_path), console=Console(quiet=True))
+    assert stage_fixtures.CALLS[-1] == "shout" and len(stage_fixtures.CALLS) == 5
+
+
+def test_unknown_stage_is_a_one_line_error(tmp_path):
+    from opensem.workspace import init_workspace
+
+    init_workspace(tmp_path)
+    (tmp_path / "configs/pipeline_config.yaml").write_text("stages: [forge, polish]\n")
+    r = run_cli("run", "-w", str(tmp_path))
+    assert r.returncode == 2 and "unknown stage 'polish': use one of forge, baseline, train, fine-tuned" in " ".join(r.stderr.split())

@@ -96,13 +96,13 @@ def ask(
 ):
     """Answer a question with the base model of the train config (and an adapter, if given)."""
     from opensem.inference import load_chat_model
-    from opensem.judge.answers import resolve_adapter
+    from opensem.train.stage import find_adapter
     from opensem.models import resolve_base_model
 
     ws = _ws(workspace, sets)
     cfg = ws.train_config()
     base = resolve_base_model(cfg.base_model, ws.base_models_dir)
-    adapter_dir = str(resolve_adapter(ws, cfg, adapter)) if adapter else None
+    adapter_dir = str(find_adapter(ws, cfg, adapter)) if adapter else None
     model = load_chat_model(base.path, adapter_dir)
     system = ws.eval_config().answers.system_prompt
     conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]

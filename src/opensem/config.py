@@ -3,6 +3,7 @@
 configs/forge_config.yaml  -> ForgeConfig   (the Data Forge)
 configs/train_config.yaml  -> TrainConfig   (the Training Floor; Axolotl's key names)
 configs/eval_config.yaml   -> EvalConfig    (the Judge)
+configs/pipeline_config.yaml -> PipelineConfig (the stages `opensem run` runs)
 
 Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
 dotted key path and, for a misspelled key, the closest valid one. Any value can be overridden from the
@@ -265,10 +266,31 @@ class EvalConfig(Strict):
     promptfoo: Optional[str] = Field(None, description="promptfoo command; default: the workspace's or the tool's node_modules")
 
 
+# --------------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------------
+class PipelineConfig(Strict):
+    stages: list[str] = Field(
+        default_factory=lambda: ["forge", "baseline", "train", "fine-tuned"],
+        description="What `opensem run` runs, in order: forge, baseline, train, fine-tuned, or package.module:attribute",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one stage")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"stage(s) listed twice: {', '.join(dup)}")
+        return v
+
+
 SECTIONS: dict[str, tuple[str, type[Strict]]] = {
     "forge": ("configs/forge_config.yaml", ForgeConfig),
     "train": ("configs/train_config.yaml", TrainConfig),
     "eval": ("configs/eval_config.yaml", EvalConfig),
+    "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
 }
 
 

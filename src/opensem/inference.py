@@ -169,6 +169,11 @@ def load_chat_model(model_path: str, adapter: Optional[str] = None) -> ChatModel
         return _CACHE[key]
 
 
+def answer_cache_dir(ws) -> Path:
+    """One cache of model answers per workspace, shared by the judge and training's replay."""
+    return ws.state_dir / "cache" / "answers"
+
+
 def answer_key(model_fingerprint: str, adapter_hash: Optional[str], system: Optional[str], question: str,
                max_new_tokens: int, temperature: float) -> str:
     """Cache key of one answer: what changes it (model, adapter, system prompt, question, decoding)."""

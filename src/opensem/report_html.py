@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from html import escape
 from pathlib import Path
 
@@ -40,11 +39,8 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def loss_plot(adapter_dir: Path) -> str | None:
-    log = adapter_dir / "training_log.jsonl"
-    if not log.exists():
-        return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+def loss_plot(rows: list[dict]) -> str | None:
+    """The trainer's log history (one dict per logged step) as a loss curve."""
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
@@ -77,7 +73,7 @@ def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def write_html_report(path: Path, manifest: dict, forge: dict, adapter_dir: Path, base_res: dict, ft_res: dict) -> None:
+def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
     cmp = ft_res.get("comparison") or {}
     bitems = {it["id"]: it for it in base_res.get("items", [])}
     titems = ft_res.get("items", [])
@@ -96,7 +92,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, adapter_dir: Path
         ("accuracy", f"{_f((bs.get('accuracy') or 0) * 100, '.1f')}% → {_f((fs.get('accuracy') or 0) * 100, '.1f')}%"),
         ("token F1", f"{_f(bs.get('token_f1'), '.3f')} → {_f(fs.get('token_f1'), '.3f')}"),
     ]
-    plots = [p for p in (loss_plot(adapter_dir), score_plot(
+    plots = [p for p in (loss_plot(training_log), score_plot(
         [it["score"] for it in base_res.get("items", []) if it["score"] is not None],
         [it["score"] for it in titems if it["score"] is not None], judge)) if p]
     rows = []

@@ -1,6 +1,6 @@
 """A workspace: the folder layout of the requirements, wherever the user keeps it.
 
-    configs/{forge,train,eval}_config.yaml
+    configs/{forge,train,eval,pipeline}_config.yaml
     data/raw/            your documents (.txt, .md, .pdf)
     data/processed/      train.jsonl, test.jsonl, forge manifest   (generated)
     evals/golden_set.json
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import EvalConfig, ForgeConfig, TrainConfig, load_section
+from opensem.config import EvalConfig, ForgeConfig, PipelineConfig, TrainConfig, load_section
 from opensem.errors import ConfigError, OpenSEMError
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
@@ -72,6 +72,9 @@ class Workspace:
 
     def eval_config(self) -> EvalConfig:
         return load_section("eval", self.root, list(self.overrides))
+
+    def pipeline_config(self) -> PipelineConfig:
+        return load_section("pipeline", self.root, list(self.overrides))
 
     def check(self) -> None:
         if not self.root.is_dir():

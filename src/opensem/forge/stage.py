@@ -25,15 +25,17 @@ from opensem.forge.synthesis import (
     PAIRS_SCHEMA,
     PROMPT_VERSION,
     clean_question,
+    pairs_from_text,
     passage_messages,
     sentence_messages,
     source_sentences,
 )
 from opensem.golden import load_golden
-from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, versions, write_json
+from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
+from opensem.stages import Artifact, Context, StageResult
 from opensem.workspace import Workspace
 
 
@@ -104,6 +106,8 @@ def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair]
             continue
         data = r.reply.data
         items = data.get("pairs") if isinstance(data, dict) else data if isinstance(data, list) else None
+        if not isinstance(items, list):
+            items = pairs_from_text(r.reply.text) or None  # small models answer in prose: "Question: ... Answer: ..."
         if not isinstance(items, list):
             malformed += 1
             continue
@@ -230,7 +234,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
         "train": {"path": "train.jsonl", "sha256": file_sha256(out_dir / "train.jsonl")},
         "test": {"path": "test.jsonl", "sha256": file_sha256(out_dir / "test.jsonl")},
     }
-    write_json(out_dir / "forge_manifest.json", manifest)
+    write_json(out_dir / MANIFEST, manifest)
     (out_dir / FAILURE_FILE).unlink(missing_ok=True)
     _print_summary(console, manifest)
     if manifest["failed_chunks"]:
@@ -374,3 +378,52 @@ def _print_summary(console: Console, m: dict) -> None:
     for k, v in rows:
         table.add_row(k, str(v))
     console.print(table)
+
+
+# --- the forge as a pipeline stage --------------------------------------------------------------------------
+MANIFEST = "forge_manifest.json"
+
+
+def raw_inputs(ws: Workspace, cfg: ForgeConfig) -> list:
+    root = ws.path(cfg.input_dir)
+    return sorted((str(p.relative_to(root)), file_sha256(p)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def forge_result(ws: Workspace, cfg: ForgeConfig) -> StageResult:
+    out_dir = ws.output_path(cfg.output_dir, "forge.output_dir")
+    m = read_json(out_dir / MANIFEST)
+    arts = {name: Artifact.of(ws, out_dir / f) for name, f in (("train", "train.jsonl"), ("test", "test.jsonl"), ("manifest", MANIFEST))}
+    return StageResult("forge", arts, {
+        "manifest": arts["manifest"].path, "manifest_sha256": arts["manifest"].sha256, "train_sha256": arts["train"].sha256,
+        "status": m.get("status"), "teacher": m.get("teacher"), "counts": m.get("counts"), "cost": m.get("cost"),
+        "inputs": m.get("inputs"),
+    })
+
+
+def manifest_for(ws: Workspace, data_file: Path) -> Optional[Artifact]:
+    """The forge manifest that wrote ``data_file`` (it lies beside it and records its hash), or None."""
+    path = Path(data_file).parent / MANIFEST
+    if not path.exists() or not Path(data_file).exists():
+        return None
+    outputs = (read_json(path).get("outputs") or {}).values()
+    sha = file_sha256(data_file)
+    return Artifact.of(ws, path) if any(o.get("sha256") == sha for o in outputs) else None
+
+
+class ForgeStage:
+    """data/raw -> train.jsonl, test.jsonl, forge_manifest.json."""
+
+    name = "forge"
+
+    def inputs(self, ctx: Context) -> dict:
+        cfg = ctx.ws.forge_config()
+        golden = ctx.ws.path(cfg.golden_set)
+        return {"raw": raw_inputs(ctx.ws, cfg), "config": cfg.model_dump(mode="json"),
+                "golden": file_sha256(golden) if golden.exists() else None}
+
+    def run(self, ctx: Context) -> StageResult:
+        run_forge(ctx.ws, console=ctx.console)
+        return forge_result(ctx.ws, ctx.ws.forge_config())
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        return read_json(result.path(ws, "manifest"))

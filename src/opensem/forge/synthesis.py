@@ -107,3 +107,24 @@ def clean_question(text: str) -> str:
     if "?" in text:
         text = text[: text.index("?") + 1]
     return text.strip()
+
+
+PAIR_TEXT_RE = re.compile(
+    r"(?:^|\n)\s*(?:\*\*)?(?:question|q)\s*\d*\s*[:.)]\s*(?:\*\*)?\s*(?P<q>.+?)\s*"
+    r"\n\s*(?:\*\*)?(?:answer|a)\s*\d*\s*[:.)]\s*(?:\*\*)?\s*(?P<a>.+?)(?=\n\s*\n|\n\s*(?:\*\*)?(?:question|q)\s*\d*\s*[:.)]|$)",
+    re.I | re.S,
+)
+
+
+def pairs_from_text(text: str) -> list[dict]:
+    """Question/answer pairs written as text ("Question: ... / Answer: ..."), as small local models often
+    reply instead of JSON. Each question ends at its first question mark; each answer at a blank line."""
+    out = []
+    for m in PAIR_TEXT_RE.finditer(text):
+        q, a = m.group("q").strip(), " ".join(m.group("a").split())
+        if "?" in q:
+            q = q[: q.index("?") + 1]
+        q = " ".join(q.split())
+        if q and a:
+            out.append({"question": q, "answer": a})
+    return out

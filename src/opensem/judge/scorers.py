@@ -160,7 +160,14 @@ class LLMJudge:
         self.short = f"{provider.spec.provider}/{provider.model}"
 
     def score_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
-        return [self.score_one(*it) for it in items]
+        """items: (question, golden, candidate). One batch through the provider's ``complete_many``: concurrent
+        within the judge's concurrency and rate limits (batched on the model for a local judge), cached, parsed."""
+        from opensem.llm import Call
+
+        calls = [Call(judge_messages(q, g, c), schema=JUDGE_SCHEMA, temperature=0.0) for q, g, c in items]
+        stop = self.cached.complete_many(calls)
+        return [parse_verdict(c.reply.data, c.reply.text) if c.reply is not None
+                else Verdict(None, "", error=c.error or f"not graded: {stop}") for c in calls]
 
     def unreachable(self) -> Optional[str]:
         """Why the judge cannot be reached (after its retries), or None when it answers."""
@@ -173,13 +180,7 @@ class LLMJudge:
         return None
 
     def score_one(self, question: str, golden: str, candidate: str) -> Verdict:
-        from opensem.llm import LLMError
-
-        try:
-            reply = self.cached.complete(judge_messages(question, golden, candidate), schema=JUDGE_SCHEMA, temperature=0.0)
-        except LLMError as e:
-            return Verdict(None, "", error=str(e))
-        return parse_verdict(reply.data, reply.text)
+        return self.score_many([(question, golden, candidate)])[0]
 
 
 def make_judge(spec, ws):

@@ -21,12 +21,14 @@ from rich.markup import escape
 from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
 from opensem.judge import promptfoo, report
-from opensem.judge.answers import adapter_hash, conversation, generate_answers, resolve_adapter
+from opensem.judge.answers import conversation, generate_answers
 from opensem.judge.scorers import ReferenceScorer, make_judge
 from opensem.judge.stats import paired_compare
 from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
 from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
+from opensem.stages import Artifact, Context, StageResult
+from opensem.train.stage import adapter_hash, find_adapter
 from opensem.workspace import Workspace
 
 
@@ -88,7 +90,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
         console.print(f"[yellow]warning[/]: {escape(ecfg.golden_set)}: items {escape(a)} and {escape(b)} ask the same question")
     cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)  # before any work: a clear error if it is missing
     base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
-    adapter_dir = resolve_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
+    adapter_dir = find_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
     judge = _judge_with_fallback(ws, ecfg, console)
@@ -233,3 +235,53 @@ def run_calibration(ws: Workspace, console: Optional[Console] = None) -> dict:
         table.add_row(j.name, f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
     console.print(table)
     return out
+
+
+# --- the judge as pipeline stages: baseline and fine-tuned -------------------------------------------------------
+def judge_result(ws: Workspace, stage: str, result: dict) -> StageResult:
+    art = Artifact.of(ws, ws.path(result["run_dir"]) / "results.json")
+    summary = {"results": art.path, "results_sha256": art.sha256, "summary": result["summary"], "judge": result["judge"]}
+    cmp = result.get("comparison")
+    if cmp:
+        summary |= {"headline": report.headline(cmp), "forgetting": result.get("forgetting"),
+                    "comparison": {k: v for k, v in cmp.items() if k != "regressions"} | {"regressions": len(cmp.get("regressions", []))}}
+    return StageResult(stage, {"results": art}, summary)
+
+
+class BaselineStage:
+    """The untouched base model answers the golden set; the judge scores it."""
+
+    name = "baseline"
+    mode = "baseline"
+
+    def inputs(self, ctx: Context) -> dict:
+        ecfg, tcfg = ctx.ws.eval_config(), ctx.ws.train_config()
+        base = resolve_base_model(tcfg.base_model, ctx.ws.base_models_dir)
+        return {"golden": file_sha256(ctx.ws.path(ecfg.golden_set)), "eval": ecfg.model_dump(mode="json"), "base": base.fingerprint}
+
+    def adapter(self, ctx: Context) -> Optional[Path]:
+        return None
+
+    def run(self, ctx: Context) -> StageResult:
+        adapter = self.adapter(ctx)
+        res = run_judge(ctx.ws, self.mode, adapter=str(adapter) if adapter else None, console=ctx.console)
+        return judge_result(ctx.ws, self.name, res)
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        return read_json(result.path(ws, "results"))
+
+
+class FineTunedStage(BaselineStage):
+    """Base + the adapter of the train stage (or the latest adapter) answers the golden set; compared with the baseline."""
+
+    name = "fine-tuned"
+    mode = "fine-tuned"
+
+    def adapter(self, ctx: Context) -> Optional[Path]:
+        trained = ctx.result("train")
+        if trained is None:
+            return find_adapter(ctx.ws, ctx.ws.train_config(), None)
+        return trained.path(ctx.ws, "adapter").parent
+
+    def inputs(self, ctx: Context) -> dict:
+        return super().inputs(ctx) | {"adapter": adapter_hash(self.adapter(ctx))}

@@ -124,7 +124,7 @@ def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
     judge's answer cache (same key: base model, prompt, decoding); only answers that ended at the
     end-of-turn token are used.
     """
-    from opensem.inference import answer_key, cached_answers
+    from opensem.inference import answer_cache_dir, answer_key, cached_answers
 
     from opensem.inference import PromptChecker
 
@@ -140,7 +140,7 @@ def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
     prompts = fits
     requests = [(answer_key(base.fingerprint, None, None, p, max_new, 0.0), [{"role": "user", "content": p}]) for p in prompts[:n]]
     got = cached_answers(
-        ws.state_dir / "cache" / "answers", base.path, None, requests, max_new, keep_model=False,
+        answer_cache_dir(ws), base.path, None, requests, max_new, keep_model=False,
         announce=lambda k: say(f"replay: the base model answers {k} general prompts (mixed in against forgetting)"),
     )
     return [conv + [{"role": "assistant", "content": got[k]["answer"]}]

@@ -1,9 +1,12 @@
 """The Training Floor recipe: one LoRA fine-tuning run, top to bottom, driven by configs/train_config.yaml.
 
-    1. config, run name and run folder     5. tokenizer, model + LoRA (engine: unsloth | hf)
-    2. hardware profile (printed, recorded)  6. TRL SFTTrainer (answer-only loss), checkpoints, wandb
-    3. engine choice (unsloth first!)       7. train; Ctrl-C saves a checkpoint; --resume continues
-    4. data: chat template + answer mask    8. adapter + tokenizer + log + manifest -> models/adapters/{run}
+``run_training`` reads as the run itself; each step below is one function:
+
+    1. setup_run      config, run name and run folder      5. make_trainer  TRL SFTTrainer (answer-only loss),
+    2. load_profile   hardware profile, base model                          checkpoints, wandb
+       (engine choice first: Unsloth before transformers)   6. train         Ctrl-C saves a checkpoint; --resume
+    3. load_model     model + LoRA (engine: unsloth | hf)   7. save          adapter, tokenizer, log, manifest
+    4. load_data      every dataset, replay, answer mask                     -> models/adapters/{run} (rank 0)
 
 The same entry point runs under ``torchrun --nproc_per_node N`` / ``accelerate launch`` (hf engine):
 rank 0 writes the outputs; gloo is used on CPUs.
@@ -16,8 +19,9 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from rich.console import Console
 
@@ -25,7 +29,9 @@ from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.train import engines
+from opensem.train.data import TokenizedSet
 from opensem.train.hardware import apply_vram_cap, check_adapter, detect_hardware, make_profile
+from opensem.train.stage import data_paths, is_resumable
 from opensem.workspace import Workspace
 
 ADJ = "amber brisk calm deft eager fleet gentle hardy keen lucid merry noble quiet rapid sage steady swift vivid".split()
@@ -44,19 +50,54 @@ def default_run_name(cfg: TrainConfig) -> str:
 def find_resumable(adapters: Path, name: Optional[str]) -> Path:
     cands = [adapters / name] if name else sorted(adapters.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
     for d in cands:
-        status = read_json(d / "run.json", {}).get("status")
-        if status in ("running", "interrupted") and engines.last_checkpoint(d / "checkpoints"):
+        if is_resumable(d):
             return d
     raise OpenSEMError(f"--resume: no interrupted run with a checkpoint in {adapters}" + (f" named {name!r}" if name else ""))
 
 
+@dataclass
+class Run:
+    """One training run as it is set up: who writes, what config, where, on what."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    main: bool
+    world_size: int
+    say: Callable[..., None]
+    resume: bool = False
+    resumed_from: Optional[str] = None
+
+
 def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = None, console: Optional[Console] = None) -> Path:
+    """The whole run: setup -> data -> trainer -> train -> save. Returns the adapter folder."""
     console = console or Console(stderr=True)
+    run = setup_run(ws, resume, run_name, console)
+    hw = detect_hardware()
+    check_adapter(run.cfg, hw)  # before any model is loaded
+    engine = engines.choose_engine(run.cfg, console if run.main else Console(quiet=True))
+    if engine == "unsloth":  # Unsloth must be imported before transformers / trl / peft
+        if run.world_size > 1:
+            raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
+        engines.import_unsloth_first()
+    base, profile, n_params = load_profile(ws, run, hw)
+    model, tok = load_model(run, base, profile, engine, hw)
+    data = load_data(ws, run, base, tok)
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_dir / "run.json", {"status": "running", "started": now(), "config": run.cfg.model_dump(mode="json"),
+                                              "engine": engine})
+    trainer = make_trainer(ws, run, profile, hw, model, tok, data)
+    wall, eval_loss = train(run, trainer, data)
+    if run.main:
+        save(ws, run, trainer, tok, data, base, n_params, engine, profile, wall, eval_loss)
+    return run.run_dir
+
+
+# 1. config, run name and run folder ------------------------------------------------------------------------
+def setup_run(ws: Workspace, resume: bool, run_name: Optional[str], console: Console) -> Run:
     rank, world_size = engines.world()
     main = rank == 0
     say = console.print if main else (lambda *a, **k: None)
-
-    # 1. config, run name and run folder ------------------------------------------------------------
     cfg = ws.train_config()
     if run_name is not None:
         cfg = _with(cfg, run_name=run_name)  # validates the name
@@ -72,79 +113,94 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
                 f"{cfg.output_dir}/{name} already exists: choose another run_name, delete it, or use --resume to continue it"
             )
         cfg = _with(cfg, run_name=name)
-    train_path = ws.path(cfg.datasets[0].path)
-    if not train_path.exists():
-        raise OpenSEMError(f"{cfg.datasets[0].path}: training data not found: run `opensem forge` first")
+    for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets)):
+        if not path.exists():
+            raise OpenSEMError(f"{spec.path}: training data not found: run `opensem forge` first")
+    return Run(cfg, run_dir, main, world_size, say, resume)
 
-    # 2. hardware profile ------------------------------------------------------------------------------
-    hw = detect_hardware()
-    check_adapter(cfg, hw)  # before any model is loaded
 
-    # 3. engine: Unsloth must be imported before transformers / trl / peft ------------------------------
-    engine = engines.choose_engine(cfg, console if main else Console(quiet=True))
-    if engine == "unsloth":
-        if world_size > 1:
-            raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
-        engines.import_unsloth_first()
-
-    from opensem.models import resolve_base_model
-
-    base = resolve_base_model(cfg.base_model, ws.base_models_dir)
+# 2. hardware profile and base model ----------------------------------------------------------------------
+def load_profile(ws: Workspace, run: Run, hw):
     import transformers
 
-    mcfg = transformers.AutoConfig.from_pretrained(base.path)
     from opensem.inference import context_length
+    from opensem.models import resolve_base_model
 
+    cfg = run.cfg
+    base = resolve_base_model(cfg.base_model, ws.base_models_dir)
+    mcfg = transformers.AutoConfig.from_pretrained(base.path)
     context = context_length(mcfg)
     if context and cfg.sequence_len > context:
         raise ConfigError(f"configs/train_config.yaml: key 'sequence_len': {cfg.sequence_len} is longer than the base model's "
                           f"context of {context} tokens: set it to {context} or less")
     n_params = _param_count(mcfg)
     profile = make_profile(cfg, hw, n_params / 1e9, getattr(mcfg, "hidden_size", 0), getattr(mcfg, "num_hidden_layers", 0))
-    say(f"hardware profile: {profile.describe()}")
+    run.say(f"hardware profile: {profile.describe()}")
     for note in profile.notes:
-        say(f"  {note}")
+        run.say(f"  {note}")
     if hw.device == "cuda":
         apply_vram_cap(profile)
+    return base, profile, n_params
 
-    # 4. data ------------------------------------------------------------------------------------------
-    from datasets import Dataset
 
+# 3. model + LoRA (engine: unsloth | hf) -------------------------------------------------------------------------
+def load_model(run: Run, base, profile, engine: str, hw):
+    if engine == "unsloth":
+        return engines.load_unsloth(base.path, run.cfg, profile.precision, profile.gradient_checkpointing)
+    model, tok = engines.load_hf(base.path, run.cfg, profile.precision, hw.device)
+    n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
+    if n_ckpt:
+        run.say(f"gradient checkpointing on {n_ckpt} decoder layers")
+    return model, tok
+
+
+# 4. data: every dataset, replay, chat template and answer mask ---------------------------------------------------
+@dataclass
+class Data:
+    train: TokenizedSet
+    test: Optional[TokenizedSet]
+    replay: int
+    files: list[dict]  # {"path", "sha256", "examples"} of every training file
+    test_files: list[dict]
+
+
+def load_data(ws: Workspace, run: Run, base, tok) -> Data:
     from opensem.train.data import build_replay, load_conversations, tokenize_conversations
 
-    if engine == "unsloth":
-        model, tok = engines.load_unsloth(base.path, cfg, profile.precision, profile.gradient_checkpointing)
-    else:
-        model, tok = engines.load_hf(base.path, cfg, profile.precision, hw.device)
-    if engine == "hf":
-        n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
-        if n_ckpt:
-            say(f"gradient checkpointing on {n_ckpt} decoder layers")
-    train_convs = load_conversations(train_path, cfg.datasets[0].field_messages)
-    replay = build_replay(ws, cfg, base, len(train_convs), say)  # same on every rank: greedy answers, cached
-    train_set = tokenize_conversations(tok, train_convs + replay, cfg.sequence_len, cfg.train_on_inputs)
-    test_path = ws.path(cfg.test_datasets[0].path) if cfg.test_datasets else None
-    test_set = None
-    if test_path and test_path.exists() and test_path.stat().st_size > 0:
-        test_set = tokenize_conversations(tok, load_conversations(test_path, cfg.test_datasets[0].field_messages), cfg.sequence_len, cfg.train_on_inputs)
+    cfg = run.cfg
+    convs, files = [], []
+    for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets)):
+        part = load_conversations(path, spec.field_messages)
+        convs += part
+        files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
+    replay = build_replay(ws, cfg, base, len(convs), run.say)  # same on every rank: greedy answers, cached
+    train_set = tokenize_conversations(tok, convs + replay, cfg.sequence_len, cfg.train_on_inputs)
+    test_convs, test_files = [], []
+    for spec, path in zip(cfg.test_datasets, data_paths(ws, cfg.test_datasets)):
+        if path.exists() and path.stat().st_size > 0:
+            part = load_conversations(path, spec.field_messages)
+            test_convs += part
+            test_files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
+    test_set = tokenize_conversations(tok, test_convs, cfg.sequence_len, cfg.train_on_inputs) if test_convs else None
     if not train_set.rows:
         raise OpenSEMError(f"{cfg.datasets[0].path}: no example has a trainable answer token within sequence_len={cfg.sequence_len}")
-    say(
+    run.say(
         f"data: {len(train_set.rows)} train examples ({len(replay)} of them replay, {train_set.tokens} tokens), "
         f"{len(test_set.rows) if test_set else 0} test; {train_set.truncated} truncated to {cfg.sequence_len} tokens, "
         f"{train_set.dropped_no_target} dropped with no answer token left"
     )
+    return Data(train_set, test_set, len(replay), files, test_files)
 
-    # 5-6. trainer ---------------------------------------------------------------------------------------
+
+# 5. trainer: TRL SFT with our loss, checkpoints, wandb ------------------------------------------------------------
+def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
+    from datasets import Dataset
     from trl import SFTConfig
 
-    ckpt_dir = run_dir / "checkpoints"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", {"status": "running", "started": now(), "config": cfg.model_dump(mode="json"), "engine": engine})
-    report_to = _setup_wandb(cfg, ws, main)
+    cfg = run.cfg
+    report_to = _setup_wandb(cfg, ws, run.main)
     args = SFTConfig(
-        output_dir=str(ckpt_dir),
+        output_dir=str(run.run_dir / "checkpoints"),
         run_name=cfg.run_name,
         per_device_train_batch_size=profile.micro_batch_size,
         per_device_eval_batch_size=profile.micro_batch_size,
@@ -163,61 +219,67 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
-        eval_strategy="steps" if (cfg.eval_steps and test_set) else "no",
+        eval_strategy="steps" if (cfg.eval_steps and data.test) else "no",
         eval_steps=cfg.eval_steps,
         prediction_loss_only=True,
         bf16=profile.precision == "bf16",
         fp16=profile.precision == "fp16",
         use_cpu=hw.device == "cpu",
-        activation_checkpointing=False,  # applied above, per layer (hf); Unsloth applies its own
+        activation_checkpointing=False,  # applied in load_model, per layer (hf); Unsloth applies its own
         max_length=cfg.sequence_len,
         packing=cfg.sample_packing,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
         report_to=report_to,
-        ddp_backend="gloo" if (world_size > 1 and hw.device == "cpu") else None,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_backend="gloo" if (run.world_size > 1 and hw.device == "cpu") else None,
+        ddp_find_unused_parameters=False if run.world_size > 1 else None,
         dataloader_num_workers=0,
-        disable_tqdm=not main,
+        disable_tqdm=not run.main,
     )
     trainer_cls = engines.make_trainer_class()
-    trainer = trainer_cls(
+    return trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_set.rows),
-        eval_dataset=Dataset.from_list(test_set.rows) if test_set and test_set.rows else None,
+        train_dataset=Dataset.from_list(data.train.rows),
+        eval_dataset=Dataset.from_list(data.test.rows) if data.test and data.test.rows else None,
         processing_class=tok,
     )
 
-    # 7. train ------------------------------------------------------------------------------------------
-    resume_from = engines.last_checkpoint(ckpt_dir) if resume else None
+
+# 6. train; Ctrl-C saves a checkpoint; --resume continues -----------------------------------------------------------
+def train(run: Run, trainer, data: Data) -> tuple[float, Optional[float]]:
+    resume_from = engines.last_checkpoint(run.run_dir / "checkpoints") if run.resume else None
     if resume_from:
-        say(f"resuming from {resume_from}")
+        run.say(f"resuming from {resume_from}")
     t0 = time.time()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        if main:
+        if run.main:
             trainer._save_checkpoint(trainer.model, trial=None)
-            write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "interrupted", "step": trainer.state.global_step})
+            write_json(run.run_dir / "run.json", read_json(run.run_dir / "run.json") | {"status": "interrupted", "step": trainer.state.global_step})
         raise StageInterrupted(
             f"training interrupted at step {trainer.state.global_step}: checkpoint saved in "
-            f"{cfg.output_dir}/{cfg.run_name}/checkpoints; continue with `opensem train --resume`"
+            f"{run.cfg.output_dir}/{run.cfg.run_name}/checkpoints; continue with `opensem train --resume`"
         ) from None
     wall = time.time() - t0
-    eval_loss = None
-    if test_set and test_set.rows:
-        eval_loss = trainer.evaluate().get("eval_loss")
+    eval_loss = trainer.evaluate().get("eval_loss") if data.test and data.test.rows else None
+    run.resumed_from = resume_from
+    return wall, eval_loss
 
-    # 8. outputs (rank 0) ---------------------------------------------------------------------------------
-    if not main:
-        return run_dir
+
+# 7. adapter + tokenizer + log + manifest -> models/adapters/{run} (rank 0) -------------------------------------------
+def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int, engine: str, profile, wall: float,
+         eval_loss: Optional[float]) -> None:
+    from opensem.forge.stage import manifest_for
+
+    cfg, run_dir = run.cfg, run.run_dir
     trainer.model.save_pretrained(str(run_dir))
     tok.save_pretrained(str(run_dir))
     log = trainer.state.log_history
     (run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     train_losses = [r["loss"] for r in log if "loss" in r]
-    real_tokens = trainer.real_tokens * world_size
-    forge_manifest = train_path.parent / "forge_manifest.json"
+    real_tokens = trainer.real_tokens * run.world_size
+    forge_manifests = {a.sha256 for a in (manifest_for(ws, ws.path(f["path"])) for f in data.files) if a}
     manifest = {
         "stage": "train",
         "created": now(),
@@ -226,18 +288,18 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         "config": cfg.model_dump(mode="json"),
         "config_sha": json_sha256(cfg.model_dump(mode="json")),
         "data": {
-            "train": {"path": cfg.datasets[0].path, "sha256": file_sha256(train_path), "examples": len(train_set.rows),
-                      "tokens": train_set.tokens, "truncated": train_set.truncated, "dropped_no_target": train_set.dropped_no_target},
-            "test": {"path": cfg.test_datasets[0].path, "sha256": file_sha256(test_path), "examples": len(test_set.rows)}
-            if test_set else None,
-            "forge_manifest_sha256": file_sha256(forge_manifest) if forge_manifest.exists() else None,
-            "replay": {"source": cfg.replay, "examples": len(replay)},
+            "train": {"files": data.files, "sha256": data.files[0]["sha256"] if len(data.files) == 1 else json_sha256(data.files),
+                      "examples": len(data.train.rows), "tokens": data.train.tokens, "truncated": data.train.truncated,
+                      "dropped_no_target": data.train.dropped_no_target},
+            "test": {"files": data.test_files, "examples": len(data.test.rows)} if data.test else None,
+            "forge_manifest_sha256": forge_manifests.pop() if len(forge_manifests) == 1 else sorted(forge_manifests) or None,
+            "replay": {"source": cfg.replay, "examples": data.replay},
         },
         "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
                        "parameters": n_params},
         "hardware": profile.hardware,
         "profile": {k: v for k, v in profile.__dict__.items() if k != "hardware"},
-        "world_size": world_size,
+        "world_size": run.world_size,
         "seed": cfg.seed,
         "steps": trainer.state.global_step,
         "first_train_loss": train_losses[0] if train_losses else None,
@@ -247,23 +309,22 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         "real_tokens": real_tokens,
         "tokens_per_s": round(real_tokens / wall, 1) if wall > 0 else None,
         "versions": versions(),
-        "resumed_from": resume_from,
+        "resumed_from": run.resumed_from,
     }
     write_json(run_dir / "manifest.json", manifest)
     write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "complete", "finished": now()})
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    say(
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run.say(
         f"adapter saved to {cfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, train loss "
         f"{_fmt(manifest['first_train_loss'])} -> {_fmt(manifest['final_train_loss'])}, eval loss {_fmt(eval_loss)}, "
         f"{manifest['tokens_per_s']} tokens/s, {manifest['wall_time_s']} s)"
     )
-    if report_to == ["wandb"]:
+    if "wandb" in (trainer.args.report_to or []):
         import wandb
 
         if wandb.run is not None:
-            say(f"wandb run directory: {wandb.run.dir}")
+            run.say(f"wandb run directory: {wandb.run.dir}")
             wandb.finish()
-    return run_dir
 
 
 def _with(cfg: TrainConfig, **values) -> TrainConfig:

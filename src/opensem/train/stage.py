@@ -1,0 +1,112 @@
+"""The Training Floor as a pipeline stage, and the one place that knows an adapter folder's layout.
+
+    models/adapters/{run_name}/
+        adapter_model.safetensors, adapter_config.json, tokenizer files    the adapter
+        manifest.json        what went in (data hashes, config, base model, versions) and what came out
+        run.json             status of the run: running | interrupted | complete
+        training_log.jsonl   the trainer's log history
+        checkpoints/         while the run is unfinished (resume with `opensem train --resume`)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from opensem.config import TrainConfig
+from opensem.errors import OpenSEMError
+from opensem.lineage import file_sha256, read_json
+from opensem.stages import Artifact, Context, StageResult
+from opensem.workspace import Workspace
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def data_paths(ws: Workspace, specs) -> list[Path]:
+    return [ws.path(d.path) for d in specs]
+
+
+def find_adapter(ws: Workspace, cfg: TrainConfig, name: Optional[str]) -> Path:
+    """An adapter by name (models/adapters/NAME), by path, or the latest complete one."""
+    adapters = ws.path(cfg.output_dir)
+    if name:
+        for cand in (Path(name).expanduser(), adapters / name):
+            if (cand / "adapter_config.json").exists():
+                return cand.resolve()
+        raise OpenSEMError(f"--adapter {name!r}: no adapter (adapter_config.json) at that path or in {cfg.output_dir}/")
+    done = [d for d in adapters.glob("*/") if (d / "adapter_config.json").exists() and (d / MANIFEST).exists()]
+    if not done:
+        raise OpenSEMError(f"no trained adapter in {cfg.output_dir}/: run `opensem train` first, or pass --adapter PATH")
+    return max(done, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
+
+
+def adapter_hash(adapter: Optional[Path]) -> Optional[str]:
+    if adapter is None:
+        return None
+    weights = adapter / ADAPTER_WEIGHTS
+    return file_sha256(weights) if weights.exists() else file_sha256(adapter / "adapter_config.json")
+
+
+def is_resumable(run_dir: Path) -> bool:
+    from opensem.train import engines
+
+    return read_json(run_dir / "run.json", {}).get("status") in ("running", "interrupted") and bool(
+        engines.last_checkpoint(run_dir / "checkpoints"))
+
+
+def adapter_result(ws: Workspace, run_dir: Path) -> StageResult:
+    """The typed result of a finished run: its weights and manifest, and the summary the run manifest keeps."""
+    m = read_json(run_dir / MANIFEST)
+    weights, manifest = Artifact.of(ws, run_dir / ADAPTER_WEIGHTS), Artifact.of(ws, run_dir / MANIFEST)
+    data = m.get("data") or {}
+    return StageResult("train", {"adapter": weights, "manifest": manifest}, {
+        "adapter": str(Path(weights.path).parent),
+        "adapter_sha256": weights.sha256,
+        "run_name": m.get("run_name"),
+        "manifest_sha256": manifest.sha256,
+        "data_train_sha256": (data.get("train") or {}).get("sha256"),
+        "forge_manifest_sha256": data.get("forge_manifest_sha256"),
+        "base_model": m.get("base_model"),
+        "engine": m.get("engine"),
+        "final_train_loss": m.get("final_train_loss"),
+        "eval_loss": m.get("eval_loss"),
+        "tokens_per_s": m.get("tokens_per_s"),
+        "config_sha": m.get("config_sha"),
+    })
+
+
+class TrainStage:
+    """train.jsonl (every entry of ``datasets``) -> LoRA adapter. An interrupted run is resumed from its checkpoint."""
+
+    name = "train"
+
+    def inputs(self, ctx: Context) -> dict:
+        from opensem.models import resolve_base_model
+
+        cfg = ctx.ws.train_config()
+        base = resolve_base_model(cfg.base_model, ctx.ws.base_models_dir)
+        hashes = lambda paths: [file_sha256(p) if p.exists() else None for p in paths]  # noqa: E731
+        return {"train": hashes(data_paths(ctx.ws, cfg.datasets)), "test": hashes(data_paths(ctx.ws, cfg.test_datasets)),
+                "config": cfg.model_dump(mode="json") | {"run_name": None}, "base": base.fingerprint}
+
+    def run(self, ctx: Context) -> StageResult:
+        from opensem.train.recipe import default_run_name, run_training
+
+        cfg = ctx.ws.train_config()
+        interrupted = ctx.record.get("run_name")
+        if interrupted and is_resumable(ctx.ws.output_path(cfg.output_dir, "train.output_dir") / interrupted):
+            ctx.console.print(f"resuming interrupted training run {interrupted}")
+            run_dir = run_training(ctx.ws, resume=True, run_name=interrupted, console=ctx.console)
+        else:
+            name = cfg.run_name or default_run_name(cfg)
+            ctx.mark(run_name=name)
+            run_dir = run_training(ctx.ws, run_name=name, console=ctx.console)
+        return adapter_result(ctx.ws, run_dir)
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        """The adapter's manifest and its training log (one dict per logged step)."""
+        log = result.path(ws, "adapter").parent / "training_log.jsonl"
+        rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()] if log.exists() else []
+        return {"manifest": read_json(result.path(ws, "manifest")), "log": rows}
