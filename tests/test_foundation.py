@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -164,3 +165,116 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         resolve_base_model("someorg/some-model-that-is-not-cached", tmp_path)
     with pytest.raises(OpenSEMError, match="no such .gguf"):
         resolve_base_model(str(tmp_path / "missing.gguf"), tmp_path)
+
+
+# --- one source of defaults: the schema; the templates and the README state the same values ------------------------
+def _schema_default(model, dotted: str):
+    obj = model()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, list):
+        return [x.model_dump(mode="json") if hasattr(x, "model_dump") else x for x in obj]
+    return obj
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_template_configs_state_the_schema_defaults():
+    import yaml
+
+    from opensem.config import SECTIONS
+
+    for section, (rel, model) in SECTIONS.items():
+        template = yaml.safe_load((REPO / "src/opensem/assets/workspace" / rel).read_text())
+        assert template, rel
+        for key, value in _leaves(template):
+            assert value == _schema_default(model, key), f"{rel}: {key} is {value!r} in the template, {_schema_default(model, key)!r} in the schema"
+
+
+def test_readme_configuration_table_states_the_schema_defaults():
+    import re
+
+    from opensem.config import TrainConfig
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("`configs/train_config.yaml` uses Axolotl's key names:", 1)[1].split("\n\n", 2)[1]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        keys = re.findall(r"`([a-z_]+)`", cells[0])
+        defaults = [d.strip().strip("`") for d in cells[1].split(",")]
+        if " or " in cells[0] or len(keys) != len(defaults):
+            keys, defaults = keys[:1], defaults[:1]
+        for key, shown in zip(keys, defaults):
+            if key not in TrainConfig.model_fields:
+                continue
+            value = getattr(TrainConfig(), key)
+            if isinstance(value, list) and value and hasattr(value[0], "path"):
+                value = value[0].path  # a dataset list is shown by its path
+            if value is None:
+                assert shown in ("unset", "generated", "end", "null"), f"README: {key} default {shown!r}, schema None"
+            elif isinstance(value, bool):
+                assert shown == str(value).lower(), f"README: {key} default {shown!r}, schema {value!r}"
+            elif isinstance(value, (int, float)):
+                assert float(shown) == float(value), f"README: {key} default {shown!r}, schema {value!r}"
+            else:
+                assert shown == str(value), f"README: {key} default {shown!r}, schema {value!r}"
+            checked += 1
+    assert checked >= 25
+
+
+def test_every_dataset_entry_is_trained_on(tmp_path, base_models_dir):
+    from conftest import make_workspace
+
+    from opensem.train import run_training
+    from opensem.workspace import Workspace
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    rows = lambda tag, n: "".join(json.dumps({"conversations": [{"from": "human", "value": f"{tag} question {i}?"},  # noqa: E731
+                                                                  {"from": "gpt", "value": f"{tag} answer {i}."}]}) + "\n" for i in range(n))
+    (ws / "data/processed/a.jsonl").write_text(rows("alpha", 3))
+    (ws / "data/processed/b.jsonl").write_text(rows("beta", 5))
+    set_config(ws, "train", datasets=[{"path": "data/processed/a.jsonl"}, {"path": "data/processed/b.jsonl"}], test_datasets=[],
+               max_steps=1, micro_batch_size=8, replay=None, run_name="two")
+    run_training(Workspace(ws))
+    m = json.loads((ws / "models/adapters/two/manifest.json").read_text())
+    assert [f["examples"] for f in m["data"]["train"]["files"]] == [3, 5] and m["data"]["train"]["examples"] == 8
+
+
+def test_the_requirements_four_entry_points_run_real_stages(tmp_path, base_models_dir, fake, promptfoo_available):
+    """PRD happy path, as written: python src/forge.py, src/judge.py --mode baseline, src/train.py, src/judge.py --mode fine-tuned."""
+    from conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    (ws / "data/raw/pump.md").write_text("# Halden H-40\n\nThe Halden H-40 pump runs at a maximum pressure of 12 bar. "
+                                         "Its motor draws 450 watts at full load. The H-40 weighs 14 kilograms.\n")
+    (ws / "evals/golden_set.json").write_text(json.dumps([{"question": "What is the H-40's maximum pressure?", "answer": "12 bar."}]))
+    set_config(ws, "forge", teacher={"provider": "openai-compatible", "base_url": fake.openai_url, "model": "gpt-4o-mini"},
+               generation={"pairs_per_chunk": 4})
+    set_config(ws, "train", max_steps=2, micro_batch_size=4, run_name="prd", replay=None)
+    set_config(ws, "eval", answers={"max_new_tokens": 16}, forgetting_set=None, bootstrap_samples=100)
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, f"src/{script}", *args, "-w", str(ws)], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{script}: {r.stderr[-2000:]}"
+        return r
+
+    run("forge.py")
+    assert fake.calls["/v1/chat/completions"] > 0 and (ws / "data/processed/train.jsonl").read_text().strip()
+    run("judge.py", "--mode", "baseline")
+    assert (ws / "evals/reports/baseline-latest.json").exists()
+    run("train.py")
+    assert (ws / "models/adapters/prd/adapter_model.safetensors").exists()
+    r = run("judge.py", "--mode", "fine-tuned")
+    assert "Baseline vs Fine-Tuned" in r.stdout and "Accuracy" in r.stdout
+    ft = json.loads((ws / "evals/reports/fine-tuned-latest.json").read_text())
+    assert ft["comparison"]["paired_n"] == 1 and "prd" in ft["lineage"]["adapter"]

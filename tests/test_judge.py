@@ -201,3 +201,27 @@ def test_missing_promptfoo_is_a_clear_error(judged_ws):
     r = run_cli("judge", "--mode", "baseline", "-w", str(judged_ws))
     assert r.returncode == 2 and "'/nonexistent/promptfoo' not found" in r.stderr and "npm ci" in r.stderr
     assert "answering" not in r.stdout  # it fails before any work
+
+
+def test_calibration_on_a_teams_own_file(workspace, tmp_path):
+    own = [
+        {"question": "What is the boiling point of water at sea level?", "reference": "100 degrees Celsius.",
+         "candidate": "Water boils at 100 degrees Celsius at sea level.", "human": 5},
+        {"question": "What is the boiling point of water at sea level?", "reference": "100 degrees Celsius.",
+         "candidate": "It boils at 90 degrees.", "human": 1},
+        {"question": "Who wrote the pump manual?", "golden": "Marta Vell wrote it.", "candidate": "Marta Vell.", "human_score": 5},
+        {"question": "Who wrote the pump manual?", "golden": "Marta Vell wrote it.", "candidate": "I do not know.", "human_score": 1},
+        {"question": "How long is the warranty?", "golden": "Four years.", "candidate": "The warranty lasts four years.", "human_score": 5},
+        {"question": "How long is the warranty?", "golden": "Four years.", "candidate": "Two years, I think.", "human_score": 2},
+    ]
+    f = tmp_path / "our_scores.json"
+    f.write_text(json.dumps(own))
+    r = run_cli("judge", "--calibrate", str(f), "-w", str(workspace))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "judge calibration on 6 human-scored answers" in " ".join(r.stdout.split()) and "our_scores.json" in r.stdout
+    res = run_calibration(Workspace(workspace), f)
+    assert res["offline-reference"]["n"] == 6 and res["offline-reference"]["spearman"] > 0.5
+    own[1]["human"] = 7
+    f.write_text(json.dumps(own))
+    r = run_cli("judge", "--calibrate", str(f), "-w", str(workspace))
+    assert r.returncode == 2 and "item 2: key 'human'" in r.stderr and "less than or equal to 5" in r.stderr

@@ -138,7 +138,11 @@ def train(
 def judge(
     mode: Annotated[Optional[str], typer.Option(help="baseline | fine-tuned")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name or path (default: the latest)")] = None,
-    calibrate: Annotated[bool, typer.Option("--calibrate", help="Report each judge's agreement with human scores")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Report each judge's agreement with human scores: the shipped set, or FILE")] = False,
+    file: Annotated[Optional[Path], typer.Argument(
+        help="With --calibrate: your own human-scored answers, a JSON list of {question, golden, candidate, human_score 1-5}",
+        show_default=False)] = None,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
@@ -146,8 +150,10 @@ def judge(
     from opensem.judge import run_calibration, run_judge
 
     ws = _ws(workspace, sets)
+    if file is not None and not calibrate:
+        raise OpenSEMError(f"{file}: a file argument is only for --calibrate (opensem judge --calibrate {file})")
     if calibrate:
-        run_calibration(ws, console=out)
+        run_calibration(ws, file, console=out)
         return
     if mode not in ("baseline", "fine-tuned"):
         raise OpenSEMError("--mode must be 'baseline' or 'fine-tuned' (or use --calibrate)")
@@ -192,13 +198,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors of typer's click (vendored in typer >= 0.20): they show themselves
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and isinstance(getattr(e, "exit_code", None), int):
             sys.exit(e.exit_code)
         raise
 

@@ -39,7 +39,7 @@ class LLMSpec(Strict):
     model: Optional[str] = Field(None, description="Model name; defaults per provider")
     base_url: Optional[str] = Field(None, description="For openai-compatible (Ollama, vLLM, LM Studio...)")
     api_key_env: Optional[str] = Field(None, description="Name of the environment variable with the key")
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
     max_tokens: int = Field(1024, ge=1, le=200_000)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0, le=50)
@@ -100,14 +100,14 @@ class ChunkingConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    pairs_per_chunk: int = Field(4, ge=1, le=100, description="Budget of pairs asked for per chunk")
+    pairs_per_chunk: int = Field(40, ge=1, le=100, description="Budget of pairs asked for per chunk")
     strategy: Literal["auto", "passage", "sentence"] = Field(
         "auto",
         description="passage: the teacher writes question+answer from the whole chunk (capable teachers); "
         "sentence: one source sentence per request, the teacher writes questions, the answer is the "
         "sentence (weak local teachers). auto: sentence for the local provider, passage otherwise.",
     )
-    questions_per_sentence: int = Field(3, ge=1, le=10)
+    questions_per_sentence: int = Field(4, ge=1, le=10)
     system_prompt: Optional[str] = Field(None, description="Optional system turn written into every record")
 
 
@@ -129,7 +129,7 @@ class OutputConfig(Strict):
 
 
 class CostConfig(Strict):
-    max_cost_usd: Optional[float] = Field(None, ge=0)
+    max_cost_usd: Optional[float] = Field(5.0, ge=0, description="Hard budget for teacher calls in USD; null: none")
     prices: dict[str, Price] = Field(default_factory=dict, description="Extra or overriding prices per model")
 
     def price_for(self, model: str) -> Optional[Price]:
@@ -170,11 +170,11 @@ class TrainConfig(Strict):
     test_datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/test.jsonl")])
     engine: Literal["auto", "unsloth", "hf"] = "auto"
     adapter: Literal["lora", "qlora"] = "lora"
-    lora_r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(32, ge=1)
+    lora_r: int = Field(32, ge=1, le=1024)
+    lora_alpha: int = Field(64, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
-    sequence_len: int = Field(512, ge=16, le=131_072)
+    sequence_len: int = Field(256, ge=16, le=131_072)
     sample_packing: bool = False
     train_on_inputs: bool = False
     replay: Optional[str] = Field(
@@ -183,11 +183,11 @@ class TrainConfig(Strict):
         "itself and mixed into training; null to turn off",
     )
     replay_ratio: float = Field(0.2, ge=0.0, le=2.0, description="Replay examples per training example")
-    micro_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    num_epochs: float = Field(3.0, gt=0)
+    num_epochs: float = Field(6.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1, description="Overrides num_epochs when set")
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
@@ -235,7 +235,7 @@ class TrainConfig(Strict):
 # Eval
 # --------------------------------------------------------------------------------------------------
 class AnswerConfig(Strict):
-    max_new_tokens: int = Field(96, ge=1, le=8192)
+    max_new_tokens: int = Field(64, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     batch_size: int = Field(16, ge=1, le=1024)
     system_prompt: Optional[str] = None
@@ -424,7 +424,3 @@ def load_section(section: str, root: Path, overrides: list[str] | None = None, p
 def check_overrides(overrides: list[str] | None) -> None:
     for text in overrides or []:
         parse_override(text)
-
-
-def dump_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

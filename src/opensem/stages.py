@@ -34,7 +34,6 @@ REGISTRY: dict[str, str] = {
     "train": "opensem.train.stage:TrainStage",
     "fine-tuned": "opensem.judge.stage:FineTunedStage",
 }
-DEFAULT_STAGES = ["forge", "baseline", "train", "fine-tuned"]
 
 
 @dataclass(frozen=True)

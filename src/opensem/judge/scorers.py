@@ -179,9 +179,6 @@ class LLMJudge:
             return str(e) if e.unreachable else None
         return None
 
-    def score_one(self, question: str, golden: str, candidate: str) -> Verdict:
-        return self.score_many([(question, golden, candidate)])[0]
-
 
 def make_judge(spec, ws):
     """The configured judge; the offline scorer when none is configured (or, with fallback, reachable)."""

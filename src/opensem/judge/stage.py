@@ -8,16 +8,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.markup import escape
 
+from opensem.config import EvalConfig
 from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
 from opensem.judge import promptfoo, report
@@ -79,118 +81,147 @@ def _check_context(model_path: str, ecfg, items: list[tuple[str, GoldenItem]]) -
             raise OpenSEMError(f"{source}: item {it.id!r}: the question is too long ({why}): shorten it")
 
 
+@dataclass
+class JudgeRun:
+    """One judge run as it is set up, before any answer: what is asked of which model, graded by whom."""
+
+    mode: str
+    ecfg: EvalConfig
+    items: list[GoldenItem]
+    forget: list[GoldenItem]
+    base: Any
+    adapter_dir: Optional[Path]
+    judge: Any
+    promptfoo_cmd: list[str]
+    reports_dir: Path
+
+    @property
+    def label(self) -> str:
+        return "Fine-Tuned" if self.adapter_dir else "Baseline"
+
+
 def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: Optional[Console] = None) -> dict:
+    """setup -> answers -> promptfoo grades the golden set -> forgetting check -> results -> comparison."""
     console = console or Console()
     t0 = time.time()
+    run = setup_judge(ws, mode, adapter, console)
+    everything = [(it.id, it.question, it.system) for it in run.items] + [("forget:" + it.id, it.question, None) for it in run.forget]
+    with stage_progress(console, f"{mode}: answering {len(run.items)} golden + {len(run.forget)} general questions", len(everything)) as adv:
+        answers = generate_answers(ws, run.base.path, run.base.fingerprint, run.adapter_dir, everything, run.ecfg.answers, progress=adv)
+    run_dir = _new_run_dir(run.reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith("forget:")})
+    per_item = grade_with_promptfoo(run, answers, run_dir, console)
+    forget_items = score_forgetting(run, answers)
+    result = results_record(ws, run, run_dir, per_item, forget_items, time.time() - t0)
+    write_json(run_dir / "results.json", result)
+    base_res = compare_with_baseline(ws, run, result, console)
+    write_json(run_dir / "results.json", result)
+    write_json(run.reports_dir / f"{mode}-latest.json", result)
+    tuned_res = result if mode == "fine-tuned" else None
+    cmp, forgetting = result.get("comparison"), result.get("forgetting")
+    (run_dir / "report.md").write_text(report.markdown(run.judge.name, base_res, tuned_res, cmp, result["lineage"], forgetting),
+                                       encoding="utf-8")
+    report.render(console, run.judge.name, base_res, tuned_res, cmp, forgetting)
+    console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
+                  f"browse it with `npx promptfoo view`")
+    return result
+
+
+def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Console) -> JudgeRun:
+    """Everything checked before any work: configs, golden set, promptfoo, model, adapter, context, judge."""
     ecfg, tcfg = ws.eval_config(), ws.train_config()
     reports_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir")
-    golden_path = ws.path(ecfg.golden_set)
-    items = load_golden(golden_path)
+    items = load_golden(ws.path(ecfg.golden_set))
     for a, b in duplicate_questions(items):
         console.print(f"[yellow]warning[/]: {escape(ecfg.golden_set)}: items {escape(a)} and {escape(b)} ask the same question")
-    cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)  # before any work: a clear error if it is missing
+    cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)
     base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
     adapter_dir = find_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
     judge = _judge_with_fallback(ws, ecfg, console)
+    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir)
 
-    # 1. answers, batched and cached ---------------------------------------------------------------------
-    label = "Fine-Tuned" if adapter_dir else "Baseline"
-    everything = [(it.id, it.question, it.system) for it in items] + [("forget:" + it.id, it.question, None) for it in forget]
-    with stage_progress(console, f"{mode}: answering {len(items)} golden + {len(forget)} general questions", len(everything)) as adv:
-        answers = generate_answers(ws, base.path, base.fingerprint, adapter_dir, everything, ecfg.answers, progress=adv)
 
-    run_dir = _new_run_dir(reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    answers_file = run_dir / "answers.json"
-    write_json(answers_file, {k: v for k, v in answers.items() if not k.startswith("forget:")})
-
-    # 2. promptfoo runs the golden set; the judge grades through it ------------------------------------------
-    # promptfoo sees opaque keys only; questions, golden answers and model answers stay on this side
-    keys = promptfoo.test_keys(len(items))
-    by_key = dict(zip(keys, items))
+def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, console: Console) -> list[dict]:
+    """promptfoo runs the golden set as tests and the judge grades through it. promptfoo sees opaque keys only;
+    questions, golden answers and model answers stay on this side."""
+    keys = promptfoo.test_keys(len(run.items))
+    by_key = dict(zip(keys, run.items))
     answers_by_key = run_dir / "promptfoo_answers.json"
     write_json(answers_by_key, {k: answers[it.id] for k, it in by_key.items()})
-    with stage_progress(console, f"{mode}: judging with {judge.short} via promptfoo", len(items)) as adv:
+    with stage_progress(console, f"{run.mode}: judging with {run.judge.short} via promptfoo", len(run.items)) as adv:
 
         def grade(key: str, output: str) -> dict:
             it = by_key[key]
             if output != answers[it.id]:
                 return {"error": f"promptfoo passed an output for {key} that differs from the recorded answer"}
-            v = judge.score_many([(it.question, it.answer, answers[it.id])])[0]
+            v = run.judge.score_many([(it.question, it.answer, answers[it.id])])[0]
             adv(1)
             return {"error": v.error} if v.error else {"score": v.score, "reason": v.reason}
 
-        config = promptfoo.write_config(run_dir, label, keys, ecfg.pass_threshold, f"OpenSEM {mode}", ecfg.judge.concurrency)
+        config = promptfoo.write_config(run_dir, run.label, keys, run.ecfg.pass_threshold, f"OpenSEM {run.mode}",
+                                        run.ecfg.judge.concurrency)
         with promptfoo.JudgeServer(grade) as server:
-            data = promptfoo.run_eval(cmd, config, run_dir / "promptfoo_output.json", server, answers_by_key,
+            data = promptfoo.run_eval(run.promptfoo_cmd, config, run_dir / "promptfoo_output.json", server, answers_by_key,
                                       sys.executable, run_dir / "promptfoo.log")
     parsed = promptfoo.parse_results(data)
-    per_item = [
-        {"id": it.id, "question": it.question, "golden": it.answer, **parsed[k]}
-        for k, it in by_key.items() if k in parsed
-    ]
-    summary = report.summarize(per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+    return [{"id": it.id, "question": it.question, "golden": it.answer, **parsed[k]} for k, it in by_key.items() if k in parsed]
 
-    # 3. forgetting check items (same judge, directly) ------------------------------------------------------
-    forget_items = []
-    if forget:
-        verdicts = judge.score_many([(f.question, f.answer, answers["forget:" + f.id]) for f in forget])
-        forget_items = [{"id": f.id, "question": f.question, "golden": f.answer, "output": answers["forget:" + f.id],
-                         "score": v.score, "reason": v.reason, "error": v.error} for f, v in zip(forget, verdicts)]
 
-    lineage = {
-        "golden_set": f"{ecfg.golden_set} {file_sha256(golden_path)}",
-        "eval_config": json_sha256(ecfg.model_dump(mode="json")),
-        "base_model": f"{base.name} {base.fingerprint}",
-        "adapter": f"{adapter_dir} {adapter_hash(adapter_dir)}" if adapter_dir else "none",
-        "adapter_manifest": file_sha256(adapter_dir / "manifest.json") if adapter_dir and (adapter_dir / "manifest.json").exists() else "none",
-        "judge": judge.name,
-        "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
-    }
-    result = {
+def score_forgetting(run: JudgeRun, answers: dict[str, str]) -> list[dict]:
+    """The general-knowledge questions, scored by the same judge in one batch."""
+    if not run.forget:
+        return []
+    verdicts = run.judge.score_many([(f.question, f.answer, answers["forget:" + f.id]) for f in run.forget])
+    return [{"id": f.id, "question": f.question, "golden": f.answer, "output": answers["forget:" + f.id],
+             "score": v.score, "reason": v.reason, "error": v.error} for f, v in zip(run.forget, verdicts)]
+
+
+def results_record(ws: Workspace, run: JudgeRun, run_dir: Path, per_item: list[dict], forget_items: list[dict],
+                   seconds: float) -> dict:
+    ecfg, golden_sha, adapter_dir = run.ecfg, file_sha256(ws.path(run.ecfg.golden_set)), run.adapter_dir
+    adapter_manifest = adapter_dir / "manifest.json" if adapter_dir else None
+    return {
         "stage": "judge",
-        "mode": mode,
+        "mode": run.mode,
         "created": now(),
-        "label": label,
-        "judge": judge.name,
-        "judge_short": judge.short,
+        "label": run.label,
+        "judge": run.judge.name,
+        "judge_short": run.judge.short,
         "pass_threshold": ecfg.pass_threshold,
-        "summary": summary,
+        "summary": report.summarize(per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed),
         "items": per_item,
         "forgetting_items": forget_items,
-        "lineage": lineage,
-        "key": {"golden": file_sha256(golden_path), "base": base.fingerprint, "judge": judge.name,
+        "lineage": {
+            "golden_set": f"{ecfg.golden_set} {golden_sha}",
+            "eval_config": json_sha256(ecfg.model_dump(mode="json")),
+            "base_model": f"{run.base.name} {run.base.fingerprint}",
+            "adapter": f"{adapter_dir} {adapter_hash(adapter_dir)}" if adapter_dir else "none",
+            "adapter_manifest": file_sha256(adapter_manifest) if adapter_manifest and adapter_manifest.exists() else "none",
+            "judge": run.judge.name,
+            "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
+        },
+        "key": {"golden": golden_sha, "base": run.base.fingerprint, "judge": run.judge.name,
                 "answers": ecfg.answers.model_dump(mode="json")},
         "run_dir": str(run_dir.relative_to(ws.root)) if run_dir.is_relative_to(ws.root) else str(run_dir),
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": round(seconds, 1),
     }
-    write_json(run_dir / "results.json", result)
 
-    # 4. compare with the stored baseline --------------------------------------------------------------------
-    base_res = tuned_res = cmp = forgetting = None
-    if mode == "baseline":
-        base_res = result
-        shutil.copyfile(run_dir / "results.json", reports_dir / "baseline-latest.json")
-    else:
-        tuned_res = result
-        base_res = read_json(reports_dir / "baseline-latest.json", None)
-        if base_res is None or base_res.get("key") != result["key"]:
-            console.print("no baseline for this golden set, base model and judge yet: running the baseline first")
-            base_res = run_judge(ws, "baseline", console=Console(quiet=True))
-        cmp = report.compare(base_res["items"], per_item, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
-        forgetting = forgetting_check(base_res.get("forgetting_items", []), forget_items, ecfg)
-        result["comparison"] = cmp
-        result["forgetting"] = forgetting
-        result["baseline_run"] = base_res["run_dir"]
-        write_json(run_dir / "results.json", result)
-        shutil.copyfile(run_dir / "results.json", reports_dir / "fine-tuned-latest.json")
-    md = report.markdown(judge.name, base_res, tuned_res, cmp, lineage, forgetting)
-    (run_dir / "report.md").write_text(md, encoding="utf-8")
-    report.render(console, judge.name, base_res, tuned_res, cmp, forgetting)
-    console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
-                  f"browse it with `npx promptfoo view`")
-    return result
+
+def compare_with_baseline(ws: Workspace, run: JudgeRun, result: dict, console: Console) -> dict:
+    """The baseline results to compare with (this run, for a baseline); a fine-tuned result gets its comparison."""
+    if run.mode == "baseline":
+        return result
+    base_res = read_json(run.reports_dir / "baseline-latest.json", None)
+    if base_res is None or base_res.get("key") != result["key"]:
+        console.print("no baseline for this golden set, base model and judge yet: running the baseline first")
+        base_res = run_judge(ws, "baseline", console=Console(quiet=True))
+    ecfg = run.ecfg
+    result["comparison"] = report.compare(base_res["items"], result["items"], ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+    result["forgetting"] = forgetting_check(base_res.get("forgetting_items", []), result["forgetting_items"], ecfg)
+    result["baseline_run"] = base_res["run_dir"]
+    return base_res
 
 
 def forgetting_check(base_items: list[dict], tuned_items: list[dict], ecfg) -> Optional[dict]:
@@ -207,32 +238,70 @@ def forgetting_check(base_items: list[dict], tuned_items: list[dict], ecfg) -> O
     return {"n": p.n, "mean_diff": p.mean_diff, "ci": p.ci, "p_value": p.p_value, "flagged": flagged, "message": msg}
 
 
-def run_calibration(ws: Workspace, console: Optional[Console] = None) -> dict:
+class CalibrationItem(BaseModel):
+    """One human-scored answer: the question, the reference answer, a candidate answer and a person's 1-5 score."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    question: str = Field(min_length=1)
+    golden: str = Field(min_length=1, validation_alias=AliasChoices("golden", "reference", "answer"))
+    candidate: str
+    human_score: int = Field(ge=1, le=5, validation_alias=AliasChoices("human_score", "human", "score"))
+
+
+def load_calibration(path: Optional[Path]) -> list[CalibrationItem]:
+    """The shipped set (51 human-scored answers about the example domain), or a team's own file."""
+    from pydantic import ValidationError
+
+    from opensem.encoding import read_text
+
+    path = path or Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
+    if not path.exists():
+        raise OpenSEMError(f"{path}: calibration file not found")
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise OpenSEMError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, list):
+        raise OpenSEMError(f"{path}: expected a JSON list of {{question, golden, candidate, human_score}} items")
+    items = []
+    for i, raw in enumerate(data):
+        try:
+            items.append(CalibrationItem.model_validate(raw))
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "item"
+            raise OpenSEMError(f"{path}: item {i + 1}: key '{key}': {err['msg']}") from None
+    if len(items) < 3:
+        raise OpenSEMError(f"{path}: {len(items)} item(s): a rank correlation needs at least 3 human-scored answers")
+    return items
+
+
+def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optional[Console] = None) -> dict:
     """Agreement of the offline scorer (and the configured judge, if it is another) with human scores."""
     from rich.table import Table
     from scipy.stats import spearmanr
 
     console = console or Console()
-    path = Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
-    items = json.loads(path.read_text(encoding="utf-8"))
-    human = [it["human_score"] for it in items]
+    items = load_calibration(path)
+    human = [it.human_score for it in items]
     ecfg = ws.eval_config()
     judges = [ReferenceScorer()]
     if ecfg.judge.provider != "offline":
         judges.append(make_judge(ecfg.judge, ws))
-    table = Table(title=f"judge calibration on {len(items)} human-scored answers")
+    source = escape(str(path)) if path else "the shipped set"
+    table = Table(title=f"judge calibration on {len(items)} human-scored answers ({source})")
     for col in ("judge", "Spearman", "exact", "within 1", "errors"):
         table.add_column(col, justify="right" if col != "judge" else "left")
     out = {}
     for j in judges:
-        verdicts = j.score_many([(it["question"], it["golden"], it["candidate"]) for it in items])
+        verdicts = j.score_many([(it.question, it.golden, it.candidate) for it in items])
         ok = [(h, v.score) for h, v in zip(human, verdicts) if v.score is not None]
         errors = len(items) - len(ok)
         rho = float(spearmanr([h for h, _ in ok], [s for _, s in ok]).statistic) if len(ok) > 2 else float("nan")
         exact = sum(round(s) == h for h, s in ok) / len(ok) if ok else 0.0
         within = sum(abs(round(s) - h) <= 1 for h, s in ok) / len(ok) if ok else 0.0
         out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)}
-        table.add_row(j.name, f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
+        table.add_row(escape(j.name), f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
     console.print(table)
     return out
 

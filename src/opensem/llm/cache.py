@@ -21,8 +21,6 @@ class CachedProvider:
     def __init__(self, provider: Provider, cache_dir: Path):
         self.provider = provider
         self.cache_dir = Path(cache_dir)
-        self.hits = 0
-        self.misses = 0
 
     def key(self, messages, schema, temperature, max_tokens, variant: int = 0) -> str:
         payload = {
@@ -76,10 +74,8 @@ class CachedProvider:
         k = self.key(messages, schema, temperature, max_tokens, variant)
         hit = self.get(k)
         if hit is not None:
-            self.hits += 1
             return hit
         reply = self.provider.complete(messages, schema, temperature, max_tokens)
-        self.misses += 1
         self.put(k, messages, reply)
         return reply
 
@@ -95,7 +91,6 @@ class CachedProvider:
             if hit is None:
                 misses.append(c)
                 continue
-            self.hits += 1
             c.reply = finish_reply(hit, c.schema)
             on_done(c)
         if not misses:
@@ -103,7 +98,6 @@ class CachedProvider:
 
         def done(c: Call) -> None:
             if c.reply is not None:
-                self.misses += 1
                 self.put(keys[id(c)], c.messages, c.reply)
             on_done(c)
 

@@ -176,10 +176,6 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    return world()[0] == 0
-
-
 def last_checkpoint(folder) -> Optional[str]:
     from pathlib import Path
 
