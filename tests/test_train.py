@@ -213,3 +213,23 @@ def test_missing_training_data_is_a_clear_error(workspace):
         from opensem.train import run_training
 
         run_training(Workspace(workspace))
+
+
+def test_a_run_is_the_same_whatever_ran_before_in_the_process(tmp_path, base_models_dir):
+    """The LoRA init draws from the global RNG; a sampling teacher (or anything else) before training in the same
+    process must not change the adapter. (It did: a test that sampled first made a 30-step run diverge.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    from opensem.train import run_training
+    from opensem.workspace import Workspace
+
+    ws = _tiny_workspace(tmp_path, base_models_dir, n=4)
+    set_config(ws, "train", max_steps=1, micro_batch_size=4, replay=None, test_datasets=[])
+    weights = []
+    for name, noise in (("first", 0), ("second", 1000)):
+        torch.rand(noise)  # what an earlier stage may have drawn
+        run_training(Workspace(ws), run_name=name)
+        weights.append(load_file(str(ws / "models/adapters" / name / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

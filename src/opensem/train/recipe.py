@@ -80,6 +80,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
             raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
         engines.import_unsloth_first()
     base, profile, n_params = load_profile(ws, run, hw)
+    _seed(run.cfg.seed)  # the LoRA init draws from the global RNG: the same run whatever ran before in this process
     model, tok = load_model(run, base, profile, engine, hw)
     data = load_data(ws, run, base, tok)
     if run.main:
@@ -336,6 +337,12 @@ def _with(cfg: TrainConfig, **values) -> TrainConfig:
         return TrainConfig.model_validate(cfg.model_dump() | values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "--run-name", TrainConfig)) from None
+
+
+def _seed(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def _fmt(x) -> str:
