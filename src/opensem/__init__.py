@@ -5,7 +5,9 @@ The pipeline, one package per stage:
     forge/  raw documents -> grounded instruction/answer pairs (train.jsonl, test.jsonl)
     train/  train.jsonl -> LoRA adapter in models/adapters/{run_name}
     judge/  golden set -> answers of base and tuned model -> promptfoo -> 1-5 scores -> report
-    run.py  the whole loop, with lineage and an HTML report
+
+    stages.py    the stage contract: typed results with artifacts and content hashes
+    pipeline.py  `opensem run`: the declared stages, with lineage and an HTML report
 """
 
 __version__ = "0.1.0"

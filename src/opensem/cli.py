@@ -166,7 +166,7 @@ def run(
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
-    """The whole loop: forge -> baseline -> train -> fine-tuned -> report (skips up-to-date stages)."""
+    """The stages of configs/pipeline_config.yaml (default forge -> baseline -> train -> fine-tuned), then the report; up-to-date stages are skipped."""
     from opensem.pipeline import run_pipeline
 
     run_pipeline(_ws(workspace, sets), force=force, console=out)
