@@ -56,7 +56,7 @@ class Pipeline:
         """Skip, resume or run one stage; ``run(record)`` gets what an unfinished attempt recorded."""
         key = json_sha256(inputs)
         prev = self.state.get(name, {})
-        if not self.force and prev.get("inputs") == key and prev.get("status") == "done":
+        if not self.force and prev.get("inputs") == key and prev.get("status") == "done" and "result" in prev:  # older records: rerun
             done = StageResult.from_json(prev["result"])
             if done.unchanged(self.ws):
                 self.console.print(f"[dim]{name}: up to date (inputs unchanged since {prev.get('finished')}), skipped[/]")

@@ -190,7 +190,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     manifest = {
         "stage": "forge",
         "created": now(),
-        "status": _status(stop, failed, answered, train),
+        "status": _status(stop, failed, train),
         "config": cfg.model_dump(mode="json"),
         "config_sha": json_sha256(cfg.model_dump(mode="json")),
         "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": cfg.teacher.base_url},
@@ -273,7 +273,7 @@ def _price(cfg: ForgeConfig):
     return price
 
 
-def _status(stop: Optional[str], failed: int, answered: int, train: list) -> str:
+def _status(stop: Optional[str], failed: int, train: list) -> str:
     if not train:
         return "failed"
     if stop:
