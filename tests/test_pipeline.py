@@ -97,7 +97,9 @@ def test_an_interrupted_stage_keeps_what_it_recorded_and_nothing_else(tmp_path):
     p.stage("train", {"a": 1}, run)  # finished, but its outputs are gone: a new run
     p.state["train"] = {"inputs": "other", "status": "running", "run_name": "old-inputs"}
     p.stage("train", {"a": 1}, run)  # inputs changed: a new run
-    assert seen == ["interrupted-run", "failed-run", None, None]
+    p.state["train"] = {"inputs": key, "status": "done", "run_name": "v0.1-record"}
+    p.stage("train", {"a": 1}, run)  # a record written before typed results: rerun, never a crash
+    assert seen == ["interrupted-run", "failed-run", None, None, None]
 
 
 def test_declared_stages_run_in_order_and_a_stage_of_your_own_plugs_in(tmp_path, monkeypatch):
