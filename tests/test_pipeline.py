@@ -147,6 +147,7 @@ def test_a_corrupt_record_is_a_one_line_error_naming_the_file(tmp_path):
     from opensem.workspace import init_workspace
 
     init_workspace(tmp_path)
+    (tmp_path / "evals/golden_set.json").write_text('[{"question": "q?", "answer": "a"}]')
     state = tmp_path / ".opensem/pipeline_state.json"
     state.parent.mkdir(parents=True)
     state.write_text('{"forge": {"inputs": "sha256:')  # torn mid-write by an old crash, or edited by hand
@@ -166,3 +167,14 @@ def test_a_corrupt_record_is_a_one_line_error_naming_the_file(tmp_path):
         assert "nothing.json: not found" in str(e)
     else:
         raise AssertionError("a required record that is missing must be an error")
+
+
+def test_a_bad_golden_set_stops_the_run_before_the_forge_pays_for_anything(tmp_path):
+    from opensem.workspace import init_workspace
+
+    init_workspace(tmp_path)
+    (tmp_path / "data/raw/notes.txt").write_text("The pump runs at 12 bar. It weighs 14 kilograms in all.")
+    (tmp_path / "evals/golden_set.json").write_text('[{"question": "q?"}]')
+    r = run_cli("run", "-w", str(tmp_path))
+    assert r.returncode == 2 and "golden_set.json: item 1: key 'answer': Field required" in " ".join(r.stderr.split())
+    assert not (tmp_path / "data/processed/train.jsonl").exists() and not (tmp_path / ".opensem/cache").exists()

@@ -91,6 +91,9 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     # every config valid, and every stage loadable, before any work
     ws.forge_config(), ws.train_config(), ws.eval_config()
     stages = [load_stage(name) for name in ws.pipeline_config().stages]
+    for stage in stages:
+        if hasattr(stage, "check"):
+            stage.check(ws)
     p = Pipeline(ws, force, console)
     for stage in stages:
         p.run_stage(stage)

@@ -7,8 +7,9 @@ A stage is one object with a ``name`` and two methods:
     run(ctx)     -> StageResult   does the work; returns the artifacts it wrote (path + content hash)
                                   and a small JSON summary for the run manifest.
 
-and, optionally, ``details(ws, result) -> dict``: the full record it wrote (its manifest or results file),
-for reports. Only the stage knows its folders, file names and manifest keys; the pipeline passes typed
+and, optionally, ``check(ws)``: raise a one-line error for a bad input before any stage of the run does
+work (the judge checks the golden set and promptfoo before the forge pays for a teacher), and
+``details(ws, result) -> dict``: the full record it wrote (its manifest or results file), for reports. Only the stage knows its folders, file names and manifest keys; the pipeline passes typed
 results along (``ctx.results["train"]``) and never opens another stage's files.
 
 The stages of a workspace are listed in configs/pipeline_config.yaml (``stages:``), by name from

@@ -328,6 +328,12 @@ class BaselineStage:
         base = resolve_base_model(tcfg.base_model, ctx.ws.base_models_dir)
         return {"golden": file_sha256(ctx.ws.path(ecfg.golden_set)), "eval": ecfg.model_dump(mode="json"), "base": base.fingerprint}
 
+    def check(self, ws: Workspace) -> None:
+        """Before any stage of the run works: the golden set reads and promptfoo is there."""
+        ecfg = ws.eval_config()
+        load_golden(ws.path(ecfg.golden_set))
+        promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)
+
     def adapter(self, ctx: Context) -> Optional[Path]:
         return None
 
