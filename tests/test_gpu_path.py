@@ -73,3 +73,61 @@ def test_unsloth_import_order_is_checked(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace())
     engines.import_unsloth_first()
     assert "imported before unsloth" in capsys.readouterr().err
+
+
+def _fake_fast_model(calls: dict):
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kw):
+            calls["load"] = kw
+            return "model", types.SimpleNamespace(pad_token="<pad>", eos_token="<|im_end|>")
+
+        @staticmethod
+        def get_peft_model(model, **kw):
+            calls["peft"] = kw
+            return "peft-model"
+
+    return FastLanguageModel
+
+
+def test_unsloth_continued_pretraining_contract(monkeypatch):
+    """Unsloth's CPT recipe: embed_tokens / lm_head among the targets, rsLoRA; an adapter folder loads to train on."""
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=_fake_fast_model(calls)))
+    cfg = TrainConfig(lora_modules_to_save=["embed_tokens", "lm_head"], peft_use_rslora=True)
+    engines.load_unsloth("/models/x", cfg, "bf16", gradient_checkpointing=False)
+    assert calls["peft"]["target_modules"] == engines.LINEAR_NAMES + ["embed_tokens", "lm_head"]
+    assert calls["peft"]["use_rslora"] is True and calls["load"]["model_name"] == "/models/x"
+    calls.clear()
+    model, _ = engines.load_unsloth("/models/x", TrainConfig(lora_model_dir="/runs/cpt/a"), "bf16", gradient_checkpointing=False)
+    assert calls["load"]["model_name"] == "/runs/cpt/a" and "peft" not in calls and model == "model"
+
+
+def test_unsloth_trainer_gets_the_embedding_learning_rate(monkeypatch, base_models_dir, tmp_path):
+    """On the unsloth engine the trainer is built on UnslothTrainer with UnslothTrainingArguments(embedding_learning_rate)."""
+    from dataclasses import dataclass, field
+
+    from trl import SFTConfig, SFTTrainer
+
+    from opensem.train import recipe
+    from opensem.train.data import TokenizedSet
+
+    @dataclass
+    class UnslothTrainingArguments(SFTConfig):
+        embedding_learning_rate: float = field(default=None)
+
+    class UnslothTrainer(SFTTrainer):
+        pass
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(UnslothTrainer=UnslothTrainer,
+                                                                       UnslothTrainingArguments=UnslothTrainingArguments))
+    cfg = TrainConfig(lora_modules_to_save=["lm_head"], learning_rate=2e-4, embedding_learning_rate=3e-5, lora_r=4)
+    model, tok = engines.load_hf(str(base_models_dir / "smollm2-135m-instruct"), cfg, "fp32", "cpu")
+    run = recipe.Run(cfg, tmp_path / "run", True, 1, lambda *a, **k: None, engine="unsloth")
+    hw = hardware.Hardware("cpu", "cpu", 16, False, "x", 2)
+    prof = hardware.make_profile(cfg, hw, 0.135, 576, 30)
+    rows = [{"input_ids": [1, 2, 3], "assistant_masks": [1, 1, 1]}]
+    trainer = recipe.make_trainer(None, run, prof, hw, model, tok, recipe.Data(TokenizedSet(rows, 0, 0), None, 0, [], []))
+    assert isinstance(trainer, UnslothTrainer) and isinstance(trainer.args, UnslothTrainingArguments)
+    assert trainer.args.embedding_learning_rate == 3e-5 and trainer.args.learning_rate == 2e-4
+    assert trainer.create_optimizer().param_groups[0]["lr"] == 2e-4  # Unsloth's own optimizer, not our parameter group

@@ -58,6 +58,13 @@ def target_modules(cfg: TrainConfig):
     return LINEAR_NAMES if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules)
 
 
+def embedding_lr(cfg: TrainConfig) -> Optional[float]:
+    """The learning rate of the fully trained modules (lora_modules_to_save), or None when there are none."""
+    if not cfg.lora_modules_to_save and not cfg.lora_model_dir:
+        return None
+    return cfg.embedding_learning_rate or cfg.learning_rate / 10
+
+
 def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -85,9 +92,16 @@ def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
+    if cfg.lora_model_dir:  # go on training an adapter (e.g. the continued pre-training one): its own LoRA settings
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True), tok
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules),
+        modules_to_save=list(cfg.lora_modules_to_save) or None, use_rslora=cfg.peft_use_rslora,
+        # a model whose lm_head is its embedding matrix keeps one trained copy of it, not two that drift apart
+        ensure_weight_tying=bool(cfg.lora_modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tok
@@ -98,22 +112,26 @@ def load_unsloth(model_path: str, cfg: TrainConfig, precision: str, gradient_che
 
     import torch
 
+    # an adapter folder loads as base + adapter, ready to train on (Unsloth reads its base from adapter_config.json)
     model, tok = FastLanguageModel.from_pretrained(
-        model_name=model_path,
+        model_name=cfg.lora_model_dir or model_path,
         max_seq_length=cfg.sequence_len,
         dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
         load_in_4bit=cfg.adapter == "qlora",
-        local_files_only=os.path.isdir(model_path),
+        local_files_only=os.path.isdir(cfg.lora_model_dir or model_path),
     )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg),
-        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
-        random_state=cfg.seed,
-    )
+    if not cfg.lora_model_dir:
+        # Unsloth's continued pre-training recipe: embed_tokens / lm_head named among the targets are trained in full
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=target_modules(cfg) + list(cfg.lora_modules_to_save),
+            use_rslora=cfg.peft_use_rslora,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=cfg.seed,
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -135,18 +153,43 @@ def apply_checkpointing(model, share: float) -> int:
     return on
 
 
-def make_trainer_class():
+def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[float] = None):
     """SFTTrainer whose loss looks only at answer positions, and which counts real (non-pad) tokens.
 
     The logits (and the lm_head work) are computed only for positions that predict an answer token
     (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. The call goes
     through the (DDP-wrapped) model as usual, so data-parallel training still syncs gradients.
+
+    Modules trained in full (``lora_modules_to_save``: embed_tokens, lm_head) get their own, smaller learning
+    rate: Unsloth's UnslothTrainer does it on the unsloth engine (``embedding_learning_rate`` in its training
+    arguments); on the hf engine an optimizer parameter group does the same.
     """
     import torch.nn.functional as F
     from trl import SFTTrainer
 
-    class AnswerOnlySFTTrainer(SFTTrainer):
+    base = SFTTrainer
+    if engine == "unsloth" and embedding_learning_rate is not None:
+        from unsloth import UnslothTrainer
+
+        base = UnslothTrainer
+
+    class AnswerOnlySFTTrainer(base):  # type: ignore[valid-type, misc]
         real_tokens = 0
+
+        def create_optimizer(self, model=None):
+            if embedding_learning_rate is None or base is not SFTTrainer or self.optimizer is not None:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for n, p in opt_model.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault(("modules_to_save" in n, n in decay), []).append(p)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls([{"params": ps, "weight_decay": self.args.weight_decay if wd else 0.0,
+                                   **({"lr": embedding_learning_rate} if emb else {})}
+                                  for (emb, wd), ps in sorted(groups.items())], **kwargs)
+            return self.optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
