@@ -96,14 +96,14 @@ def ask(
 ):
     """Answer a question with the base model of the train config (and an adapter, if given)."""
     from opensem.inference import load_chat_model
-    from opensem.train.stage import find_adapter
     from opensem.models import resolve_base_model
+    from opensem.train.stage import find_adapter, trained_on
 
     ws = _ws(workspace, sets)
     cfg = ws.train_config()
-    base = resolve_base_model(cfg.base_model, ws.base_models_dir)
-    adapter_dir = str(find_adapter(ws, cfg, adapter)) if adapter else None
-    model = load_chat_model(base.path, adapter_dir)
+    adapter_dir = find_adapter(ws, cfg, adapter) if adapter else None
+    base = (trained_on(adapter_dir) if adapter_dir else None) or resolve_base_model(cfg.base_model, ws.base_models_dir)
+    model = load_chat_model(base.path, str(adapter_dir) if adapter_dir else None)
     system = ws.eval_config().answers.system_prompt
     conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     out.print(model.generate([conv], max_new_tokens=max_new_tokens)[0].text)
@@ -122,16 +122,47 @@ def forge(
 
 
 @app.command()
+def cpt(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the corpus plan and the rewrites' estimated cost; train nothing")] = False,
+    corpus_only: Annotated[bool, typer.Option("--corpus-only", help="Build data/processed/cpt.jsonl (and its rewrites) and stop")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
+    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/cpt")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Continued pre-training on the raw documents (configs/cpt_config.yaml) -> models/cpt/{run_name}."""
+    ws = _ws(workspace, sets)
+    if dry_run or corpus_only:
+        from opensem.cpt.corpus import build_corpus
+
+        corpus = build_corpus(ws, ws.cpt_config(), console, dry_run=dry_run)
+        if corpus:
+            console.print(f"corpus written to {ws.cpt_config().corpus}: {corpus.counts}")
+        return
+    from opensem.cpt import run_cpt
+
+    run_cpt(ws, resume=resume, run_name=run_name, console=console)
+
+
+@app.command()
 def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
     run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/adapters")] = None,
+    from_cpt: Annotated[Optional[str], typer.Option(
+        "--from-cpt", help="Start from a continued pre-training run (its name in models/cpt, or 'latest'); after_cpt says how")] = None,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
     """Stage 3: LoRA fine-tuning from configs/train_config.yaml -> models/adapters/{run_name}."""
     from opensem.train import run_training
 
-    run_training(_ws(workspace, sets), resume=resume, run_name=run_name, console=console)
+    ws = _ws(workspace, sets)
+    chain = None
+    if from_cpt and not resume:
+        from opensem.cpt.stage import chain_from, find_cpt
+
+        chain = chain_from(find_cpt(ws, None if from_cpt == "latest" else from_cpt), ws.train_config().after_cpt)
+    run_training(ws, resume=resume, run_name=run_name, console=console, chain=chain)
 
 
 @app.command()
@@ -166,17 +197,24 @@ def run(
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
-    """The stages of configs/pipeline_config.yaml (default forge -> baseline -> train -> fine-tuned), then the report; up-to-date stages are skipped."""
+    """The stages of configs/pipeline_config.yaml (default forge -> baseline -> train -> fine-tuned; cpt may go before train), then the report; up-to-date stages are skipped."""
     from opensem.pipeline import run_pipeline
 
     run_pipeline(_ws(workspace, sets), force=force, console=out)
 
 
 @app.command()
-def runs(workspace: WorkspaceOpt = Path(".")):
-    """List past runs and their headline numbers."""
-    from opensem.pipeline import list_runs
+def runs(
+    compare: Annotated[Optional[tuple[str, str]], typer.Option(
+        "--compare", metavar="RUN_A RUN_B", help="Two run ids: B's fine-tuned model against A's, paired on the golden set")] = None,
+    workspace: WorkspaceOpt = Path("."),
+):
+    """List past runs and their headline numbers; or compare two runs' fine-tuned models (--compare RUN_A RUN_B)."""
+    from opensem.pipeline import compare_runs, list_runs
 
+    if compare:
+        compare_runs(_ws(workspace, None), compare[0], compare[1], console=out)
+        return
     list_runs(_ws(workspace, None), console=out)
 
 

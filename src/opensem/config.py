@@ -3,6 +3,7 @@
 configs/forge_config.yaml  -> ForgeConfig   (the Data Forge)
 configs/train_config.yaml  -> TrainConfig   (the Training Floor; Axolotl's key names)
 configs/eval_config.yaml   -> EvalConfig    (the Judge)
+configs/cpt_config.yaml    -> CptConfig     (continued pre-training, when `cpt` is among the stages)
 configs/pipeline_config.yaml -> PipelineConfig (the stages `opensem run` runs)
 
 Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
@@ -174,6 +175,15 @@ class TrainConfig(Strict):
     lora_alpha: int = Field(64, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    lora_modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside the LoRA, e.g. [embed_tokens, lm_head]")
+    peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by lora_alpha/sqrt(lora_r)")
+    embedding_learning_rate: Optional[float] = Field(
+        None, gt=0, le=1.0, description="Learning rate of lora_modules_to_save (Unsloth's name); default: learning_rate / 10")
+    lora_model_dir: Optional[str] = Field(None, description="An adapter to go on training (e.g. a continued pre-training result)")
+    after_cpt: Literal["merge", "continue"] = Field(
+        "merge", description="When the cpt stage ran first: merge its adapter into the base and train a fresh LoRA, "
+        "or continue training the CPT adapter")
     sequence_len: int = Field(256, ge=16, le=131_072)
     sample_packing: bool = False
     train_on_inputs: bool = False
@@ -232,6 +242,59 @@ class TrainConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Continued pre-training (the training keys are TrainConfig's; the hardware keys come from train_config.yaml)
+# --------------------------------------------------------------------------------------------------
+REWRITE_KINDS = ("paraphrase", "explain", "entities")
+
+
+class AugmentConfig(Strict):
+    enabled: bool = Field(False, description="Teacher rewrites of every chunk (forge_config.yaml's teacher, cost and budget)")
+    kinds: list[Literal["paraphrase", "explain", "entities"]] = Field(default_factory=lambda: list(REWRITE_KINDS))
+    max_tokens: int = Field(512, ge=16, le=32_000, description="Longest rewrite in tokens")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) < len(v):
+            raise ValueError(f"name each kind once, at least one of {', '.join(REWRITE_KINDS)}")
+        return v
+
+
+class CptConfig(Strict):
+    corpus: str = Field("data/processed/cpt.jsonl", description="Where the corpus is written: one {\"text\": ...} per line")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    eval_share: float = Field(0.1, ge=0.0, lt=1.0, description="Share of packed sequences held out to measure perplexity")
+    lora_r: int = Field(32, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    lora_modules_to_save: list[str] = Field(default_factory=list)
+    peft_use_rslora: bool = True
+    embedding_learning_rate: Optional[float] = Field(None, gt=0, le=1.0)
+    sequence_len: int = Field(512, ge=16, le=131_072)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(10.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 42
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    output_dir: str = "models/cpt"
+    run_name: Optional[str] = None
+
+    _plain_name = field_validator("run_name")(TrainConfig._plain_name.__func__)  # type: ignore[attr-defined]
+    _modules = field_validator("lora_target_modules")(TrainConfig._modules.__func__)  # type: ignore[attr-defined]
+
+    def training_keys(self) -> dict:
+        """The keys that are TrainConfig's too (all but the corpus, its augmentation and the held-out share)."""
+        return self.model_dump(exclude={"corpus", "augment", "eval_share"})
+
+
+# --------------------------------------------------------------------------------------------------
 # Eval
 # --------------------------------------------------------------------------------------------------
 class AnswerConfig(Strict):
@@ -272,7 +335,7 @@ class EvalConfig(Strict):
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["forge", "baseline", "train", "fine-tuned"],
-        description="What `opensem run` runs, in order: forge, baseline, train, fine-tuned, or package.module:attribute",
+        description="What `opensem run` runs, in order: forge, baseline, cpt, train, fine-tuned, or package.module:attribute",
     )
 
     @field_validator("stages")
@@ -290,6 +353,7 @@ SECTIONS: dict[str, tuple[str, type[Strict]]] = {
     "forge": ("configs/forge_config.yaml", ForgeConfig),
     "train": ("configs/train_config.yaml", TrainConfig),
     "eval": ("configs/eval_config.yaml", EvalConfig),
+    "cpt": ("configs/cpt_config.yaml", CptConfig),
     "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
 }
 

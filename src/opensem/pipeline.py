@@ -21,7 +21,7 @@ from rich.table import Table
 
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
-from opensem.stages import Context, Stage, StageResult, load_stage
+from opensem.stages import Artifact, Context, Stage, StageResult, load_stage
 from opensem.workspace import Workspace
 
 STATE_FILE = "pipeline_state.json"
@@ -202,6 +202,54 @@ def list_runs(ws: Workspace, console: Optional[Console] = None) -> list[dict]:
         )
     console.print(t)
     return runs
+
+
+def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = None) -> dict:
+    """Two runs' fine-tuned models on the same golden set, paired question by question: B minus A.
+
+    The answer to "did this change help on my data?" (continued pre-training first, another learning rate...),
+    with the same statistics as Baseline vs Fine-Tuned: mean score difference, 95% bootstrap CI, win/tie/loss."""
+    from opensem.judge import report
+
+    console = console or Console()
+    runs = {}
+    for run_id in (a, b):
+        m = read_json(ws.root / "runs" / run_id / "run_manifest.json", {})
+        if not m:
+            raise OpenSEMError(f"runs/{run_id}: no run manifest there: see `opensem runs` for the run ids")
+        stage = load_stage("fine-tuned")
+        entry = m.get("fine_tuned")
+        if not entry or not hasattr(stage, "details"):
+            raise OpenSEMError(f"runs/{run_id}: this run has no fine-tuned judge results to compare")
+        result = StageResult("fine-tuned", {k: Artifact(**v) for k, v in entry["artifacts"].items()}, entry)
+        if not result.unchanged(ws):
+            raise OpenSEMError(f"runs/{run_id}: its judge results were changed or removed since the run")
+        runs[run_id] = (m, stage.details(ws, result))
+    (ma, ra), (mb, rb) = runs[a], runs[b]
+    for key in ("golden_set", "judge"):
+        if ra["lineage"].get(key) != rb["lineage"].get(key):
+            raise OpenSEMError(f"runs {a} and {b} differ in their {key.replace('_', ' ')} ({ra['lineage'].get(key)} vs "
+                               f"{rb['lineage'].get(key)}): only runs judged alike can be compared")
+    ecfg = ws.eval_config()
+    cmp = report.compare(ra["items"], rb["items"], ra["pass_threshold"], ecfg.bootstrap_samples, ecfg.seed)
+    t = Table(title=f"{b} vs {a}: the same {cmp['paired_n']} golden questions, the same judge")
+    for col in ("", a, b):
+        t.add_column(col)
+    chain = lambda m: (m.get("train") or {}).get("chain")  # noqa: E731
+    t.add_row("model", _chain(ma, chain(ma)), _chain(mb, chain(mb)))
+    t.add_row("mean judge score", _n(ra["summary"]["mean_score"]), _n(rb["summary"]["mean_score"]))
+    t.add_row("accuracy", f"{_n(cmp['accuracy_baseline'] * 100, '.1f')}%", f"{_n(cmp['accuracy_fine_tuned'] * 100, '.1f')}%")
+    console.print(t)
+    ci = cmp["mean_diff_ci"]
+    verdict = ("better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no different (the interval holds 0)")
+    console.print(f"mean score difference {b} - {a}: {cmp['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]; "
+                  f"win / tie / loss {cmp['wins']} / {cmp['ties']} / {cmp['losses']}: {b} is {verdict}", soft_wrap=True)
+    return cmp
+
+
+def _chain(m: dict, chain: Optional[dict]) -> str:
+    name = ((m.get("train") or {}).get("run_name")) or "-"
+    return f"{chain.get('stage')} ({chain.get('mode')}) -> sft {name}" if chain else f"sft {name}"
 
 
 def _n(x, fmt: str = ".2f") -> str:

@@ -32,6 +32,7 @@ from opensem.workspace import Workspace
 REGISTRY: dict[str, str] = {
     "forge": "opensem.forge.stage:ForgeStage",
     "baseline": "opensem.judge.stage:BaselineStage",
+    "cpt": "opensem.cpt.stage:CptStage",
     "train": "opensem.train.stage:TrainStage",
     "fine-tuned": "opensem.judge.stage:FineTunedStage",
 }

@@ -1,12 +1,13 @@
 """A workspace: the folder layout of the requirements, wherever the user keeps it.
 
-    configs/{forge,train,eval,pipeline}_config.yaml
+    configs/{forge,train,eval,cpt,pipeline}_config.yaml
     data/raw/            your documents (.txt, .md, .pdf)
     data/processed/      train.jsonl, test.jsonl, forge manifest   (generated)
     evals/golden_set.json
     evals/reports/       judge results                              (generated)
     models/base/         materialised base models                   (generated)
     models/adapters/     one folder per training run                 (generated)
+    models/cpt/          one folder per continued pre-training run   (generated)
     .opensem/            caches and run records                      (generated)
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import EvalConfig, ForgeConfig, PipelineConfig, TrainConfig, load_section
+from opensem.config import CptConfig, EvalConfig, ForgeConfig, PipelineConfig, TrainConfig, load_section
 from opensem.errors import ConfigError, OpenSEMError
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
@@ -72,6 +73,9 @@ class Workspace:
 
     def eval_config(self) -> EvalConfig:
         return load_section("eval", self.root, list(self.overrides))
+
+    def cpt_config(self) -> CptConfig:
+        return load_section("cpt", self.root, list(self.overrides))
 
     def pipeline_config(self) -> PipelineConfig:
         return load_section("pipeline", self.root, list(self.overrides))

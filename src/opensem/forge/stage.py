@@ -156,7 +156,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     out_dir = ws.output_path(cfg.output_dir, "forge.output_dir")
 
     # 1. ingest and plan -----------------------------------------------------------------------------------
-    docs, skipped, chunks = _ingest(ws, cfg, console)
+    docs, skipped, chunks = ingest(ws, cfg, console)
     golden = load_golden(ws.path(cfg.golden_set), required=False)
     strategy = _strategy(cfg)
     reqs = plan_requests(chunks, cfg)
@@ -245,7 +245,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     return manifest
 
 
-def _ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, list, list[Chunk]]:
+def ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, list, list[Chunk]]:
     docs, skipped = read_documents(ws.path(cfg.input_dir))
     for s in skipped:
         console.print(f"[yellow]skipped[/] {escape(cfg.input_dir)}/{escape(s.path)}: {escape(s.reason)}")

@@ -30,7 +30,7 @@ from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
 from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
 from opensem.stages import Artifact, Context, StageResult
-from opensem.train.stage import adapter_hash, find_adapter
+from opensem.train.stage import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.workspace import Workspace
 
 
@@ -94,6 +94,7 @@ class JudgeRun:
     judge: Any
     promptfoo_cmd: list[str]
     reports_dir: Path
+    weights: Any = None  # the model under the adapter: the base, or the merged result it was chained from
 
     @property
     def label(self) -> str:
@@ -107,7 +108,8 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     run = setup_judge(ws, mode, adapter, console)
     everything = [(it.id, it.question, it.system) for it in run.items] + [("forget:" + it.id, it.question, None) for it in run.forget]
     with stage_progress(console, f"{mode}: answering {len(run.items)} golden + {len(run.forget)} general questions", len(everything)) as adv:
-        answers = generate_answers(ws, run.base.path, run.base.fingerprint, run.adapter_dir, everything, run.ecfg.answers, progress=adv)
+        answers = generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir, everything, run.ecfg.answers,
+                                   progress=adv)
     run_dir = _new_run_dir(run.reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith("forget:")})
     per_item = grade_with_promptfoo(run, answers, run_dir, console)
@@ -137,10 +139,11 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
     cmd = promptfoo.find_promptfoo(ecfg.promptfoo, ws.root)
     base = resolve_base_model(tcfg.base_model, ws.base_models_dir)
     adapter_dir = find_adapter(ws, tcfg, adapter) if mode == "fine-tuned" else None
+    weights = (trained_on(adapter_dir) if adapter_dir else None) or base
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
     judge = _judge_with_fallback(ws, ecfg, console)
-    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir)
+    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights)
 
 
 def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, console: Console) -> list[dict]:
@@ -199,6 +202,7 @@ def results_record(ws: Workspace, run: JudgeRun, run_dir: Path, per_item: list[d
             "base_model": f"{run.base.name} {run.base.fingerprint}",
             "adapter": f"{adapter_dir} {adapter_hash(adapter_dir)}" if adapter_dir else "none",
             "adapter_manifest": file_sha256(adapter_manifest) if adapter_manifest and adapter_manifest.exists() else "none",
+            **({"chain": chain_text(adapter_dir)} if adapter_dir and chain_text(adapter_dir) else {}),
             "judge": run.judge.name,
             "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
         },

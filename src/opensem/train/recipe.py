@@ -66,15 +66,28 @@ class Run:
     say: Callable[..., None]
     resume: bool = False
     resumed_from: Optional[str] = None
+    engine: str = "hf"
+    chain: Optional[dict] = None  # what this run starts from when it continues another (e.g. continued pre-training)
+    resume_command: str = "opensem train --resume"
 
 
-def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = None, console: Optional[Console] = None) -> Path:
+@dataclass
+class Chain:
+    """Start instruction tuning from an earlier result: config overrides (base_model or lora_model_dir) and the
+    record the manifest keeps (which result, how it was used)."""
+
+    overrides: dict
+    record: dict
+
+
+def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = None, console: Optional[Console] = None,
+                 chain: Optional[Chain] = None) -> Path:
     """The whole run: setup -> data -> trainer -> train -> save. Returns the adapter folder."""
     console = console or Console(stderr=True)
-    run = setup_run(ws, resume, run_name, console)
+    run = setup_run(ws, resume, run_name, console, chain)
     hw = detect_hardware()
     check_adapter(run.cfg, hw)  # before any model is loaded
-    engine = engines.choose_engine(run.cfg, console if run.main else Console(quiet=True))
+    engine = run.engine = engines.choose_engine(run.cfg, console if run.main else Console(quiet=True))
     if engine == "unsloth":  # Unsloth must be imported before transformers / trl / peft
         if run.world_size > 1:
             raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
@@ -86,7 +99,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
     if run.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run.run_dir / "run.json", {"status": "running", "started": now(), "config": run.cfg.model_dump(mode="json"),
-                                              "engine": engine})
+                                              "engine": engine, "chain": run.chain})
     trainer = make_trainer(ws, run, profile, hw, model, tok, data)
     wall, eval_loss = train(run, trainer, data)
     if run.main:
@@ -95,7 +108,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
 
 
 # 1. config, run name and run folder ------------------------------------------------------------------------
-def setup_run(ws: Workspace, resume: bool, run_name: Optional[str], console: Console) -> Run:
+def setup_run(ws: Workspace, resume: bool, run_name: Optional[str], console: Console, chain: Optional[Chain] = None) -> Run:
     rank, world_size = engines.world()
     main = rank == 0
     say = console.print if main else (lambda *a, **k: None)
@@ -103,10 +116,16 @@ def setup_run(ws: Workspace, resume: bool, run_name: Optional[str], console: Con
     if run_name is not None:
         cfg = _with(cfg, run_name=run_name)  # validates the name
     adapters = ws.output_path(cfg.output_dir, "train.output_dir")
+    record = chain.record if chain else None
     if resume:
         run_dir = find_resumable(adapters, cfg.run_name)
         cfg = TrainConfig.model_validate(read_json(run_dir / "run.json")["config"])
+        record = read_json(run_dir / "run.json").get("chain")
     else:
+        if chain:
+            cfg = _with(cfg, **chain.overrides)
+            say(f"starting from {chain.record.get('stage', 'an earlier result')} {chain.record.get('run_name', '')} "
+                f"({chain.record.get('mode')})")
         name = cfg.run_name or default_run_name(cfg)
         run_dir = adapters / name
         if main and run_dir.exists() and any(run_dir.iterdir()):
@@ -117,7 +136,7 @@ def setup_run(ws: Workspace, resume: bool, run_name: Optional[str], console: Con
     for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets)):
         if not path.exists():
             raise OpenSEMError(f"{spec.path}: training data not found: run `opensem forge` first")
-    return Run(cfg, run_dir, main, world_size, say, resume)
+    return Run(cfg, run_dir, main, world_size, say, resume, chain=record)
 
 
 # 2. hardware profile and base model ----------------------------------------------------------------------
@@ -174,7 +193,13 @@ def load_data(ws: Workspace, run: Run, base, tok) -> Data:
         part = load_conversations(path, spec.field_messages)
         convs += part
         files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
-    replay = build_replay(ws, cfg, base, len(convs), run.say)  # same on every rank: greedy answers, cached
+    # replay shows the untouched base model's own answers, also when training starts from a merged earlier result
+    replay_base = base
+    if run.chain and run.chain.get("mode") == "merge":
+        from opensem.models import resolve_base_model
+
+        replay_base = resolve_base_model(run.chain["base_model"]["name"], ws.base_models_dir)
+    replay = build_replay(ws, cfg, replay_base, len(convs), run.say)  # same on every rank: greedy answers, cached
     train_set = tokenize_conversations(tok, convs + replay, cfg.sequence_len, cfg.train_on_inputs)
     test_convs, test_files = [], []
     for spec, path in zip(cfg.test_datasets, data_paths(ws, cfg.test_datasets)):
@@ -200,7 +225,14 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
 
     cfg = run.cfg
     report_to = _setup_wandb(cfg, ws, run.main)
-    args = SFTConfig(
+    emb_lr = engines.embedding_lr(cfg)
+    args_cls, extra = SFTConfig, {}
+    if run.engine == "unsloth" and emb_lr is not None:  # Unsloth's own embedding learning rate
+        from unsloth import UnslothTrainingArguments
+
+        args_cls, extra = UnslothTrainingArguments, {"embedding_learning_rate": emb_lr}
+    args = args_cls(
+        **extra,
         output_dir=str(run.run_dir / "checkpoints"),
         run_name=cfg.run_name,
         per_device_train_batch_size=profile.micro_batch_size,
@@ -236,7 +268,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         dataloader_num_workers=0,
         disable_tqdm=not run.main,
     )
-    trainer_cls = engines.make_trainer_class()
+    trainer_cls = engines.make_trainer_class(run.engine, emb_lr)
     return trainer_cls(
         model=model,
         args=args,
@@ -260,7 +292,7 @@ def train(run: Run, trainer, data: Data) -> tuple[float, Optional[float]]:
             write_json(run.run_dir / "run.json", read_json(run.run_dir / "run.json") | {"status": "interrupted", "step": trainer.state.global_step})
         raise StageInterrupted(
             f"training interrupted at step {trainer.state.global_step}: checkpoint saved in "
-            f"{run.cfg.output_dir}/{run.cfg.run_name}/checkpoints; continue with `opensem train --resume`"
+            f"{run.cfg.output_dir}/{run.cfg.run_name}/checkpoints; continue with `{run.resume_command}`"
         ) from None
     wall = time.time() - t0
     eval_loss = trainer.evaluate().get("eval_loss") if data.test and data.test.rows else None
@@ -298,6 +330,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
         },
         "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
                        "parameters": n_params},
+        "chain": run.chain,
         "hardware": profile.hardware,
         "profile": {k: v for k, v in profile.__dict__.items() if k != "hardware"},
         "world_size": run.world_size,

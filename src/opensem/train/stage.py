@@ -49,6 +49,31 @@ def adapter_hash(adapter: Optional[Path]) -> Optional[str]:
     return file_sha256(weights) if weights.exists() else file_sha256(adapter / "adapter_config.json")
 
 
+def trained_on(adapter_dir: Path):
+    """The model under an adapter when it is not the configured base: the merged result of an earlier stage it was
+    chained from (``after_cpt: merge``); None otherwise."""
+    from opensem.models import ResolvedModel
+
+    m = read_json(adapter_dir / MANIFEST, {})
+    chain, base = m.get("chain") or {}, m.get("base_model") or {}
+    if chain.get("mode") != "merge":
+        return None
+    if not (Path(base.get("path", "")) / "config.json").exists():
+        raise OpenSEMError(f"{adapter_dir}: trained on the merged model {base.get('path')}, which is gone: "
+                           f"rerun the {chain.get('stage')} stage (or `opensem train --from-cpt`) to rebuild it")
+    return ResolvedModel(base["name"], base["path"], base.get("kind", "folder"), base["fingerprint"])
+
+
+def chain_text(adapter_dir: Path) -> Optional[str]:
+    """'base -> cpt (run, merge) -> sft (run)' for an adapter that started from an earlier result."""
+    m = read_json(adapter_dir / MANIFEST, {})
+    chain = m.get("chain")
+    if not chain:
+        return None
+    base = (chain.get("base_model") or {}).get("name", "base")
+    return f"{base} -> {chain.get('stage')} ({chain.get('run_name')}, {chain.get('mode')}) -> sft ({m.get('run_name')})"
+
+
 def is_resumable(run_dir: Path) -> bool:
     from opensem.train import engines
 
@@ -74,6 +99,7 @@ def adapter_result(ws: Workspace, run_dir: Path) -> StageResult:
         "eval_loss": m.get("eval_loss"),
         "tokens_per_s": m.get("tokens_per_s"),
         "config_sha": m.get("config_sha"),
+        "chain": m.get("chain"),
     })
 
 
@@ -88,13 +114,21 @@ class TrainStage:
         cfg = ctx.ws.train_config()
         base = resolve_base_model(cfg.base_model, ctx.ws.base_models_dir)
         hashes = lambda paths: [file_sha256(p) if p.exists() else None for p in paths]  # noqa: E731
+        cpt = ctx.result("cpt")
         return {"train": hashes(data_paths(ctx.ws, cfg.datasets)), "test": hashes(data_paths(ctx.ws, cfg.test_datasets)),
-                "config": cfg.model_dump(mode="json") | {"run_name": None}, "base": base.fingerprint}
+                "config": cfg.model_dump(mode="json") | {"run_name": None}, "base": base.fingerprint,
+                **({"start_from": cpt.summary.get("adapter_sha256")} if cpt else {})}
 
     def run(self, ctx: Context) -> StageResult:
         from opensem.train.recipe import default_run_name, run_training
 
         cfg = ctx.ws.train_config()
+        chain = None
+        cpt = ctx.result("cpt")  # continued pre-training ran before: start from it (after_cpt: merge | continue)
+        if cpt:
+            from opensem.cpt.stage import chain_from
+
+            chain = chain_from(cpt.path(ctx.ws, "adapter").parent, cfg.after_cpt)
         interrupted = ctx.record.get("run_name")
         if interrupted and is_resumable(ctx.ws.output_path(cfg.output_dir, "train.output_dir") / interrupted):
             ctx.console.print(f"resuming interrupted training run {interrupted}")
@@ -102,7 +136,7 @@ class TrainStage:
         else:
             name = cfg.run_name or default_run_name(cfg)
             ctx.mark(run_name=name)
-            run_dir = run_training(ctx.ws, run_name=name, console=ctx.console)
+            run_dir = run_training(ctx.ws, run_name=name, console=ctx.console, chain=chain)
         return adapter_result(ctx.ws, run_dir)
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
