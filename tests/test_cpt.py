@@ -121,6 +121,21 @@ def test_cpt_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_model
     assert m["perplexity_before"] is not None and m["perplexity_after"] < m["perplexity_before"]
 
 
+def test_cpt_two_process_data_parallel_on_cpu(tmp_path, base_models_dir):
+    import os
+
+    from conftest import REPO
+
+    ws = _cpt_workspace(tmp_path, base_models_dir, max_steps=2, micro_batch_size=2, sequence_len=64, run_name="ddp")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", str(REPO / "src/cpt.py"), "-w", str(ws)],
+                       capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((ws / "models/cpt/ddp/manifest.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 2
+    assert 2 * 2 * 2 * 48 <= m["real_tokens"] <= 2 * 2 * 2 * 64  # 2 ranks x 2 steps x 2 sequences of up to 64 tokens
+
+
 def test_the_pipeline_chains_cpt_into_instruction_tuning_and_the_judge_answers_with_the_chain(tmp_path, base_models_dir):
     from opensem.judge.stage import setup_judge
     from opensem.pipeline import run_pipeline

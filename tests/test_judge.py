@@ -225,3 +225,55 @@ def test_calibration_on_a_teams_own_file(workspace, tmp_path):
     f.write_text(json.dumps(own))
     r = run_cli("judge", "--calibrate", str(f), "-w", str(workspace))
     assert r.returncode == 2 and "item 2: key 'human'" in r.stderr and "less than or equal to 5" in r.stderr
+
+
+# --- retrieval rows: "should I fine-tune or just retrieve?" --------------------------------------------------------
+def test_retrieval_rows_use_the_same_golden_items_and_put_the_answering_chunk_in_the_prompt(
+        tmp_path, memorised_adapter, base_models_dir, promptfoo_available):
+    from conftest import copy_example_slice
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    copy_example_slice(ws, ["overview.md", "company-history.txt", "warranty.txt"], ["pm001", "pm002", "pm009"])
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem")
+    set_config(ws, "eval", answers={"max_new_tokens": 24, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
+               retrieval={"enabled": True, "top_k": 2})
+    base = run_judge(Workspace(ws), "baseline")
+    tuned = run_judge(Workspace(ws), "fine-tuned", adapter="mem")
+    for res in (base, tuned):
+        rows = res["retrieval"]
+        assert [it["id"] for it in rows["items"]] == [it["id"] for it in res["items"]] == ["pm001", "pm002", "pm009"]
+        assert rows["top_k"] == 2 and all(len(it["passages"]) == 2 for it in rows["items"])
+        by_id = {it["id"]: it for it in rows["items"]}
+        # the question whose answer is known to sit in overview.md: that chunk is retrieved and in the prompt
+        assert "made by Tamsin Apiary Systems" in by_id["pm002"]["prompt"] and by_id["pm002"]["retrieved_answer"]
+        assert by_id["pm002"]["prompt"].endswith("Question: Which company makes the Corvid C-300?")
+        assert any(p.startswith("overview#") for p in by_id["pm002"]["passages"])
+        assert rows["recall_at_k"] == sum(it["retrieved_answer"] for it in rows["items"]) / 3
+        assert all(it["score"] is not None for it in rows["items"])
+        # promptfoo graded both rows: one provider per row, answers looked up by opaque key
+        pf = json.loads((ws / res["run_dir"] / "promptfoo_output.json").read_text())
+        labels = sorted({r["provider"]["label"] for r in pf["results"]["results"]})
+        assert labels == sorted([rows["label"], rows["label"].removesuffix(" + retrieval")])
+        config = (ws / res["run_dir"] / "promptfooconfig.yaml").read_text()
+        assert "Tamsin" not in config and "promptfoo_answers_retrieval.json" in config
+    rcmp = tuned["retrieval_comparisons"]
+    assert set(rcmp) == {"baseline_retrieval__baseline", "fine_tuned__baseline_retrieval", "fine_tuned_retrieval__fine_tuned",
+                         "fine_tuned_retrieval__baseline_retrieval"}
+    assert all(c["paired_n"] == 3 for c in rcmp.values())
+    md = (ws / tuned["run_dir"] / "report.md").read_text()
+    assert "| metric | Baseline | Baseline + retrieval | Fine-Tuned | Fine-Tuned + retrieval |" in md
+    assert "Fine-tuned vs baseline + retrieval: mean score" in md and "retrieval recall@k" in md
+
+
+def test_recall_at_k_counts_passages_that_hold_the_answers_key_facts():
+    from opensem.judge.retrieval import Passage, holds_answer, prompt, recall_at_k
+
+    p1 = Passage("a#000", "Power", "The C-300 has a 6 watt solar panel and a 3,200 mAh battery.")
+    p2 = Passage("b#000", "Company", "Tamsin Apiary Systems was founded in 2009 in Hobart.")
+    assert holds_answer("How big is the solar panel?", "It has a 6 watt solar panel.", [p2, p1])
+    assert not holds_answer("How big is the solar panel?", "It has an 8 watt solar panel.", [p1])  # a number missing
+    assert not holds_answer("Who founded Tamsin?", "Ada Lovelace founded it in Paris.", [p1, p2])
+    assert recall_at_k([("Q?", "6 watt"), ("Q?", "Founded in 1999.")], [[p1], [p2]]) == 0.5
+    text = prompt("Which company?", [p2, p1])
+    assert text.startswith("Answer the question using the passages below.\n\n[1] Company\nTamsin")
+    assert "[2] Power\nThe C-300" in text and text.endswith("Question: Which company?")

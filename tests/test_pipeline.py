@@ -177,3 +177,40 @@ def test_a_bad_golden_set_stops_the_run_before_the_forge_pays_for_anything(tmp_p
     r = run_cli("run", "-w", str(tmp_path))
     assert r.returncode == 2 and "golden_set.json: item 1: key 'answer': Field required" in " ".join(r.stderr.split())
     assert not (tmp_path / "data/processed/train.jsonl").exists() and not (tmp_path / ".opensem/cache").exists()
+
+
+def _judged_run(ws: Path, run_id: str, scores: list[int], golden: str = "evals/golden_set.json sha256:g", chain=None) -> None:
+    items = [{"id": f"q{i}", "question": f"Question {i}?", "golden": "Gold.", "output": "Out.", "score": s, "reason": ""}
+             for i, s in enumerate(scores)]
+    res = ws / "evals/reports" / run_id / "results.json"
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.write_text(json.dumps({"items": items, "pass_threshold": 4, "summary": {"mean_score": sum(scores) / len(scores)},
+                               "lineage": {"golden_set": golden, "judge": "reference-scorer-v1"}}))
+    (ws / "runs" / run_id).mkdir(parents=True)
+    (ws / "runs" / run_id / "run_manifest.json").write_text(json.dumps({
+        "run_id": run_id, "train": {"run_name": f"sft-{run_id}", "chain": chain},
+        "fine_tuned": {"results": str(res), "artifacts": {"results": {"path": str(res.relative_to(ws)), "sha256": file_sha256(res)}}}}))
+
+
+def test_two_runs_are_compared_question_by_question(tmp_path):
+    from opensem.workspace import init_workspace
+
+    ws = tmp_path / "ws"
+    init_workspace(ws)
+    _judged_run(ws, "A", [2, 2, 3, 1, 4, 2, 2, 3, 1, 2, 2, 3])
+    _judged_run(ws, "B", [4, 3, 3, 3, 5, 4, 2, 4, 3, 4, 3, 3], chain={"stage": "cpt", "mode": "merge"})
+    r = run_cli("runs", "-w", str(ws), "--compare", "A", "B")
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())
+    assert "mean score difference B - A: +1.17" in said and "win / tie / loss 9 / 3 / 0: B is better" in said
+    assert "cpt (merge) -> sft sft-B" in said and "sft sft-A" in said
+    r = run_cli("runs", "-w", str(ws), "--compare", "B", "A")
+    assert "B - A" not in r.stdout and "A is worse" in " ".join(r.stdout.split())
+    _judged_run(ws, "C", [3] * 12, golden="evals/golden_set.json sha256:other")
+    r = run_cli("runs", "-w", str(ws), "--compare", "A", "C")
+    assert r.returncode == 2 and "differ in their golden set" in r.stderr
+    r = run_cli("runs", "-w", str(ws), "--compare", "A", "nope")
+    assert r.returncode == 2 and "runs/nope: no run manifest there" in r.stderr
+    (ws / "evals/reports/A/results.json").write_text("{}")
+    r = run_cli("runs", "-w", str(ws), "--compare", "A", "B")
+    assert r.returncode == 2 and "runs/A: its judge results were changed or removed since the run" in r.stderr

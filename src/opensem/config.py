@@ -317,6 +317,11 @@ class JudgeSpec(LLMSpec):
         return super().resolved_model()
 
 
+class RetrievalConfig(Strict):
+    enabled: bool = Field(False, description="Also answer with the top_k passages of your documents in the prompt")
+    top_k: int = Field(3, ge=1, le=20)
+
+
 class EvalConfig(Strict):
     golden_set: str = "evals/golden_set.json"
     reports_dir: str = "evals/reports"
@@ -326,6 +331,7 @@ class EvalConfig(Strict):
     bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)
     seed: int = 0
     forgetting_set: Optional[str] = Field("builtin", description="'builtin', a path to a golden-format file, or null")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     promptfoo: Optional[str] = Field(None, description="promptfoo command; default: the workspace's or the tool's node_modules")
 
 

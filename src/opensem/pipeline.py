@@ -107,6 +107,8 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     console.print(f"run {run_id}: {_rel(ws, run_dir)}/" + ", ".join(["run_manifest.json", *reports]))
     if manifest.get("headline"):
         console.print(f"[bold]{manifest['headline']}[/]")
+    if manifest.get("retrieval_line"):
+        console.print(f"[bold]{manifest['retrieval_line']}[/]")
     return manifest
 
 
@@ -132,7 +134,7 @@ def run_manifest(ws: Workspace, run_id: str, p: Pipeline, stages: list[Stage]) -
     for s in stages:
         result = p.results[s.name]
         manifest[s.name.replace("-", "_")] = result.summary | {"artifacts": {k: vars(a) for k, a in result.artifacts.items()}}
-        for key in ("judge", "headline", "comparison"):  # the last stage that reports one is the run's
+        for key in ("judge", "headline", "comparison", "retrieval_line"):  # the last stage that reports one is the run's
             if result.summary.get(key) is not None:
                 manifest[key] = result.summary[key]
     manifest["versions"] = versions()
@@ -152,7 +154,7 @@ def write_reports(ws: Workspace, run_dir: Path, manifest: dict, results: dict[st
     write_html_report(run_dir / "report.html", manifest, forge, train["log"], base_res, ft_res)
     (run_dir / "report.md").write_text(
         jreport.markdown(ft_res.get("judge", ""), base_res, ft_res, ft_res.get("comparison"), ft_res.get("lineage", {}),
-                         ft_res.get("forgetting")),
+                         ft_res.get("forgetting"), ft_res.get("retrieval_comparisons")),
         encoding="utf-8",
     )
     return ["report.html", "report.md"]

@@ -73,6 +73,30 @@ def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _retrieval_section(base_res: dict, ft_res: dict) -> str:
+    """The four rows (baseline, + retrieval, fine-tuned, + retrieval) and their paired comparisons, when retrieval ran."""
+    from opensem.judge import report
+
+    rcmp = ft_res.get("retrieval_comparisons")
+    if not rcmp:
+        return ""
+    cols = report.columns(base_res, ft_res)
+    head = "".join(f"<th>{escape(n)}</th>" for n, _ in cols)
+    body = "".join(f"<tr><td>{escape(label.strip())}</td>" + "".join(f"<td class='num'>{escape(fn(r['summary']))}</td>" for _, r in cols)
+                   + "</tr>" for label, fn in report.SUMMARY_ROWS)
+    body += "<tr><td>retrieval recall@k</td>" + "".join(
+        f"<td class='num'>{_f(r['recall_at_k'] * 100, '.1f') + '%' if r.get('recall_at_k') is not None else ''}</td>" for _, r in cols) + "</tr>"
+    pairs = "".join(
+        f"<tr><td>{escape(report.ROW_NAMES[b])} vs {escape(report.ROW_NAMES[a])}</td><td class='num'>{_f(c['mean_diff'], '+.2f')}</td>"
+        f"<td class='num'>[{_f(c['mean_diff_ci'][0])}, {_f(c['mean_diff_ci'][1])}]</td>"
+        f"<td class='num'>{c['wins']} / {c['ties']} / {c['losses']}</td></tr>"
+        for a, b in report.RETRIEVAL_PAIRS for c in [rcmp[f"{b}__{a}"]])
+    return (f"<h2>Fine-tune or retrieve?</h2><p class='headline flat'>{escape(report.retrieval_line(rcmp) or '')}</p>"
+            f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<table><thead><tr><th>comparison</th><th>mean score difference</th><th>95% CI</th><th>win / tie / loss</th></tr></thead>"
+            f"<tbody>{pairs}</tbody></table>")
+
+
 def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
     cmp = ft_res.get("comparison") or {}
     bitems = {it["id"]: it for it in base_res.get("items", [])}
@@ -122,9 +146,14 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
         "baseline results": f"{manifest['baseline']['results']} {manifest['baseline']['results_sha256']}",
         "fine-tuned results": f"{manifest['fine_tuned']['results']} {manifest['fine_tuned']['results_sha256']}",
     }
+    if manifest.get("cpt"):  # continued pre-training ran first: its corpus, adapter and what it did to perplexity
+        c = manifest["cpt"]
+        lineage |= {"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
+                    "cpt perplexity": f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"}
     stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
                          for k, v in manifest["stages"].items())
     forgetting = ft_res.get("forgetting") or {}
+    retrieval = _retrieval_section(base_res, ft_res)
     html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OpenSEM run {escape(manifest['run_id'])}</title>
 <style>{CSS}</style></head><body>
 <h1>OpenSEM run {escape(manifest['run_id'])}</h1>
@@ -134,6 +163,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
 <div class="cards">{''.join(f"<div class='card'><span>{escape(k)}</span><b>{escape(v)}</b></div>" for k, v in cards)}</div>
 <div class="plots">{''.join(f"<img alt='plot' src='{p}'>" for p in plots)}</div>
 {f"<p class='{'warn' if forgetting.get('flagged') else ''}'>Forgetting check: {escape(forgetting.get('message', ''))}</p>" if forgetting else ""}
+{retrieval}
 <h2>Per question</h2>
 <p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>
 <table><thead><tr><th>id</th><th>question</th><th>golden answer</th><th>baseline answer</th><th>fine-tuned answer</th>

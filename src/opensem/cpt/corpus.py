@@ -28,7 +28,7 @@ from opensem.config import CptConfig, ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.forge.documents import Chunk, chunk_document
 from opensem.forge.quality import grounding
-from opensem.lineage import atomic_write_text, file_sha256
+from opensem.lineage import atomic_write_text
 from opensem.llm import CachedProvider, Call
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
@@ -133,10 +133,6 @@ def build_corpus(ws: Workspace, cfg: CptConfig, console: Console, dry_run: bool 
     if stop:
         console.print(f"[yellow]rewrites stopped early[/]: {stop}; the corpus has what was made so far")
     return Corpus(out, records, dict(counts), cost, [{"path": d.path, "sha256": d.sha} for d in docs], stop)
-
-
-def corpus_sha(corpus: Corpus) -> str:
-    return file_sha256(corpus.path)
 
 
 def _print_plan(console: Console, ws: Workspace, fcfg: ForgeConfig, chunk_list: list[Chunk], calls: list[Call],

@@ -137,15 +137,17 @@ class JudgeServer:
 
 
 def write_config(run_dir: Path, label: str, keys: list[str], pass_threshold: int, description: str,
-                 concurrency: int) -> Path:
-    """The promptfoo config: opaque keys only. ``label`` and ``description`` must be our own fixed words."""
+                 concurrency: int, extra_rows: Optional[dict[str, str]] = None) -> Path:
+    """The promptfoo config: opaque keys only. ``label`` and ``description`` must be our own fixed words.
+    ``extra_rows``: more providers, label -> the file (in the run folder) of their answers by key."""
     files = resources.files("opensem") / "assets" / "promptfoo"
     for name in ("provider.py", "grader.py"):
         (run_dir / name).write_text((files / name).read_text(encoding="utf-8"), encoding="utf-8")
     config = {
         "description": description,
         "prompts": ["{{key}}"],
-        "providers": [{"id": "file://provider.py", "label": label}],
+        "providers": [{"id": "file://provider.py", "label": label}] + [
+            {"id": "file://provider.py", "label": row, "config": {"answers": file}} for row, file in (extra_rows or {}).items()],
         "defaultTest": {"assert": [{"type": "python", "value": "file://grader.py"}],
                         "metadata": {"pass_threshold": pass_threshold}},
         "tests": [{"description": k, "vars": {"key": k}} for k in keys],
@@ -177,10 +179,13 @@ def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, an
     return json.loads(output.read_text(encoding="utf-8"))
 
 
-def parse_results(data: dict) -> dict[str, dict]:
-    """Per test key: output, score (1-5 or None), pass, reason, error: straight from promptfoo's JSON."""
+def parse_results(data: dict, label: Optional[str] = None) -> dict[str, dict]:
+    """Per test key: output, score (1-5 or None), pass, reason, error: straight from promptfoo's JSON
+    (of the provider row ``label`` when the eval has several)."""
     out: dict[str, dict] = {}
     for r in data["results"]["results"]:
+        if label is not None and (r.get("provider") or {}).get("label") != label:
+            continue
         item_id = r["vars"]["key"]
         grading = r.get("gradingResult") or {}
         comps = grading.get("componentResults") or []

@@ -103,17 +103,36 @@ SUMMARY_ROWS = [
 ]
 
 
+# "+ retrieval" rows: the same model with the top-k passages in the prompt. Pairs (A, B) compare B - A.
+RETRIEVAL_PAIRS = [("baseline", "baseline_retrieval"), ("baseline_retrieval", "fine_tuned"),
+                   ("fine_tuned", "fine_tuned_retrieval"), ("baseline_retrieval", "fine_tuned_retrieval")]
+ROW_NAMES = {"baseline": "Baseline", "baseline_retrieval": "Baseline + retrieval", "fine_tuned": "Fine-Tuned",
+             "fine_tuned_retrieval": "Fine-Tuned + retrieval"}
+
+
+def columns(base: Optional[dict], tuned: Optional[dict]) -> list[tuple[str, dict]]:
+    """(title, results row) for each model row there is: Baseline, Baseline + retrieval, Fine-Tuned, ..."""
+    cols = []
+    for res, name in ((base, "Baseline"), (tuned, "Fine-Tuned")):
+        if res:
+            cols.append((name, res))
+            if res.get("retrieval"):
+                cols.append((f"{name} + retrieval", res["retrieval"]))
+    return cols
+
+
 def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict],
            forgetting: Optional[dict] = None) -> None:
     title = "Baseline vs Fine-Tuned" if (base and tuned) else ("Baseline" if base else "Fine-Tuned")
     table = Table(title=f"{title}  -  judge: {judge_name}")
     table.add_column("metric")
-    if base:
-        table.add_column("Baseline", justify="right")
-    if tuned:
-        table.add_column("Fine-Tuned", justify="right")
+    cols = columns(base, tuned)
+    for name, _ in cols:
+        table.add_column(name, justify="right")
     for label, fn in SUMMARY_ROWS:
-        table.add_row(label, *([fn(base["summary"])] if base else []), *([fn(tuned["summary"])] if tuned else []))
+        table.add_row(label, *[fn(res["summary"]) for _, res in cols])
+    if any("recall_at_k" in res for _, res in cols):
+        table.add_row("retrieval recall@k", *[_pct(res["recall_at_k"]) if "recall_at_k" in res else "" for _, res in cols])
     console.print(table)
     if cmp:
         t = Table(title="paired comparison (same questions)")
@@ -141,14 +160,45 @@ def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optio
                       f"{'' if sig else ', not significant'})")
 
 
+def retrieval_line(rcmp: Optional[dict]) -> Optional[str]:
+    """The second closing line: what fine-tuning bought over retrieval, and whether the two together are best."""
+    if not rcmp:
+        return None
+    ft, both = rcmp["fine_tuned__baseline_retrieval"], rcmp["fine_tuned_retrieval__fine_tuned"]
+
+    def said(c: dict) -> str:
+        lo, hi = c["mean_diff_ci"]
+        return f"{c['mean_diff']:+.2f}, 95% CI {_ci(c['mean_diff_ci'])}" + ("" if lo > 0 or hi < 0 else ", not significant")
+
+    verdict = ("fine-tuning beats retrieval" if ft["mean_diff_ci"][0] > 0 else
+               "retrieval beats fine-tuning" if ft["mean_diff_ci"][1] < 0 else "fine-tuning and retrieval are level")
+    return (f"Fine-tuned vs baseline + retrieval: mean score {said(ft)} ({verdict}); "
+            f"fine-tuned + retrieval vs fine-tuned: {said(both)}")
+
+
+def render_retrieval(console: Console, base: Optional[dict], tuned: Optional[dict], rcmp: Optional[dict]) -> None:
+    if not rcmp:
+        return
+    t = Table(title="with retrieval: paired comparisons (same questions, same judge)")
+    for col in ("", "mean score difference", "95% CI", "win / tie / loss", "accuracy (pp)"):
+        t.add_column(col, justify="right" if col else "left")
+    for a, b in RETRIEVAL_PAIRS:
+        c = rcmp[f"{b}__{a}"]
+        t.add_row(f"{ROW_NAMES[b]} vs {ROW_NAMES[a]}", f"{c['mean_diff']:+.2f}", _ci(c["mean_diff_ci"]),
+                  f"{c['wins']} / {c['ties']} / {c['losses']}", f"{c['accuracy_diff_pp']:+.1f}")
+    console.print(t)
+    console.print(f"[bold]{retrieval_line(rcmp)}[/]")
+
+
 def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict], lineage: dict,
-             forgetting: Optional[dict] = None) -> str:
-    cols = (["Baseline"] if base else []) + (["Fine-Tuned"] if tuned else [])
-    lines = ["# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(cols) + " |",
+             forgetting: Optional[dict] = None, rcmp: Optional[dict] = None) -> str:
+    cols = columns(base, tuned)
+    lines = ["# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(n for n, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for label, fn in SUMMARY_ROWS:
-        vals = ([fn(base["summary"])] if base else []) + ([fn(tuned["summary"])] if tuned else [])
-        lines.append(f"| {label.strip()} | " + " | ".join(vals) + " |")
+        lines.append(f"| {label.strip()} | " + " | ".join(fn(res["summary"]) for _, res in cols) + " |")
+    if any("recall_at_k" in res for _, res in cols):
+        lines.append("| retrieval recall@k | " + " | ".join(_pct(res["recall_at_k"]) if "recall_at_k" in res else "" for _, res in cols) + " |")
     if cmp:
         lines += ["", f"**{headline(cmp)}**", "",
                   f"- mean score difference {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])}, paired permutation p = {cmp['p_value']:.4f}",
@@ -158,5 +208,12 @@ def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: 
             lines.append(f"  - `{g['id']}` {g['question']} ({g['baseline_score']:.2f} -> {g['fine_tuned_score']:.2f})")
         if forgetting:
             lines += ["", f"- forgetting check: {forgetting['message']}"]
+    if rcmp:
+        lines += ["", "## With retrieval", "", f"**{retrieval_line(rcmp)}**", "",
+                  "| comparison | mean score difference | 95% CI | win / tie / loss |", "|---|---:|---:|---:|"]
+        for a, b in RETRIEVAL_PAIRS:
+            c = rcmp[f"{b}__{a}"]
+            lines.append(f"| {ROW_NAMES[b]} vs {ROW_NAMES[a]} | {c['mean_diff']:+.2f} | {_ci(c['mean_diff_ci'])} | "
+                         f"{c['wins']} / {c['ties']} / {c['losses']} |")
     lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in lineage.items()]
     return "\n".join(lines) + "\n"

@@ -110,20 +110,24 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     with stage_progress(console, f"{mode}: answering {len(run.items)} golden + {len(run.forget)} general questions", len(everything)) as adv:
         answers = generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir, everything, run.ecfg.answers,
                                    progress=adv)
+    rag = retrieval_answers(ws, run, console) if run.ecfg.retrieval.enabled else None
     run_dir = _new_run_dir(run.reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith("forget:")})
-    per_item = grade_with_promptfoo(run, answers, run_dir, console)
+    per_item, rag_items = grade_with_promptfoo(run, answers, run_dir, console, rag)
     forget_items = score_forgetting(run, answers)
     result = results_record(ws, run, run_dir, per_item, forget_items, time.time() - t0)
+    if rag is not None:
+        result["retrieval"] = retrieval_record(run, rag, rag_items)
     write_json(run_dir / "results.json", result)
     base_res = compare_with_baseline(ws, run, result, console)
     write_json(run_dir / "results.json", result)
     write_json(run.reports_dir / f"{mode}-latest.json", result)
     tuned_res = result if mode == "fine-tuned" else None
     cmp, forgetting = result.get("comparison"), result.get("forgetting")
-    (run_dir / "report.md").write_text(report.markdown(run.judge.name, base_res, tuned_res, cmp, result["lineage"], forgetting),
-                                       encoding="utf-8")
+    (run_dir / "report.md").write_text(report.markdown(run.judge.name, base_res, tuned_res, cmp, result["lineage"], forgetting,
+                                                       result.get("retrieval_comparisons")), encoding="utf-8")
     report.render(console, run.judge.name, base_res, tuned_res, cmp, forgetting)
+    report.render_retrieval(console, base_res, tuned_res, result.get("retrieval_comparisons"))
     console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
                   f"browse it with `npx promptfoo view`")
     return result
@@ -146,30 +150,83 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
     return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights)
 
 
-def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, console: Console) -> list[dict]:
-    """promptfoo runs the golden set as tests and the judge grades through it. promptfoo sees opaque keys only;
-    questions, golden answers and model answers stay on this side."""
+def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
+    """The same model answers each golden question with the top_k passages of the documents in the prompt."""
+    from opensem.inference import PromptChecker
+    from opensem.judge import retrieval
+
+    k = run.ecfg.retrieval.top_k
+    index = retrieval.Index.build(ws, console)
+    found = index.search([it.question for it in run.items], k)
+    checker = PromptChecker(run.weights.path)
+    prompts = {}
+    for it, passages in zip(run.items, found):
+        # as many passages as fit the model's context with room for the answer (all of them, for most models)
+        while True:
+            text = retrieval.prompt(it.question, passages)
+            conv = conversation(text, it.system or run.ecfg.answers.system_prompt)
+            if len(passages) <= 1 or not checker.too_long(conv, run.ecfg.answers.max_new_tokens):
+                break
+            passages = passages[:-1]
+        prompts[it.id] = (text, passages)
+    label = f"{run.label} + retrieval"
+    with stage_progress(console, f"{run.mode}: answering {len(run.items)} golden questions with retrieval (top {k})",
+                        len(run.items)) as adv:
+        got = generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir,
+                               [(it.id, prompts[it.id][0], it.system) for it in run.items], run.ecfg.answers, progress=adv)
+    hits = {it.id: retrieval.holds_answer(it.question, it.answer, prompts[it.id][1]) for it in run.items}
+    return {"label": label, "answers": got, "passages": {i: [p.id for p in ps] for i, (_, ps) in prompts.items()},
+            "prompts": {i: t for i, (t, _) in prompts.items()}, "hits": hits, "top_k": k, "index": index.key,
+            "template": retrieval.TEMPLATE_VERSION}
+
+
+def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, console: Console,
+                         rag: Optional[dict] = None) -> tuple[list[dict], Optional[list[dict]]]:
+    """promptfoo runs the golden set as tests and the judge grades through it: the model's row, and its
+    "+ retrieval" row when ``rag`` is given. promptfoo sees opaque keys only; questions, golden answers and
+    model answers stay on this side."""
     keys = promptfoo.test_keys(len(run.items))
     by_key = dict(zip(keys, run.items))
     answers_by_key = run_dir / "promptfoo_answers.json"
     write_json(answers_by_key, {k: answers[it.id] for k, it in by_key.items()})
-    with stage_progress(console, f"{run.mode}: judging with {run.judge.short} via promptfoo", len(run.items)) as adv:
+    extra = {}
+    if rag:
+        write_json(run_dir / "promptfoo_answers_retrieval.json", {k: rag["answers"][it.id] for k, it in by_key.items()})
+        extra[rag["label"]] = "promptfoo_answers_retrieval.json"
+    rows = len(run.items) * (1 + len(extra))
+    with stage_progress(console, f"{run.mode}: judging with {run.judge.short} via promptfoo", rows) as adv:
 
         def grade(key: str, output: str) -> dict:
             it = by_key[key]
-            if output != answers[it.id]:
-                return {"error": f"promptfoo passed an output for {key} that differs from the recorded answer"}
-            v = run.judge.score_many([(it.question, it.answer, answers[it.id])])[0]
+            if output != answers[it.id] and not (rag and output == rag["answers"][it.id]):
+                return {"error": f"promptfoo passed an output for {key} that differs from the recorded answers"}
+            v = run.judge.score_many([(it.question, it.answer, output)])[0]
             adv(1)
             return {"error": v.error} if v.error else {"score": v.score, "reason": v.reason}
 
         config = promptfoo.write_config(run_dir, run.label, keys, run.ecfg.pass_threshold, f"OpenSEM {run.mode}",
-                                        run.ecfg.judge.concurrency)
+                                        run.ecfg.judge.concurrency, extra)
         with promptfoo.JudgeServer(grade) as server:
             data = promptfoo.run_eval(run.promptfoo_cmd, config, run_dir / "promptfoo_output.json", server, answers_by_key,
                                       sys.executable, run_dir / "promptfoo.log")
-    parsed = promptfoo.parse_results(data)
-    return [{"id": it.id, "question": it.question, "golden": it.answer, **parsed[k]} for k, it in by_key.items() if k in parsed]
+
+    def rows_of(label: str) -> list[dict]:
+        parsed = promptfoo.parse_results(data, label)
+        return [{"id": it.id, "question": it.question, "golden": it.answer, **parsed[k]} for k, it in by_key.items() if k in parsed]
+
+    return rows_of(run.label), (rows_of(rag["label"]) if rag else None)
+
+
+def retrieval_record(run: JudgeRun, rag: dict, items: list[dict]) -> dict:
+    """The "+ retrieval" row: its scored items (each with the passages it was given), summary and recall@k."""
+    ecfg = run.ecfg
+    for it in items:
+        it["passages"], it["retrieved_answer"] = rag["passages"][it["id"]], rag["hits"][it["id"]]
+        it["prompt"] = rag["prompts"][it["id"]]
+    hits = list(rag["hits"].values())
+    return {"label": rag["label"], "top_k": rag["top_k"], "index": rag["index"], "template": rag["template"],
+            "recall_at_k": sum(hits) / len(hits) if hits else None, "items": items,
+            "summary": report.summarize(items, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)}
 
 
 def score_forgetting(run: JudgeRun, answers: dict[str, str]) -> list[dict]:
@@ -207,7 +264,8 @@ def results_record(ws: Workspace, run: JudgeRun, run_dir: Path, per_item: list[d
             "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
         },
         "key": {"golden": golden_sha, "base": run.base.fingerprint, "judge": run.judge.name,
-                "answers": ecfg.answers.model_dump(mode="json")},
+                "answers": ecfg.answers.model_dump(mode="json"),
+                **({"retrieval": ecfg.retrieval.model_dump(mode="json")} if ecfg.retrieval.enabled else {})},
         "run_dir": str(run_dir.relative_to(ws.root)) if run_dir.is_relative_to(ws.root) else str(run_dir),
         "wall_time_s": round(seconds, 1),
     }
@@ -225,6 +283,13 @@ def compare_with_baseline(ws: Workspace, run: JudgeRun, result: dict, console: C
     result["comparison"] = report.compare(base_res["items"], result["items"], ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
     result["forgetting"] = forgetting_check(base_res.get("forgetting_items", []), result["forgetting_items"], ecfg)
     result["baseline_run"] = base_res["run_dir"]
+    if result.get("retrieval") and base_res.get("retrieval"):
+        rows = {"baseline": base_res["items"], "baseline_retrieval": base_res["retrieval"]["items"],
+                "fine_tuned": result["items"], "fine_tuned_retrieval": result["retrieval"]["items"]}
+        result["retrieval_comparisons"] = {
+            f"{b}__{a}": {k: v for k, v in report.compare(rows[a], rows[b], ecfg.pass_threshold, ecfg.bootstrap_samples,
+                                                            ecfg.seed).items() if k != "regressions"}
+            for a, b in report.RETRIEVAL_PAIRS}
     return base_res
 
 
@@ -318,6 +383,12 @@ def judge_result(ws: Workspace, stage: str, result: dict) -> StageResult:
     if cmp:
         summary |= {"headline": report.headline(cmp), "forgetting": result.get("forgetting"),
                     "comparison": {k: v for k, v in cmp.items() if k != "regressions"} | {"regressions": len(cmp.get("regressions", []))}}
+    if result.get("retrieval"):
+        r = result["retrieval"]
+        summary["retrieval"] = {"top_k": r["top_k"], "recall_at_k": r["recall_at_k"], "summary": r["summary"]}
+    if result.get("retrieval_comparisons"):
+        summary["retrieval_line"] = report.retrieval_line(result["retrieval_comparisons"])
+        summary["retrieval_comparisons"] = result["retrieval_comparisons"]
     return StageResult(stage, {"results": art}, summary)
 
 

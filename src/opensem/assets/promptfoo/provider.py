@@ -2,7 +2,8 @@
 
 The answers were generated in batches by `opensem judge` before promptfoo started. promptfoo only ever
 sees an opaque key per test (`t0001`, ...); this file looks the answer up by that key in the file named
-by OPENSEM_ANSWERS, so no text from the golden set travels through promptfoo's templating.
+by OPENSEM_ANSWERS (or, for an extra row such as "+ retrieval", the file its config names), so no text
+from the golden set travels through promptfoo's templating.
 """
 
 import json
@@ -12,7 +13,7 @@ _ANSWERS = {}
 
 
 def call_api(prompt, options, context):
-    path = os.environ["OPENSEM_ANSWERS"]
+    path = ((options or {}).get("config") or {}).get("answers") or os.environ["OPENSEM_ANSWERS"]
     if path not in _ANSWERS:
         with open(path, encoding="utf-8") as fh:
             _ANSWERS[path] = json.load(fh)
