@@ -7,8 +7,10 @@ its own process, because Unsloth must be imported before transformers/trl/peft.
 
     python bench/gpu_check.py [--steps 30] [--layers 16] [--hidden 2048]
 
-Output: one line per engine, the unsloth/hf ratio (target >= 1.6x), and the cap check (a process capped at
-a few GB must hit OutOfMemoryError instead of using more).
+Output: one line per engine, the unsloth/hf ratio (target >= 1.6x), continued pre-training on each engine
+(embed_tokens/lm_head trained at their own learning rate: Unsloth's UnslothTrainer on the unsloth engine, the
+optimizer group on hf; held-out perplexity before and after), and the cap check (a process capped at a few
+GB must hit OutOfMemoryError instead of using more).
 """
 
 from __future__ import annotations
@@ -64,6 +66,34 @@ def make_workspace(model_dir: Path, engine: str, steps: int, root: Path) -> Path
     return ws
 
 
+def make_cpt_workspace(model_dir: Path, engine: str, steps: int, root: Path) -> Path:
+    import yaml
+
+    ws = make_workspace(model_dir, engine, steps, root / "cpt")
+    for d in range(4):
+        (ws / "data/raw" / f"manual{d}.md").write_text("\n\n".join(
+            f"## Part {d}-{i}\n\nPart {d}-{i} has property {k} equal to {(d * 31 + i * k) % 1000}." for i in range(60) for k in (1, 2)))
+    cfg = yaml.safe_load((ws / "configs/cpt_config.yaml").read_text())
+    cfg.update(max_steps=steps, lora_modules_to_save=["embed_tokens", "lm_head"], embedding_learning_rate=2e-5,
+               run_name=f"cpt-{engine}", save_steps=100_000)
+    (ws / "configs/cpt_config.yaml").write_text(yaml.safe_dump(cfg))
+    return ws
+
+
+def cpt_child(ws: str) -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO / "src"))
+    from opensem.cpt import run_cpt
+    from opensem.workspace import Workspace
+
+    run_dir = run_cpt(Workspace(Path(ws)))
+    m = json.loads((run_dir / "manifest.json").read_text())
+    print("RESULT " + json.dumps({"engine": m["engine"], "tokens_per_s": m["tokens_per_s"], "steps": m["steps"],
+                                   "perplexity": [m["perplexity_before"], m["perplexity_after"]],
+                                   "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+
+
 def child(ws: str) -> None:
     import torch
 
@@ -114,9 +144,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--child")
     ap.add_argument("--cap-child", type=float)
+    ap.add_argument("--cpt-child")
     a = ap.parse_args()
     if a.child:
         return child(a.child)
+    if a.cpt_child:
+        return cpt_child(a.cpt_child)
     if a.cap_child:
         return cap_child(a.cap_child)
     import torch
@@ -134,6 +167,8 @@ def main() -> None:
     if "tokens_per_s" in h and "tokens_per_s" in u:
         print(f"tokens/s unsloth/hf: {u['tokens_per_s'] / h['tokens_per_s']:.2f}x (target >= 1.6x); "
               f"peak VRAM unsloth {u['peak_vram_gb']} GB, hf {h['peak_vram_gb']} GB")
+    for engine in ("hf", "unsloth"):
+        print(f"cpt {engine:8s} {run(['--cpt-child', str(make_cpt_workspace(model_dir, engine, max(4, a.steps // 3), root))])}")
     print(f"VRAM cap: {run(['--cap-child', '4'])}")
 
 
