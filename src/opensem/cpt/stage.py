@@ -4,7 +4,7 @@
         adapter_model.safetensors, adapter_config.json, tokenizer files    the CPT adapter
         manifest.json        corpus (hash, records by kind, rewrite cost), perplexity before/after, base model
         run.json, training_log.jsonl, checkpoints/                          as for a training run
-        merged/              base + CPT adapter as one model, written when instruction tuning starts from it
+        merged/              base + CPT adapter as one model (train/stage.py: merged_model), written when instruction tuning starts from it
                              with ``after_cpt: merge`` (the default)
 
 Put ``cpt`` before ``train`` in configs/pipeline_config.yaml's stages: the train stage then starts from this
@@ -17,13 +17,10 @@ import json
 from pathlib import Path
 
 from opensem.errors import OpenSEMError
-from opensem.lineage import file_sha256, read_json, write_json
+from opensem.lineage import file_sha256, read_json
 from opensem.stages import Artifact, Context, StageResult
-from opensem.train.stage import ADAPTER_WEIGHTS, MANIFEST, is_resumable
+from opensem.train.stage import ADAPTER_WEIGHTS, MANIFEST, is_resumable, merged_model
 from opensem.workspace import Workspace
-
-MERGED = "merged"
-MERGED_MARKER = "opensem_merged.json"
 
 
 def cpt_result(ws: Workspace, run_dir: Path) -> StageResult:
@@ -54,33 +51,6 @@ def find_cpt(ws: Workspace, name: str | None = None) -> Path:
         raise OpenSEMError(f"no finished continued pre-training run{f' named {name!r}' if name else ''} in "
                            f"{ws.cpt_config().output_dir}/: run `opensem cpt` first")
     return max(done, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
-
-
-def merged_model(cpt_dir: Path) -> Path:
-    """base + CPT adapter merged into one model folder (once per adapter; later calls reuse it)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = cpt_dir / MERGED
-    sha = file_sha256(cpt_dir / ADAPTER_WEIGHTS)
-    if read_json(out / MERGED_MARKER, {}).get("adapter_sha256") == sha:
-        return out
-    base = read_json(cpt_dir / MANIFEST)["base_model"]
-    model = AutoModelForCausalLM.from_pretrained(base["path"], dtype="auto", use_safetensors=True, trust_remote_code=False)
-    model = PeftModel.from_pretrained(model, str(cpt_dir)).merge_and_unload()
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and head is not None and not torch.equal(emb.weight, head.weight):
-        model.config.tie_word_embeddings = False  # both were trained apart: keep both
-    tmp = out.with_name(MERGED + ".partial")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(cpt_dir)).save_pretrained(str(tmp))
-    write_json(tmp / MERGED_MARKER, {"adapter_sha256": sha, "base_model": base})
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 def chain_from(cpt_dir: Path, mode: str):

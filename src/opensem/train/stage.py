@@ -11,17 +11,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from opensem.config import TrainConfig
 from opensem.errors import OpenSEMError
-from opensem.lineage import file_sha256, read_json
+from opensem.lineage import file_sha256, read_json, write_json
 from opensem.stages import Artifact, Context, StageResult
 from opensem.workspace import Workspace
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
+MERGED = "merged"
+MERGED_MARKER = "opensem_merged.json"
 
 
 def data_paths(ws: Workspace, specs) -> list[Path]:
@@ -72,6 +75,32 @@ def chain_text(adapter_dir: Path) -> Optional[str]:
         return None
     base = (chain.get("base_model") or {}).get("name", "base")
     return f"{base} -> {chain.get('stage')} ({chain.get('run_name')}, {chain.get('mode')}) -> sft ({m.get('run_name')})"
+
+
+def merged_model(adapter_dir: Path) -> Path:
+    """The model under an adapter and the adapter, merged into one model folder ``{adapter_dir}/merged/`` (once
+    per adapter; later calls reuse it): what a later stage trains a fresh LoRA on (``mode: merge``)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = adapter_dir / MERGED
+    sha = file_sha256(adapter_dir / ADAPTER_WEIGHTS)
+    if read_json(out / MERGED_MARKER, {}).get("adapter_sha256") == sha:
+        return out
+    base = read_json(adapter_dir / MANIFEST)["base_model"]
+    model = AutoModelForCausalLM.from_pretrained(base["path"], dtype="auto", use_safetensors=True, trust_remote_code=False)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and not torch.equal(emb.weight, head.weight):
+        model.config.tie_word_embeddings = False  # both were trained apart: keep both
+    tmp = out.with_name(MERGED + ".partial")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    write_json(tmp / MERGED_MARKER, {"adapter_sha256": sha, "base_model": base})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def is_resumable(run_dir: Path) -> bool:
