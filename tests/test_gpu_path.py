@@ -131,3 +131,38 @@ def test_unsloth_trainer_gets_the_embedding_learning_rate(monkeypatch, base_mode
     assert isinstance(trainer, UnslothTrainer) and isinstance(trainer.args, UnslothTrainingArguments)
     assert trainer.args.embedding_learning_rate == 3e-5 and trainer.args.learning_rate == 2e-4
     assert trainer.create_optimizer().param_groups[0]["lr"] == 2e-4  # Unsloth's own optimizer, not our parameter group
+
+
+def test_unsloth_preference_tuning_patches_trl_before_the_model_loads(monkeypatch, tmp_path, base_models_dir, memorised_adapter):
+    """On the unsloth engine: Unsloth imported first, PatchDPOTrainer() applied, then Unsloth loads the merged SFT model."""
+    import shutil
+
+    from conftest import make_workspace
+
+    from opensem.prefs import recipe as prefs_recipe
+    from opensem.workspace import Workspace
+
+    order: list[str] = []
+
+    class Loaded(Exception):
+        pass
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kw):
+            order.append(f"load {kw['model_name']}")
+            raise Loaded()
+
+    fake = types.SimpleNamespace(FastLanguageModel=FastLanguageModel, PatchDPOTrainer=lambda: order.append("patch"))
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(engines, "unsloth_available", lambda: (True, "ok"))
+    monkeypatch.setattr(engines, "import_unsloth_first", lambda: order.append("import"))
+    monkeypatch.setattr(prefs_recipe, "detect_hardware", lambda: hardware.Hardware("cuda", "NVIDIA H100", 80, True, "x", 16, 1))
+    from opensem.train import recipe
+
+    monkeypatch.setattr(recipe, "apply_vram_cap", lambda p: None)
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem", ignore=shutil.ignore_patterns("merged"))
+    with pytest.raises(Loaded):
+        prefs_recipe.run_preference(Workspace(ws), ws / "models/adapters/mem")
+    assert order == ["import", "patch", f"load {ws / 'models/adapters/mem/merged'}"]

@@ -166,6 +166,37 @@ def train(
 
 
 @app.command()
+def pairs(
+    adapter: Annotated[Optional[str], typer.Option(help="The instruction-tuned adapter (name or path; default: the latest)")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Preference pairs: the tuned model's own wrong answers to training questions vs the grounded ones -> preferences.jsonl."""
+    from opensem.prefs import build_pairs
+    from opensem.train.stage import find_adapter
+
+    ws = _ws(workspace, sets)
+    build_pairs(ws, find_adapter(ws, ws.train_config(), adapter), console)
+
+
+@app.command()
+def prefer(
+    adapter: Annotated[Optional[str], typer.Option(help="The instruction-tuned adapter to start from (default: the latest)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
+    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/preference")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Preference tuning (DPO or ORPO, configs/preference_config.yaml) on the pairs -> models/preference/{run_name}."""
+    from opensem.prefs import run_preference
+    from opensem.train.stage import find_adapter
+
+    ws = _ws(workspace, sets)
+    sft = None if resume else find_adapter(ws, ws.train_config(), adapter)
+    run_preference(ws, sft, resume=resume, run_name=run_name, console=console)
+
+
+@app.command()
 def judge(
     mode: Annotated[Optional[str], typer.Option(help="baseline | fine-tuned")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name or path (default: the latest)")] = None,

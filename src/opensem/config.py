@@ -4,6 +4,7 @@ configs/forge_config.yaml  -> ForgeConfig   (the Data Forge)
 configs/train_config.yaml  -> TrainConfig   (the Training Floor; Axolotl's key names)
 configs/eval_config.yaml   -> EvalConfig    (the Judge)
 configs/cpt_config.yaml    -> CptConfig     (continued pre-training, when `cpt` is among the stages)
+configs/preference_config.yaml -> PreferenceConfig (preference pairs and DPO/ORPO, after instruction tuning)
 configs/pipeline_config.yaml -> PipelineConfig (the stages `opensem run` runs)
 
 Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
@@ -295,6 +296,49 @@ class CptConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Preference tuning (pairs from the instruction-tuned model's own wrong answers; TRL's key names)
+# --------------------------------------------------------------------------------------------------
+class PairsConfig(Strict):
+    output: str = Field("data/processed/preferences.jsonl", description="prompt/chosen/rejected JSONL, TRL's conversational format")
+    max_questions: Optional[int] = Field(200, ge=1, description="Training questions sampled (null: all)")
+    samples_per_question: int = Field(4, ge=1, le=32)
+    temperature: float = Field(0.9, gt=0.0, le=2.0)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    seed: int = 0
+
+
+class PreferenceConfig(Strict):
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    method: Literal["dpo", "orpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO: strength of the pull from the reference; ORPO: the odds-ratio weight")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss (TRL's name)")
+    max_length: int = Field(512, ge=16, le=131_072, description="Prompt + answer tokens")
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(2.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0.0, le=0.5)
+    seed: int = 42
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    output_dir: str = "models/preference"
+    run_name: Optional[str] = None
+
+    _plain_name = field_validator("run_name")(TrainConfig._plain_name.__func__)  # type: ignore[attr-defined]
+    _modules = field_validator("lora_target_modules")(TrainConfig._modules.__func__)  # type: ignore[attr-defined]
+
+    def training_keys(self) -> dict:
+        """The keys that are TrainConfig's too."""
+        return self.model_dump(exclude={"pairs", "method", "beta", "loss_type", "max_length"})
+
+
+# --------------------------------------------------------------------------------------------------
 # Eval
 # --------------------------------------------------------------------------------------------------
 class AnswerConfig(Strict):
@@ -341,7 +385,8 @@ class EvalConfig(Strict):
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["forge", "baseline", "train", "fine-tuned"],
-        description="What `opensem run` runs, in order: forge, baseline, cpt, train, fine-tuned, or package.module:attribute",
+        description="What `opensem run` runs, in order: forge, baseline, cpt, train, fine-tuned, pairs, preference, "
+        "or package.module:attribute",
     )
 
     @field_validator("stages")
@@ -360,6 +405,7 @@ SECTIONS: dict[str, tuple[str, type[Strict]]] = {
     "train": ("configs/train_config.yaml", TrainConfig),
     "eval": ("configs/eval_config.yaml", EvalConfig),
     "cpt": ("configs/cpt_config.yaml", CptConfig),
+    "preference": ("configs/preference_config.yaml", PreferenceConfig),
     "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
 }
 

@@ -35,6 +35,8 @@ REGISTRY: dict[str, str] = {
     "cpt": "opensem.cpt.stage:CptStage",
     "train": "opensem.train.stage:TrainStage",
     "fine-tuned": "opensem.judge.stage:FineTunedStage",
+    "pairs": "opensem.prefs.stage:PairsStage",
+    "preference": "opensem.prefs.stage:PreferenceStage",
 }
 
 

@@ -1,6 +1,6 @@
 """A workspace: the folder layout of the requirements, wherever the user keeps it.
 
-    configs/{forge,train,eval,cpt,pipeline}_config.yaml
+    configs/{forge,train,eval,cpt,preference,pipeline}_config.yaml
     data/raw/            your documents (.txt, .md, .pdf)
     data/processed/      train.jsonl, test.jsonl, forge manifest   (generated)
     evals/golden_set.json
@@ -8,6 +8,7 @@
     models/base/         materialised base models                   (generated)
     models/adapters/     one folder per training run                 (generated)
     models/cpt/          one folder per continued pre-training run   (generated)
+    models/preference/   one folder per preference-tuning run (DPO/ORPO) (generated)
     .opensem/            caches and run records                      (generated)
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import CptConfig, EvalConfig, ForgeConfig, PipelineConfig, TrainConfig, load_section
+from opensem.config import CptConfig, EvalConfig, ForgeConfig, PipelineConfig, PreferenceConfig, TrainConfig, load_section
 from opensem.errors import ConfigError, OpenSEMError
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
@@ -76,6 +77,9 @@ class Workspace:
 
     def cpt_config(self) -> CptConfig:
         return load_section("cpt", self.root, list(self.overrides))
+
+    def preference_config(self) -> PreferenceConfig:
+        return load_section("preference", self.root, list(self.overrides))
 
     def pipeline_config(self) -> PipelineConfig:
         return load_section("pipeline", self.root, list(self.overrides))

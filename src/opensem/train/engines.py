@@ -65,9 +65,23 @@ def embedding_lr(cfg: TrainConfig) -> Optional[float]:
     return cfg.embedding_learning_rate or cfg.learning_rate / 10
 
 
-def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
+def lora_config(cfg: TrainConfig, tie_word_embeddings: bool = False):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules),
+        modules_to_save=list(cfg.lora_modules_to_save) or None, use_rslora=cfg.peft_use_rslora,
+        # a model whose lm_head is its embedding matrix keeps one trained copy of it, not two that drift apart
+        ensure_weight_tying=bool(cfg.lora_modules_to_save) and tie_word_embeddings,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str, wrap: bool = True):
+    """The model and tokenizer; with ``wrap`` the LoRA of ``cfg`` applied (else the trainer applies ``lora_config``)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -96,15 +110,9 @@ def load_hf(model_path: str, cfg: TrainConfig, precision: str, device: str):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True), tok
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else list(cfg.lora_target_modules),
-        modules_to_save=list(cfg.lora_modules_to_save) or None, use_rslora=cfg.peft_use_rslora,
-        # a model whose lm_head is its embedding matrix keeps one trained copy of it, not two that drift apart
-        ensure_weight_tying=bool(cfg.lora_modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora), tok
+    if not wrap:
+        return model, tok
+    return get_peft_model(model, lora_config(cfg, bool(getattr(model.config, "tie_word_embeddings", False)))), tok
 
 
 def load_unsloth(model_path: str, cfg: TrainConfig, precision: str, gradient_checkpointing: bool):

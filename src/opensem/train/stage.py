@@ -68,13 +68,18 @@ def trained_on(adapter_dir: Path):
 
 
 def chain_text(adapter_dir: Path) -> Optional[str]:
-    """'base -> cpt (run, merge) -> sft (run)' for an adapter that started from an earlier result."""
+    """'base -> cpt (run, merge) -> sft (run)' for an adapter that started from earlier results."""
     m = read_json(adapter_dir / MANIFEST, {})
     chain = m.get("chain")
     if not chain:
         return None
+    label = lambda stage: "sft" if stage == "train" else stage  # noqa: E731
+    steps, c = [], chain
+    while c:
+        steps.insert(0, f"{label(c.get('stage'))} ({c.get('run_name')}, {c.get('mode')})")
+        c = c.get("before")
     base = (chain.get("base_model") or {}).get("name", "base")
-    return f"{base} -> {chain.get('stage')} ({chain.get('run_name')}, {chain.get('mode')}) -> sft ({m.get('run_name')})"
+    return " -> ".join([base, *steps, f"{m.get('method') or label(m.get('stage'))} ({m.get('run_name')})"])
 
 
 def merged_model(adapter_dir: Path) -> Path:

@@ -1,0 +1,92 @@
+"""Preference pairs and preference tuning as pipeline stages (after `train`), and where their outputs live.
+
+    data/processed/preferences.jsonl, preferences_manifest.json     the pairs (stage `pairs`)
+    models/preference/{run_name}/                                   the DPO/ORPO adapter (stage `preference`):
+        adapter files, manifest.json (pairs hash, chain base -> sft -> dpo), run.json, training_log.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from opensem.lineage import file_sha256, read_json
+from opensem.stages import Artifact, Context, StageResult
+from opensem.train.stage import ADAPTER_WEIGHTS, MANIFEST, adapter_hash, find_adapter, is_resumable
+from opensem.workspace import Workspace
+
+
+def _sft_adapter(ctx: Context) -> Path:
+    trained = ctx.result("train")
+    return trained.path(ctx.ws, "adapter").parent if trained else find_adapter(ctx.ws, ctx.ws.train_config(), None)
+
+
+class PairsStage:
+    """train.jsonl + the instruction-tuned adapter -> preferences.jsonl (its own wrong answers vs the grounded ones)."""
+
+    name = "pairs"
+
+    def inputs(self, ctx: Context) -> dict:
+        tcfg = ctx.ws.train_config()
+        ecfg = ctx.ws.eval_config()
+        data = [file_sha256(ctx.ws.path(d.path)) if ctx.ws.path(d.path).exists() else None for d in tcfg.datasets]
+        return {"adapter": adapter_hash(_sft_adapter(ctx)), "train": data, "config": ctx.ws.preference_config().pairs.model_dump(mode="json"),
+                "judge": ecfg.judge.model_dump(mode="json"), "pass_threshold": ecfg.pass_threshold}
+
+    def run(self, ctx: Context) -> StageResult:
+        from opensem.prefs.pairs import MANIFEST as PAIRS_MANIFEST
+        from opensem.prefs.pairs import build_pairs
+
+        out = build_pairs(ctx.ws, _sft_adapter(ctx), ctx.console)
+        m = read_json(out.parent / PAIRS_MANIFEST)
+        arts = {"pairs": Artifact.of(ctx.ws, out), "manifest": Artifact.of(ctx.ws, out.parent / PAIRS_MANIFEST)}
+        return StageResult(self.name, arts, {"pairs_sha256": arts["pairs"].sha256, "counts": m.get("counts"),
+                                             "adapter_sha256": m.get("adapter_sha256"), "judge": m.get("judge")})
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        return read_json(result.path(ws, "manifest"))
+
+
+def preference_result(ws: Workspace, run_dir: Path) -> StageResult:
+    m = read_json(run_dir / MANIFEST)
+    weights, manifest = Artifact.of(ws, run_dir / ADAPTER_WEIGHTS), Artifact.of(ws, run_dir / MANIFEST)
+    return StageResult("preference", {"adapter": weights, "manifest": manifest}, {
+        "adapter": str(Path(weights.path).parent), "adapter_sha256": weights.sha256, "run_name": m.get("run_name"),
+        "manifest_sha256": manifest.sha256, "method": m.get("method"), "chain": m.get("chain"),
+        "first_margin": m.get("first_margin"), "final_margin": m.get("final_margin"),
+    })
+
+
+class PreferenceStage:
+    """preferences.jsonl -> a DPO or ORPO adapter on top of the instruction-tuned model. Resumed when interrupted."""
+
+    name = "preference"
+
+    def inputs(self, ctx: Context) -> dict:
+        from opensem.prefs.recipe import training_config
+
+        pcfg = ctx.ws.preference_config()
+        pairs = ctx.result("pairs")
+        path = ctx.ws.path(pcfg.pairs.output)
+        return {"pairs": pairs.summary["pairs_sha256"] if pairs else (file_sha256(path) if path.exists() else None),
+                "adapter": adapter_hash(_sft_adapter(ctx)), "config": pcfg.model_dump(mode="json") | {"run_name": None},
+                "training": training_config(ctx.ws, pcfg, run_name="x").model_dump(mode="json")}
+
+    def run(self, ctx: Context) -> StageResult:
+        from opensem.prefs.recipe import run_preference, training_config
+
+        pcfg = ctx.ws.preference_config()
+        interrupted: Optional[str] = ctx.record.get("run_name")
+        if interrupted and is_resumable(ctx.ws.output_path(pcfg.output_dir, "preference.output_dir") / interrupted):
+            run_dir = run_preference(ctx.ws, resume=True, run_name=interrupted, console=ctx.console)
+        else:
+            name = training_config(ctx.ws, pcfg).run_name
+            ctx.mark(run_name=name)
+            run_dir = run_preference(ctx.ws, _sft_adapter(ctx), run_name=name, console=ctx.console)
+        return preference_result(ctx.ws, run_dir)
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        log = result.path(ws, "adapter").parent / "training_log.jsonl"
+        rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()] if log.exists() else []
+        return {"manifest": read_json(result.path(ws, "manifest")), "log": rows}
