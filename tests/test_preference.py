@@ -127,3 +127,15 @@ def test_preference_errors_are_one_line(tmp_path, base_models_dir, memorised_ada
     assert r.returncode == 2 and "preferences.jsonl:1: a pair needs 'prompt', 'chosen' and 'rejected'" in " ".join(r.stderr.split())
     r = run_cli("prefer", "-w", str(ws), "--set", "preference.method=kto")
     assert r.returncode == 2 and "--set preference.method=kto: key 'method'" in r.stderr
+
+
+def test_the_preferred_judge_needs_the_preference_stage_before_it(tmp_path):
+    from opensem.errors import OpenSEMError
+    from opensem.prefs.stage import PreferredStage
+    from opensem.stages import Context, load_stage
+    from opensem.workspace import init_workspace
+
+    init_workspace(tmp_path)
+    assert isinstance(load_stage("preferred"), PreferredStage)
+    with pytest.raises(OpenSEMError, match="'preferred' judges the preference stage's adapter: put 'preference' before it"):
+        PreferredStage().inputs(Context(Workspace(tmp_path), Console(quiet=True), {}))

@@ -385,7 +385,7 @@ class EvalConfig(Strict):
 class PipelineConfig(Strict):
     stages: list[str] = Field(
         default_factory=lambda: ["forge", "baseline", "train", "fine-tuned"],
-        description="What `opensem run` runs, in order: forge, baseline, cpt, train, fine-tuned, pairs, preference, "
+        description="What `opensem run` runs, in order: forge, baseline, cpt, train, fine-tuned, pairs, preference, preferred, "
         "or package.module:attribute",
     )
 

@@ -37,6 +37,7 @@ REGISTRY: dict[str, str] = {
     "fine-tuned": "opensem.judge.stage:FineTunedStage",
     "pairs": "opensem.prefs.stage:PairsStage",
     "preference": "opensem.prefs.stage:PreferenceStage",
+    "preferred": "opensem.prefs.stage:PreferredStage",
 }
 
 

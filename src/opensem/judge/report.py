@@ -217,3 +217,20 @@ def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: 
                          f"{c['wins']} / {c['ties']} / {c['losses']} |")
     lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in lineage.items()]
     return "\n".join(lines) + "\n"
+
+
+STEP_NAMES = {"sft_vs_baseline": ("Fine-Tuned (SFT)", "Baseline"), "preference_vs_sft": ("SFT + preference", "Fine-Tuned (SFT)"),
+              "final_vs_baseline": ("SFT + preference", "Baseline")}
+
+
+def render_steps(console: Console, steps: dict) -> None:
+    """Each step of the chain base -> SFT -> SFT + preference, paired on the same golden questions."""
+    t = Table(title="each step of the chain, paired on the same golden questions")
+    for col in ("step", "mean score difference", "95% CI", "win / tie / loss", "accuracy (pp)", "regressions"):
+        t.add_column(col, justify="right" if col != "step" else "left")
+    for key, (b, a) in STEP_NAMES.items():
+        c = steps.get(key)
+        if c:
+            t.add_row(f"{b} vs {a}", f"{c['mean_diff']:+.2f}", _ci(c["mean_diff_ci"]), f"{c['wins']} / {c['ties']} / {c['losses']}",
+                      f"{c['accuracy_diff_pp']:+.1f}", str(c["regressions"]))
+    console.print(t)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
 from opensem.stages import Artifact, Context, StageResult
 from opensem.train.stage import ADAPTER_WEIGHTS, MANIFEST, adapter_hash, find_adapter, is_resumable
@@ -90,3 +91,56 @@ class PreferenceStage:
         log = result.path(ws, "adapter").parent / "training_log.jsonl"
         rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()] if log.exists() else []
         return {"manifest": read_json(result.path(ws, "manifest")), "log": rows}
+
+
+class PreferredStage:
+    """The judge of the preference-tuned model: base -> SFT -> SFT + preference, each step compared on the golden set.
+
+    It answers and grades like the fine-tuned stage (its row is compared with the baseline), then pairs its
+    scores with the instruction-tuned model's (the `fine-tuned` stage's results) for the step preference tuning
+    took. The run's headline becomes baseline vs this final model."""
+
+    name = "preferred"
+
+    def _judge(self):
+        from opensem.judge.stage import FineTunedStage
+
+        return FineTunedStage()
+
+    def _adapter(self, ctx: Context) -> Path:
+        pref = ctx.result("preference")
+        if pref is None:
+            raise OpenSEMError("configs/pipeline_config.yaml: key 'stages': 'preferred' judges the preference stage's "
+                               "adapter: put 'preference' before it")
+        return pref.path(ctx.ws, "adapter").parent
+
+    def check(self, ws: Workspace) -> None:
+        self._judge().check(ws)
+
+    def inputs(self, ctx: Context) -> dict:
+        ecfg = ctx.ws.eval_config()
+        sft = ctx.result("fine-tuned")
+        return {"golden": file_sha256(ctx.ws.path(ecfg.golden_set)), "eval": ecfg.model_dump(mode="json"),
+                "adapter": adapter_hash(self._adapter(ctx)), "sft_results": sft.summary.get("results_sha256") if sft else None}
+
+    def run(self, ctx: Context) -> StageResult:
+        from opensem.judge import report
+        from opensem.judge.stage import judge_result, run_judge
+
+        res = run_judge(ctx.ws, "fine-tuned", adapter=str(self._adapter(ctx)), console=ctx.console)
+        result = judge_result(ctx.ws, self.name, res)
+        sft = ctx.result("fine-tuned")
+        if sft is not None:
+            ecfg = ctx.ws.eval_config()
+            sft_items = self._judge().details(ctx.ws, sft)["items"]
+            step = report.compare(sft_items, res["items"], ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+            result.summary["steps"] = {
+                "sft_vs_baseline": sft.summary.get("comparison"),
+                "preference_vs_sft": {k: v for k, v in step.items() if k != "regressions"} | {"regressions": len(step["regressions"])},
+                "final_vs_baseline": result.summary.get("comparison"),
+            }
+            report.render_steps(ctx.console, result.summary["steps"])
+        return result
+
+    def details(self, ws: Workspace, result: StageResult) -> dict:
+        return read_json(result.path(ws, "results"))
