@@ -97,11 +97,30 @@ def _retrieval_section(base_res: dict, ft_res: dict) -> str:
             f"<tbody>{pairs}</tbody></table>")
 
 
+def _steps_section(manifest: dict) -> str:
+    """Each step of a longer chain (base -> SFT -> SFT + preference), when the `preferred` stage ran."""
+    from opensem.judge import report
+
+    steps = (manifest.get("preferred") or {}).get("steps")
+    if not steps:
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(b)} vs {escape(a)}</td><td class='num'>{_f(c['mean_diff'], '+.2f')}</td>"
+        f"<td class='num'>[{_f(c['mean_diff_ci'][0])}, {_f(c['mean_diff_ci'][1])}]</td>"
+        f"<td class='num'>{c['wins']} / {c['ties']} / {c['losses']}</td><td class='num'>{c['regressions']}</td></tr>"
+        for key, (b, a) in report.STEP_NAMES.items() for c in [steps.get(key)] if c)
+    final = (manifest.get("preferred") or {}).get("headline") or ""
+    return (f"<h2>Each step of the chain</h2><p class='headline flat'>Final model (SFT + preference): {escape(final)}</p><table><thead><tr><th>step</th><th>mean score difference</th><th>95% CI</th>"
+            f"<th>win / tie / loss</th><th>regressions</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
     cmp = ft_res.get("comparison") or {}
     bitems = {it["id"]: it for it in base_res.get("items", [])}
     titems = ft_res.get("items", [])
-    headline = manifest.get("headline") or "no comparison"
+    from opensem.judge import report
+
+    headline = report.headline(cmp) if cmp else "no comparison"  # this page's table: the fine-tuned stage's model
     cls = "" if cmp.get("accuracy_diff_pp", 0) > 0 or cmp.get("mean_diff", 0) > 0 and cmp.get("mean_diff_ci", [0])[0] > 0 else (
         "down" if cmp.get("mean_diff", 0) < 0 else "flat")
     judge = ft_res.get("judge", "")
@@ -153,7 +172,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
     stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
                          for k, v in manifest["stages"].items())
     forgetting = ft_res.get("forgetting") or {}
-    retrieval = _retrieval_section(base_res, ft_res)
+    retrieval = _retrieval_section(base_res, ft_res) + _steps_section(manifest)
     html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OpenSEM run {escape(manifest['run_id'])}</title>
 <style>{CSS}</style></head><body>
 <h1>OpenSEM run {escape(manifest['run_id'])}</h1>
