@@ -139,3 +139,30 @@ def test_the_preferred_judge_needs_the_preference_stage_before_it(tmp_path):
     assert isinstance(load_stage("preferred"), PreferredStage)
     with pytest.raises(OpenSEMError, match="'preferred' judges the preference stage's adapter: put 'preference' before it"):
         PreferredStage().inputs(Context(Workspace(tmp_path), Console(quiet=True), {}))
+
+
+def test_pipeline_judges_each_step_of_the_chain(tmp_path, base_models_dir, memorised_adapter, promptfoo_available):
+    """stages [fine-tuned, preference, preferred]: the SFT adapter judged, DPO on top, the final model judged and
+    each step paired on the same golden questions, the chain in the run manifest."""
+    from opensem.pipeline import run_pipeline
+
+    ws = _ws_with_sft(tmp_path, base_models_dir, memorised_adapter)
+    golden = [{"id": f"z{i}", "question": q, "answer": good} for i, (q, good, _) in enumerate(FACTS)]
+    (ws / "evals/golden_set.json").write_text(json.dumps(golden))
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
+             "rejected": [{"role": "assistant", "content": bad}]} for q, good, bad in NEW_FACTS]
+    (ws / "data/processed/preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    set_config(ws, "eval", answers={"max_new_tokens": 24, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200)
+    set_config(ws, "preference", max_steps=2, micro_batch_size=4, run_name="d")
+    set_config(ws, "pipeline", stages=["fine-tuned", "preference", "preferred"])
+    console = Console(record=True, width=200)
+    m = run_pipeline(Workspace(ws), console=console)
+    steps = m["preferred"]["steps"]
+    assert set(steps) == {"sft_vs_baseline", "preference_vs_sft", "final_vs_baseline"}
+    assert all(s["paired_n"] == len(FACTS) for s in steps.values())
+    assert m["preference"]["chain"]["run_name"] == "mem" and m["preference"]["method"] == "dpo"
+    assert m["headline"] == m["preferred"]["headline"]  # the run's headline: baseline vs the final model
+    said = console.export_text()
+    assert "each step of the chain" in said and "SFT + preference vs Fine-Tuned (SFT)" in said
+    results = json.loads((ws / m["preferred"]["results"]).read_text())
+    assert results["lineage"]["chain"] == "smollm2-135m-instruct -> sft (mem, merge) -> dpo (d)"
