@@ -16,9 +16,7 @@ Instruction tuning then starts from this adapter (``after_cpt`` in train_config.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +24,7 @@ from rich.console import Console
 
 from opensem.config import CptConfig, TrainConfig
 from opensem.cpt.corpus import Corpus, build_corpus
-from opensem.errors import ConfigError, OpenSEMError
+from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.train import engines, recipe
 from opensem.train.data import TokenizedSet
@@ -85,25 +83,12 @@ def setup(ws: Workspace, ccfg: CptConfig, resume: bool, run_name: Optional[str],
     return recipe.Run(cfg, run_dir, main, world_size, say, resume_command="opensem cpt --resume")
 
 
-SHARED_KEYS = ("base_model", "engine", "adapter", "optimizer", "max_grad_norm", "precision", "gradient_checkpointing",
-               "max_vram_gb", "wandb_project", "wandb_mode")  # taken from train_config.yaml: one model, one machine
-
-
 def training_config(ws: Workspace, ccfg: CptConfig, run_name: Optional[str] = None) -> TrainConfig:
-    """The TrainConfig of a CPT run: SHARED_KEYS from train_config.yaml, the rest from cpt_config.yaml."""
-    from pydantic import ValidationError
-
-    from opensem.config import format_validation_error
-
-    shared = {k: v for k, v in ws.train_config().model_dump().items() if k in SHARED_KEYS}
+    """The TrainConfig of a CPT run: train_config.yaml's base model and hardware keys, the rest from cpt_config.yaml."""
     keys = ccfg.training_keys() | {"datasets": [], "test_datasets": [], "replay": None, "train_on_inputs": True}
     if run_name:
         keys["run_name"] = run_name
-    try:
-        cfg = TrainConfig.model_validate(shared | keys)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "configs/cpt_config.yaml", TrainConfig)) from None
-    return cfg if cfg.run_name else recipe._with(cfg, run_name="cpt-" + recipe.default_run_name(cfg))
+    return recipe.derived_config(ws, keys, "configs/cpt_config.yaml", "cpt")
 
 
 # 4. the corpus, packed ---------------------------------------------------------------------------------------------
@@ -135,11 +120,8 @@ def pack(corpus: Corpus, tok, sequence_len: int, eval_share: float, run: recipe.
 # 6. adapter + manifest -> models/cpt/{run} -----------------------------------------------------------------------------
 def save(ws: Workspace, run: recipe.Run, ccfg: CptConfig, trainer, tok, corpus: Corpus, data: recipe.Data, base,
          n_params: int, profile, wall: float, before: Optional[float], after: Optional[float]) -> None:
-    cfg, run_dir = run.cfg, run.run_dir
-    trainer.model.save_pretrained(str(run_dir))
-    tok.save_pretrained(str(run_dir))
-    log = trainer.state.log_history
-    (run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    cfg = run.cfg
+    log = recipe.write_adapter(run, trainer, tok)
     losses = [r["loss"] for r in log if "loss" in r]
     real_tokens = trainer.real_tokens * run.world_size
     manifest = {
@@ -173,9 +155,7 @@ def save(ws: Workspace, run: recipe.Run, ccfg: CptConfig, trainer, tok, corpus: 
         "versions": versions(),
         "resumed_from": run.resumed_from,
     }
-    write_json(run_dir / "manifest.json", manifest)
-    write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "complete", "finished": now()})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    recipe.finish(run, manifest)
     ppl = (f", {'held-out' if _held_out(data) else 'training-text'} perplexity {manifest['perplexity_before']} -> "
            f"{manifest['perplexity_after']}" if after is not None else "")
     run.say(f"cpt adapter saved to {ccfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, train loss "

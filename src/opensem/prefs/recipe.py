@@ -16,23 +16,18 @@ The judge then answers with the merged instruction-tuned model under this adapte
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 
 from opensem.config import PreferenceConfig, TrainConfig
-from opensem.errors import ConfigError, OpenSEMError
+from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.train import engines, recipe
 from opensem.train.hardware import check_adapter, detect_hardware
 from opensem.train.stage import MANIFEST, adapter_hash, merged_model
 from opensem.workspace import Workspace
-
-SHARED_KEYS = ("base_model", "engine", "adapter", "optimizer", "max_grad_norm", "precision", "gradient_checkpointing",
-               "max_vram_gb", "wandb_project", "wandb_mode")
-
 
 def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool = False, run_name: Optional[str] = None,
                    console: Optional[Console] = None) -> Path:
@@ -107,21 +102,13 @@ def setup(ws: Workspace, pcfg: PreferenceConfig, resume: bool, run_name: Optiona
 
 
 def training_config(ws: Workspace, pcfg: PreferenceConfig, run_name: Optional[str] = None, base_model: Optional[str] = None) -> TrainConfig:
-    from pydantic import ValidationError
-
-    from opensem.config import format_validation_error
-
-    shared = {k: v for k, v in ws.train_config().model_dump().items() if k in SHARED_KEYS}
+    """train_config.yaml's base model and hardware keys, the rest from preference_config.yaml."""
     keys = pcfg.training_keys() | {"datasets": [], "test_datasets": [], "replay": None, "sequence_len": pcfg.max_length}
     if base_model:
         keys["base_model"] = base_model
     if run_name:
         keys["run_name"] = run_name
-    try:
-        cfg = TrainConfig.model_validate(shared | keys)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, "configs/preference_config.yaml", TrainConfig)) from None
-    return cfg if cfg.run_name else recipe._with(cfg, run_name=f"{pcfg.method}-" + recipe.default_run_name(cfg))
+    return recipe.derived_config(ws, keys, "configs/preference_config.yaml", pcfg.method)
 
 
 # 3. data ------------------------------------------------------------------------------------------------------------
@@ -174,11 +161,8 @@ def make_trainer(run: recipe.Run, pcfg: PreferenceConfig, profile, hw, model, to
 # 6. adapter + manifest ------------------------------------------------------------------------------------------------
 def save(ws: Workspace, run: recipe.Run, pcfg: PreferenceConfig, trainer, tok, data: recipe.Data, base, n_params: int,
          profile, wall: float) -> None:
-    cfg, run_dir = run.cfg, run.run_dir
-    trainer.model.save_pretrained(str(run_dir))
-    tok.save_pretrained(str(run_dir))
-    log = trainer.state.log_history
-    (run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    cfg = run.cfg
+    log = recipe.write_adapter(run, trainer, tok)
     margins = [r[k] for r in log for k in ("rewards/margins", "log_odds_ratio") if k in r]
     losses = [r["loss"] for r in log if "loss" in r]
     manifest = {
@@ -194,9 +178,7 @@ def save(ws: Workspace, run: recipe.Run, pcfg: PreferenceConfig, trainer, tok, d
         "first_margin": margins[0] if margins else None, "final_margin": margins[-1] if margins else None,
         "wall_time_s": round(wall, 1), "versions": versions(), "resumed_from": run.resumed_from,
     }
-    write_json(run_dir / MANIFEST, manifest)
-    write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "complete", "finished": now()})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    recipe.finish(run, manifest)
     run.say(f"{pcfg.method} adapter saved to {pcfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, loss "
             f"{recipe._fmt(manifest['first_train_loss'])} -> {recipe._fmt(manifest['final_train_loss'])}, "
             f"{round(wall, 1)} s)")

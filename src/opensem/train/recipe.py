@@ -305,11 +305,8 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
          eval_loss: Optional[float]) -> None:
     from opensem.forge.stage import manifest_for
 
-    cfg, run_dir = run.cfg, run.run_dir
-    trainer.model.save_pretrained(str(run_dir))
-    tok.save_pretrained(str(run_dir))
-    log = trainer.state.log_history
-    (run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    cfg = run.cfg
+    log = write_adapter(run, trainer, tok)
     train_losses = [r["loss"] for r in log if "loss" in r]
     real_tokens = trainer.real_tokens * run.world_size
     forge_manifests = {a.sha256 for a in (manifest_for(ws, ws.path(f["path"])) for f in data.files) if a}
@@ -345,9 +342,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
         "versions": versions(),
         "resumed_from": run.resumed_from,
     }
-    write_json(run_dir / "manifest.json", manifest)
-    write_json(run_dir / "run.json", read_json(run_dir / "run.json") | {"status": "complete", "finished": now()})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    finish(run, manifest)
     run.say(
         f"adapter saved to {cfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, train loss "
         f"{_fmt(manifest['first_train_loss'])} -> {_fmt(manifest['final_train_loss'])}, eval loss {_fmt(eval_loss)}, "
@@ -359,6 +354,43 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
         if wandb.run is not None:
             run.say(f"wandb run directory: {wandb.run.dir}")
             wandb.finish()
+
+
+def write_adapter(run: Run, trainer, tok) -> list[dict]:
+    """Adapter, tokenizer and the trainer's log into the run folder; returns the log (one dict per logged step)."""
+    trainer.model.save_pretrained(str(run.run_dir))
+    tok.save_pretrained(str(run.run_dir))
+    log = trainer.state.log_history
+    (run.run_dir / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return log
+
+
+def finish(run: Run, manifest: dict) -> None:
+    """The manifest last, the run marked complete, the checkpoints gone."""
+    write_json(run.run_dir / "manifest.json", manifest)
+    write_json(run.run_dir / "run.json", read_json(run.run_dir / "run.json") | {"status": "complete", "finished": now()})
+    shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
+
+
+# what a run derived from another config (continued pre-training, preference tuning) takes from train_config.yaml:
+# one base model, one machine
+HARDWARE_KEYS = ("base_model", "engine", "adapter", "optimizer", "max_grad_norm", "precision", "gradient_checkpointing",
+                 "max_vram_gb", "wandb_project", "wandb_mode")
+
+
+def derived_config(ws: Workspace, keys: dict, source: str, prefix: str) -> TrainConfig:
+    """A TrainConfig of HARDWARE_KEYS from train_config.yaml and ``keys`` (from ``source``, for errors); a
+    readable run name starting with ``prefix`` unless ``keys`` name one."""
+    from pydantic import ValidationError
+
+    from opensem.config import format_validation_error
+
+    shared = {k: v for k, v in ws.train_config().model_dump().items() if k in HARDWARE_KEYS}
+    try:
+        cfg = TrainConfig.model_validate(shared | keys)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, TrainConfig)) from None
+    return cfg if cfg.run_name else _with(cfg, run_name=f"{prefix}-" + default_run_name(cfg))
 
 
 def _with(cfg: TrainConfig, **values) -> TrainConfig:
