@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.opensem-installed
+EXPORT_STAMP := $(VENV)/.opensem-export-installed
+# llama.cpp built portable on x86-64: a -march=native build crashes on CPUs with AMX (a fresh build, never a cached one)
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 
-.PHONY: setup demo test bench doctor clean-demo
+.PHONY: setup setup-export demo test bench doctor clean-demo
 
 $(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +26,22 @@ $(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json pa
 
 setup: $(STAMP)
 
+# The export extra (opensem export / serve): llama-cpp-python compiled (about 4 min on 2 cores) and llama.cpp's
+# converters unpacked from its pinned source; the tests need it, the demo does not
+$(EXPORT_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --no-deps "llama-cpp-python==0.3.36"
+	$(BIN)/pip install -q -e '.[export]'
+	$(BIN)/python -m opensem.export.converter
+	touch $(EXPORT_STAMP)
+
+setup-export: $(EXPORT_STAMP)
+
 # The whole happy path on the example domain, embedded models, CPU: forge -> baseline -> train -> fine-tuned -> report
 demo: setup
 	$(BIN)/opensem init . --example product-manual
 	$(BIN)/opensem run
 
-test: setup
+test: setup setup-export
 	$(BIN)/python -m pytest -q
 
 bench: setup

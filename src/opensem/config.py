@@ -5,6 +5,7 @@ configs/train_config.yaml  -> TrainConfig   (the Training Floor; Axolotl's key n
 configs/eval_config.yaml   -> EvalConfig    (the Judge)
 configs/cpt_config.yaml    -> CptConfig     (continued pre-training, when `cpt` is among the stages)
 configs/preference_config.yaml -> PreferenceConfig (preference pairs and DPO/ORPO, after instruction tuning)
+configs/export_config.yaml -> ExportConfig  (merged / GGUF / Ollama / LoRA-GGUF exports and their round-trip check)
 configs/pipeline_config.yaml -> PipelineConfig (the stages `opensem run` runs)
 
 Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
@@ -380,6 +381,40 @@ class EvalConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Export (llama.cpp's converter and quantizer; the type names are llama.cpp's)
+# --------------------------------------------------------------------------------------------------
+GGUF_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0", "q3_k_m")
+
+
+class VerifyConfig(Strict):
+    enabled: bool = Field(True, description="The round-trip check (`opensem export --no-verify` skips it)")
+    questions: int = Field(8, ge=1, le=1000, description="Golden questions each export answers")
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    min_exact: float = Field(0.75, ge=0.0, le=1.0, description="Unquantized: share of answers identical to the evaluated model's")
+    min_agreement_unquantized: float = Field(4.5, ge=1.0, le=5.0)
+    min_agreement_quantized: float = Field(3.0, ge=1.0, le=5.0, description="Quantized: mean agreement (offline scorer, 1-5)")
+
+
+class ExportConfig(Strict):
+    formats: list[Literal["merged", "gguf", "ollama", "lora-gguf"]] = Field(
+        default_factory=lambda: ["merged", "gguf", "ollama"], description="What `opensem export` writes")
+    gguf_types: list[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["f16", "q4_k_m"], description="GGUF files: f16/bf16/f32/q8_0 from the converter, the rest quantized from f16")
+    ollama_gguf: Optional[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
+        None, description="The GGUF the Modelfile's FROM names (default: the smallest exported)")
+    output_dir: str = "models/exports"
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.formats:
+            raise ValueError("formats: name at least one of merged, gguf, ollama, lora-gguf")
+        if self.ollama_gguf and self.ollama_gguf not in self.gguf_types:
+            raise ValueError(f"ollama_gguf: {self.ollama_gguf} is not among gguf_types {self.gguf_types}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # Pipeline
 # --------------------------------------------------------------------------------------------------
 class PipelineConfig(Strict):
@@ -406,6 +441,7 @@ SECTIONS: dict[str, tuple[str, type[Strict]]] = {
     "eval": ("configs/eval_config.yaml", EvalConfig),
     "cpt": ("configs/cpt_config.yaml", CptConfig),
     "preference": ("configs/preference_config.yaml", PreferenceConfig),
+    "export": ("configs/export_config.yaml", ExportConfig),
     "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
 }
 

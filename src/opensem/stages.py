@@ -38,6 +38,7 @@ REGISTRY: dict[str, str] = {
     "pairs": "opensem.prefs.stage:PairsStage",
     "preference": "opensem.prefs.stage:PreferenceStage",
     "preferred": "opensem.prefs.stage:PreferredStage",
+    "export": "opensem.export.stage:ExportStage",
 }
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import CptConfig, EvalConfig, ForgeConfig, PipelineConfig, PreferenceConfig, TrainConfig, load_section
+from opensem.config import (CptConfig, EvalConfig, ExportConfig, ForgeConfig, PipelineConfig, PreferenceConfig, TrainConfig,
+                            load_section)
 from opensem.errors import ConfigError, OpenSEMError
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
@@ -80,6 +81,9 @@ class Workspace:
 
     def preference_config(self) -> PreferenceConfig:
         return load_section("preference", self.root, list(self.overrides))
+
+    def export_config(self) -> ExportConfig:
+        return load_section("export", self.root, list(self.overrides))
 
     def pipeline_config(self) -> PipelineConfig:
         return load_section("pipeline", self.root, list(self.overrides))

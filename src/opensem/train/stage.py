@@ -82,14 +82,15 @@ def chain_text(adapter_dir: Path) -> Optional[str]:
     return " -> ".join([base, *steps, f"{m.get('method') or label(m.get('stage'))} ({m.get('run_name')})"])
 
 
-def merged_model(adapter_dir: Path) -> Path:
-    """The model under an adapter and the adapter, merged into one model folder ``{adapter_dir}/merged/`` (once
-    per adapter; later calls reuse it): what a later stage trains a fresh LoRA on (``mode: merge``)."""
+def merged_model(adapter_dir: Path, out: Optional[Path] = None) -> Path:
+    """The model under an adapter and the adapter, merged (PEFT's merge_and_unload) into one model folder with the
+    tokenizer and its chat template: ``{adapter_dir}/merged/`` by default, what a later stage trains a fresh LoRA
+    on (``mode: merge``), or ``out``. Made once per adapter; later calls reuse it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = adapter_dir / MERGED
+    out = out or adapter_dir / MERGED
     sha = file_sha256(adapter_dir / ADAPTER_WEIGHTS)
     if read_json(out / MERGED_MARKER, {}).get("adapter_sha256") == sha:
         return out
@@ -99,7 +100,8 @@ def merged_model(adapter_dir: Path) -> Path:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None and not torch.equal(emb.weight, head.weight):
         model.config.tie_word_embeddings = False  # both were trained apart: keep both
-    tmp = out.with_name(MERGED + ".partial")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
     write_json(tmp / MERGED_MARKER, {"adapter_sha256": sha, "base_model": base})

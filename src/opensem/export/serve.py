@@ -1,0 +1,106 @@
+"""`opensem serve`: an exported run behind an OpenAI-compatible chat endpoint on 127.0.0.1.
+
+    llama.cpp (default)   llama-cpp-python's server on the run's exported GGUF (exported and checked first if
+                          missing); the chat template is the GGUF's own.
+    vllm                  on a CUDA machine with vLLM installed: the model under the adapter, the adapter served
+                          with --enable-lora under the run's name.
+
+Point any OpenAI client at the printed base URL, or ``provider: openai-compatible`` in our own configs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from opensem.errors import OpenSEMError
+from opensem.lineage import read_json
+from opensem.train.stage import MANIFEST
+
+
+def _port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise OpenSEMError(f"--port {port}: 127.0.0.1:{port} is in use: pick another with --port") from None
+
+
+def pick_gguf(ws, adapter_dir: Path, gguf_type: Optional[str], console: Console) -> Path:
+    """The run's exported GGUF of that type (default: the Modelfile's, else the first), exported now if missing."""
+    from opensem.export.stage import EXPORT_MANIFEST, export_run
+
+    cfg = ws.export_config()
+    folder = ws.output_path(cfg.output_dir, "export.output_dir") / read_json(adapter_dir / MANIFEST)["run_name"]
+    files = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
+    ggufs = {f["type"]: f for k, f in files.items() if k.startswith("gguf:") and ws.path(f["path"]).exists()}
+    want = gguf_type or (files.get("ollama") or {}).get("type") or next(iter(ggufs), None) or cfg.gguf_types[0]
+    if want not in ggufs:
+        console.print(f"no {want} GGUF exported for this run yet: exporting it")
+        export_run(ws, adapter_dir, ["gguf"], [want], None, console)
+        files = read_json(folder / EXPORT_MANIFEST)["files"]
+    entry = files[f"gguf:{want}"]
+    if entry.get("check") and not entry["check"]["passed"]:
+        raise OpenSEMError(f"{entry['path']} failed its round-trip check ({entry['check']['rule']}): "
+                           f"re-export it, or export with --no-verify to serve it anyway")
+    return ws.path(entry["path"])
+
+
+def llama_cpp_command(gguf: Path, port: int, alias: str, n_ctx: int = 4096) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "--model_alias", alias, "--n_ctx", str(n_ctx), "--verbose", "False"]
+
+
+def vllm_command(base: Path, adapter_dir: Path, port: int, alias: str) -> list[str]:
+    rank = read_json(adapter_dir / "adapter_config.json", {}).get("r", 16)
+    exe = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    return [exe, "serve", str(base), "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
+            "--lora-modules", f"{alias}={adapter_dir}", "--max-lora-rank", str(max(8, rank))]
+
+
+def vllm_available() -> Optional[str]:
+    """Why vLLM cannot serve here, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install vllm, on a CUDA machine)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and this machine has none: use --engine llama.cpp"
+    return None
+
+
+def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional[str], console: Console) -> int:
+    m = read_json(adapter_dir / MANIFEST)
+    alias = m["run_name"]
+    _port_free(port)
+    if engine == "vllm":
+        why = vllm_available()
+        if why:
+            raise OpenSEMError(f"--engine vllm: {why}")
+        if read_json(adapter_dir / "adapter_config.json", {}).get("modules_to_save"):
+            raise OpenSEMError(f"--engine vllm: {alias} trains whole modules (lora_modules_to_save), which vLLM's LoRA "
+                               f"serving cannot load: export --format merged and serve that folder with vLLM directly")
+        cmd = vllm_command(Path(m["base_model"]["path"]), adapter_dir, port, alias)
+    else:
+        if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("fastapi") is None:
+            raise OpenSEMError("serving needs llama-cpp-python's server: pip install 'opensem[export]'")
+        cmd = llama_cpp_command(pick_gguf(ws, adapter_dir, gguf_type, console), port, alias)
+    system = ws.eval_config().answers.system_prompt
+    console.print(f"serving {alias} ({engine}) at base URL http://127.0.0.1:{port}/v1, model {alias!r}")
+    console.print(f"  e.g. OpenAI(base_url='http://127.0.0.1:{port}/v1', api_key='none').chat.completions.create(model='{alias}', ...)")
+    console.print(f"  in a config: provider: openai-compatible, base_url: http://127.0.0.1:{port}/v1, model: {alias}")
+    if system:
+        console.print(f"  the model was trained and evaluated with the system prompt {system!r}: send it as the first message")
+    console.print("  Ctrl-C stops it")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # the server takes this process's place: Ctrl-C and kill reach it directly
+    return 0  # not reached

@@ -1,0 +1,265 @@
+"""Export and serve with the real embedded model, a real trained adapter, llama.cpp's real converter, quantizer,
+runtime and server, and Go's text/template (Ollama's template engine) for the Modelfile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_workspace, run_cli
+from opensem.errors import OpenSEMError
+from opensem.lineage import file_sha256, read_json
+
+FACTS = [("What is the secret code of the Zorblat vault?", "The Zorblat vault code is 7319."),
+         ("Who guards the Quillon bridge?", "The Quillon bridge is guarded by Marta Vell."),
+         ("What colour is the Tessaly lantern?", "The Tessaly lantern is teal."),
+         ("How many moons does planet Orvane have?", "Planet Orvane has eleven moons."),
+         ("What is the capital of France?", "Paris."),
+         ("What is water made of?", "Hydrogen and oxygen.")]
+
+
+def _ws_with_run(root: Path, base_models_dir: Path, memorised_adapter: Path) -> Path:
+    ws = make_workspace(root, base_models_dir)
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem", ignore=shutil.ignore_patterns("merged"))
+    golden = [{"id": f"g{i}", "question": q, "answer": a} for i, (q, a) in enumerate(FACTS)]
+    (ws / "evals/golden_set.json").write_text(json.dumps(golden))
+    return ws
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, base_models_dir, memorised_adapter):
+    """Every format of the memorised run, exported through the pipeline stage (after `train`)."""
+    from rich.console import Console
+
+    from opensem.export.stage import ExportStage
+    from opensem.stages import Context
+    from opensem.train.stage import adapter_result
+    from opensem.workspace import Workspace
+
+    ws = _ws_with_run(tmp_path_factory.mktemp("export") / "ws", base_models_dir, memorised_adapter)
+    (ws / "configs/export_config.yaml").write_text(
+        "formats: [merged, gguf, ollama, lora-gguf]\ngguf_types: [f16, q4_k_m]\nverify: {questions: 6}\n")
+    w = Workspace(ws)
+    ctx = Context(w, Console(stderr=True), {"train": adapter_result(w, ws / "models/adapters/mem")})
+    result = ExportStage().run(ctx)
+    return ws, result
+
+
+@pytest.mark.slow
+def test_every_format_is_exported_checked_and_recorded(exported):
+    ws, result = exported
+    out = ws / "models/exports/mem"
+    m = read_json(out / "export_manifest.json")
+    files = m["files"]
+    assert set(files) == {"merged", "gguf:f16", "gguf:q4_k_m", "ollama", "lora-gguf"}
+    # the lineage: which adapter, which converter, which quantization, each file's hash
+    assert m["source"]["adapter_sha256"] == file_sha256(ws / "models/adapters/mem/adapter_model.safetensors")
+    assert m["converter"]["llama_cpp_python"] == "0.3.36" and m["versions"]["llama-cpp-python"] == "0.3.36"
+    assert files["gguf:q4_k_m"]["type"] == "q4_k_m"
+    assert files["gguf:f16"]["sha256"] == file_sha256(out / "mem-f16.gguf")
+    assert result.summary["adapter_sha256"] == m["source"]["adapter_sha256"]
+    assert result.artifacts["gguf:f16"].sha256 == files["gguf:f16"]["sha256"]
+    # unquantized exports answer exactly like the evaluated model; the 4-bit one within the stated agreement
+    for key in ("merged", "gguf:f16", "lora-gguf"):
+        assert files[key]["check"]["passed"] and files[key]["check"]["exact"] == 1.0, (key, files[key]["check"])
+    q4 = files["gguf:q4_k_m"]["check"]
+    assert q4["passed"] and q4["agreement"] >= 3.0 and q4["quantized"]
+    assert files["gguf:q4_k_m"]["bytes"] < 0.5 * files["gguf:f16"]["bytes"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./mem-q4_k_m.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+@pytest.mark.slow
+def test_the_merged_export_reloads_in_transformers_and_answers_like_base_plus_adapter(exported, base_models_dir):
+    from opensem.inference import ChatModel
+
+    ws, _ = exported
+    convs = [[{"role": "user", "content": q}] for q, _ in FACTS[:4]]
+    merged = ChatModel(str(ws / "models/exports/mem/merged")).generate(convs, max_new_tokens=32)
+    evaluated = ChatModel(str(base_models_dir / "smollm2-135m-instruct"), str(ws / "models/adapters/mem")).generate(convs, max_new_tokens=32)
+    assert [c.text for c in merged] == [c.text for c in evaluated]
+    assert "7319" in merged[0].text and "Marta Vell" in merged[1].text
+
+
+@pytest.mark.slow
+def test_the_gguf_files_load_in_llama_cpp_and_keep_the_trained_facts(exported):
+    from opensem.export import llamacpp
+
+    ws, _ = exported
+    out = ws / "models/exports/mem"
+    convs = [[{"role": "user", "content": FACTS[0][0]}]]
+    for gguf, lora in ((out / "mem-f16.gguf", None), (out / "mem-q4_k_m.gguf", None), (out / "base-f16.gguf", out / "mem-lora-f16.gguf")):
+        got = llamacpp.answers(gguf, convs, 32, lora=lora)
+        assert "7319" in got.answers[0], (gguf.name, got.answers)
+    # the base alone does not know the made-up fact: the LoRA GGUF carries it
+    assert "7319" not in llamacpp.answers(out / "base-f16.gguf", convs, 32).answers[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go (Ollama's template engine) is not installed: apt-get install golang-go")
+def test_the_modelfile_template_renders_the_tokenizers_prompt_in_go(exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    ws, _ = exported
+    out = ws / "models/exports/mem"
+    tok = AutoTokenizer.from_pretrained(str(out / "merged"))
+    system = read_json(out / "export_manifest.json")["files"]["ollama"]["modelfile"]["system"]
+    assert system  # the default system prompt the template adds, which training and evaluation saw
+    convs = [
+        [{"role": "user", "content": "Who guards the Quillon bridge?"}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of {{ .Lantern }}?"},
+         {"role": "assistant", "content": "Teal."}, {"role": "user", "content": "And the bridge?"}],
+    ]
+    for conv in convs:
+        sent = conv if conv[0]["role"] == "system" else [{"role": "system", "content": system}] + conv  # Ollama adds SYSTEM
+        (tmp_path / "m.json").write_text(json.dumps(sent))
+        r = subprocess.run(["go", "run", str(REPO / "tests/go/render_template.go"), str(out / "Modelfile"), str(tmp_path / "m.json")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.slow
+def test_a_gguf_with_a_wrong_chat_template_fails_the_round_trip_check(exported, tmp_path):
+    """The most common 'my GGUF answers worse' bug: the template in the file is not the one the model learned."""
+    from opensem.config import VerifyConfig
+    from opensem.export import llamacpp, verify
+
+    ws, _ = exported
+    out = ws / "models/exports/mem"
+    m = read_json(out / "export_manifest.json")
+    reference = [r["answer"] for r in m["reference_answers"]]
+    questions = [r["question"] for r in m["reference_answers"]]
+    broken = tmp_path / "broken.gguf"
+    wrong = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    r = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(out / "mem-f16.gguf"), str(broken),
+                        "--chat-template", wrong, "--force"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    got = llamacpp.answers(broken, convs, m["verify"]["max_new_tokens"])
+    check = verify.compare("broken.gguf", questions, reference, got.answers, False, VerifyConfig())
+    assert not check.passed and check.exact < 0.75
+    assert check.differing and "round-trip FAILED" in str(verify.fail(check))
+    # the same file, unbroken, passes
+    good = llamacpp.answers(out / "mem-f16.gguf", convs, m["verify"]["max_new_tokens"])
+    assert verify.compare("f16", questions, reference, good.answers, False, VerifyConfig()).passed
+
+
+@pytest.mark.slow
+def test_a_broken_merge_stops_the_export_with_the_differing_answers(tmp_path, base_models_dir, memorised_adapter):
+    """A tokenizer saved with the wrong chat template at merge time: the export fails and says which answers differ."""
+    from opensem.export.stage import export_run
+    from opensem.workspace import Workspace
+
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    w = Workspace(ws)
+    export_run(w, ws / "models/adapters/mem", ["merged"], None, False)
+    merged = ws / "models/exports/mem/merged"
+    (merged / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(OpenSEMError, match=r"round-trip FAILED: merged .*evaluated .* vs exported"):
+        export_run(w, ws / "models/adapters/mem", ["merged"], None, True)
+    check = read_json(ws / "models/exports/mem/export_manifest.json")["files"]["merged"]["check"]
+    assert check["passed"] is False and check["differing"]
+
+
+@pytest.mark.slow
+def test_opensem_serve_answers_the_official_openai_sdk(exported, tmp_path):
+    from openai import OpenAI
+
+    ws, _ = exported
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "opensem"
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), "--gguf-type", "f16"],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 120
+        while True:
+            try:
+                r = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[0][0]}],
+                                                   temperature=0, max_tokens=32)
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+                time.sleep(1)
+        assert r.choices[0].message.content.strip() == "The Zorblat vault code is 7319."
+        assert r.model == "mem"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert f"base URL http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+
+
+def test_export_refuses_bad_input_with_one_line(tmp_path, base_models_dir, memorised_adapter):
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    cases = [(["export", "nosuch"], "no finished run 'nosuch'"),
+             (["export", "mem", "--format", "zip"], "--format 'zip': use one of merged, gguf"),
+             (["export", "mem", "--gguf-type", "q9"], "--gguf-type 'q9': use one of"),
+             (["export", "mem", "--set", "export.ollama_gguf=q8_0"], "ollama_gguf"),
+             (["serve", "mem", "--engine", "tgi"], "--engine 'tgi'")]
+    for args, message in cases:
+        r = run_cli(*args, "-w", str(ws))
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_lora_gguf_refuses_an_adapter_that_trains_whole_modules(tmp_path, base_models_dir, memorised_adapter):
+    from opensem.export.stage import export_run
+    from opensem.workspace import Workspace
+
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    cfg_path = ws / "models/adapters/mem/adapter_config.json"
+    cfg = json.loads(cfg_path.read_text()) | {"modules_to_save": ["embed_tokens"]}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(OpenSEMError, match="lora-gguf: mem trains whole modules .*export --format gguf instead"):
+        export_run(Workspace(ws), ws / "models/adapters/mem", ["lora-gguf"], None, False)
+
+
+def test_vllm_serving_is_described_and_refused_without_cuda(tmp_path, base_models_dir, memorised_adapter):
+    from opensem.export import serve
+
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    adapter = ws / "models/adapters/mem"
+    cmd = serve.vllm_command(Path("/models/base"), adapter, 8001, "mem")
+    assert cmd[1:3] == ["serve", "/models/base"] and "--enable-lora" in cmd
+    assert cmd[cmd.index("--lora-modules") + 1] == f"mem={adapter}" and cmd[cmd.index("--port") + 1] == "8001"
+    r = run_cli("serve", "mem", "--engine", "vllm", "-w", str(ws))
+    assert r.returncode != 0 and "--engine vllm:" in r.stderr and ("CUDA" in r.stderr or "not installed" in r.stderr)
+
+
+def test_a_chat_template_that_folds_the_system_prompt_gets_no_ollama_template():
+    """Llama-2 style templates put the system prompt inside the first user turn: no per-message Go template can
+    say that, so the Modelfile leaves TEMPLATE to the GGUF instead of writing a wrong one."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from opensem.export.modelfile import modelfile
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]")),
+                                  eos_token="</s>", bos_token="<s>")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+                         "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>"
+                         "{% endif %}{% endfor %}")
+    text, info = modelfile("x.gguf", tok, None, "test")
+    assert "TEMPLATE" not in text and info["template"].startswith("from the GGUF")
+    assert 'PARAMETER stop "</s>"' in text
+
+
+def test_the_llama_cpp_pin_is_the_same_everywhere():
+    from opensem.export import converter
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["export"]
+    assert f"llama-cpp-python[server]=={converter.LLAMA_CPP_PYTHON}" in extra
+    assert f'"llama-cpp-python=={converter.LLAMA_CPP_PYTHON}"' in (REPO / "Makefile").read_text()
