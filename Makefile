@@ -8,7 +8,7 @@ EXPORT_STAMP := $(VENV)/.opensem-export-installed
 # llama.cpp built portable on x86-64: a -march=native build crashes on CPUs with AMX (a fresh build, never a cached one)
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 
-.PHONY: setup setup-export demo test bench doctor clean-demo
+.PHONY: setup setup-export setup-launch demo test bench doctor clean-demo
 
 $(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,12 +36,23 @@ $(EXPORT_STAMP): $(STAMP)
 
 setup-export: $(EXPORT_STAMP)
 
+# SkyPilot for `opensem launch`, in its own environment (.venv-sky): its pins (click, uvicorn) clash with ours.
+# Add your cloud's extra, e.g. make setup-launch SKY_EXTRAS=runpod,aws ; then `.venv-sky/bin/sky check`.
+SKY_EXTRAS ?= runpod
+SKY_STAMP := .venv-sky/.opensem-installed
+$(SKY_STAMP):
+	test -x .venv-sky/bin/python || $(PYTHON) -m venv .venv-sky
+	.venv-sky/bin/pip install -q "skypilot[$(SKY_EXTRAS)]==0.14.1"
+	touch $(SKY_STAMP)
+
+setup-launch: $(SKY_STAMP)
+
 # The whole happy path on the example domain, embedded models, CPU: forge -> baseline -> train -> fine-tuned -> report
 demo: setup
 	$(BIN)/opensem init . --example product-manual
 	$(BIN)/opensem run
 
-test: setup setup-export
+test: setup setup-export setup-launch
 	$(BIN)/python -m pytest -q
 
 bench: setup

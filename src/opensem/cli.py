@@ -46,19 +46,23 @@ def _ws(workspace: Path, sets: Optional[list[str]]):
     return ws
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"opensem {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit")] = False,
     allow_outside_workspace: Annotated[
         bool, typer.Option("--allow-outside-workspace", help="Let output_dir / reports_dir point outside the workspace")
     ] = False,
 ):
     STATE["debug"] = debug or os.environ.get("OPENSEM_DEBUG") == "1"
     STATE["allow_outside"] = allow_outside_workspace
-    if version:
-        out.print(f"opensem {__version__}")
-        raise typer.Exit()
 
 
 @app.command()
@@ -286,6 +290,72 @@ def run(
     from opensem.pipeline import run_pipeline
 
     run_pipeline(_ws(workspace, sets), force=force, console=out)
+
+
+launch_app = typer.Typer(help="The pipeline on a rented GPU through SkyPilot: launch, then status / logs / fetch / down.",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(launch_app, name="launch")
+ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="Which launch (default: the latest)")]
+
+
+@launch_app.callback()
+def launch_cmd(
+    ctx: typer.Context,
+    cloud: Annotated[Optional[str], typer.Option(help="runpod | aws | gcp | azure | lambda | kubernetes | ... (SkyPilot's names), or local (this machine)")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="SkyPilot accelerators, e.g. RTX4090:1 or A100-80GB:1 ('none': CPU)")] = None,
+    nodes: Annotated[Optional[int], typer.Option(help="Nodes; > 1 runs data-parallel training (hf engine, torchrun)")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: pipeline_config.yaml's)")] = None,
+    max_hours: Annotated[Optional[float], typer.Option(help="The job ends itself after this long")] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="USD: refuse to launch when price x max-hours is above it")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the task YAML; no credentials, no network")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """Launch the workspace's pipeline on a cloud GPU (configs/launch_config.yaml; these options override it)."""
+    if ctx.invoked_subcommand:
+        return
+    from opensem.launch import launch
+
+    if nodes is not None and nodes < 1:
+        raise OpenSEMError(f"--nodes {nodes}: use 1 or more")
+    if max_hours is not None and max_hours <= 0:
+        raise OpenSEMError(f"--max-hours {max_hours}: use a positive number of hours")
+    ws = _ws(workspace, sets)
+    launch(ws, console if not dry_run else out, dry_run=dry_run, cloud=cloud, gpu=gpu, nodes=nodes,
+           stages=[x.strip() for x in stages.split(",") if x.strip()] if stages else None, max_hours=max_hours, max_cost=max_cost)
+
+
+@launch_app.command("status")
+def launch_status(cluster: ClusterOpt = None, workspace: WorkspaceOpt = Path(".")):
+    """The cluster and its job queue."""
+    from opensem.launch import status
+
+    out.print(status(_ws(workspace, None), cluster), markup=False, highlight=False)
+
+
+@launch_app.command("logs")
+def launch_logs(cluster: ClusterOpt = None, follow: Annotated[bool, typer.Option("--follow", help="Keep streaming")] = False,
+                workspace: WorkspaceOpt = Path(".")):
+    """The job's output."""
+    from opensem.launch import logs
+
+    logs(_ws(workspace, None), cluster, follow)
+
+
+@launch_app.command("fetch")
+def launch_fetch(cluster: ClusterOpt = None, workspace: WorkspaceOpt = Path(".")):
+    """Bring the outputs (adapters, reports, run manifests, lineage) home into this workspace."""
+    from opensem.launch import fetch
+
+    fetch(_ws(workspace, None), cluster, console)
+
+
+@launch_app.command("down")
+def launch_down(cluster: ClusterOpt = None, workspace: WorkspaceOpt = Path(".")):
+    """Tear the cluster down."""
+    from opensem.launch import down
+
+    down(_ws(workspace, None), cluster, console)
 
 
 @app.command()

@@ -6,6 +6,7 @@ configs/eval_config.yaml   -> EvalConfig    (the Judge)
 configs/cpt_config.yaml    -> CptConfig     (continued pre-training, when `cpt` is among the stages)
 configs/preference_config.yaml -> PreferenceConfig (preference pairs and DPO/ORPO, after instruction tuning)
 configs/export_config.yaml -> ExportConfig  (merged / GGUF / Ollama / LoRA-GGUF exports and their round-trip check)
+configs/launch_config.yaml -> LaunchConfig  (`opensem launch --cloud`: the pipeline on a rented GPU through SkyPilot)
 configs/pipeline_config.yaml -> PipelineConfig (the stages `opensem run` runs)
 
 Unknown keys, wrong types and out-of-range values fail before any work starts, with the file, the
@@ -415,6 +416,37 @@ class ExportConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------
+# Launch (SkyPilot's names where it has them: cloud, accelerators, num_nodes, idle_minutes_to_autostop)
+# --------------------------------------------------------------------------------------------------
+class LaunchConfig(Strict):
+    cloud: Optional[str] = Field(None, description="runpod, aws, gcp, azure, lambda, kubernetes, ... (SkyPilot's names), or local")
+    gpu: Optional[str] = Field("RTX4090:1", description="SkyPilot accelerators, e.g. RTX4090:1, A100-80GB:1 (null: CPU only)")
+    nodes: int = Field(1, ge=1, le=64, description="More than 1: the hf engine's data-parallel training with torchrun across nodes")
+    stages: Optional[list[str]] = Field(None, description="Stages to run remotely (default: pipeline_config.yaml's)")
+    engine: Literal["auto", "unsloth", "hf"] = Field("unsloth", description="Training engine on the GPU (multi-node: hf)")
+    max_hours: float = Field(2.0, gt=0, le=720, description="The job ends itself after this long; the budget is price x max_hours")
+    max_cost_usd: Optional[float] = Field(None, gt=0, description="Refuse to launch when price x max_hours is above this")
+    price_per_hour: Optional[float] = Field(None, gt=0, description="USD per hour for the whole cluster when the catalog has no price")
+    idle_minutes: int = Field(10, ge=1, le=10_080, description="Autodown: the cluster is deleted after this long idle")
+    region: Optional[str] = None
+    use_spot: bool = False
+    disk_size: int = Field(100, ge=20, le=65_536, description="GB")
+    cluster_name: Optional[str] = Field(None, description="default: opensem-<workspace folder>")
+    secrets: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "WANDB_API_KEY"],
+                               description="Environment variables passed by name when set here; their values are never written")
+    sync_models: bool = Field(False, description="Also upload models/ (adapters, exports) already made here")
+    sync_cache: bool = Field(False, description="Also upload .opensem/cache (teacher replies, answers) so the remote reuses them")
+
+    @field_validator("secrets")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name (list names only, never values)")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------
 # Pipeline
 # --------------------------------------------------------------------------------------------------
 class PipelineConfig(Strict):
@@ -442,6 +474,7 @@ SECTIONS: dict[str, tuple[str, type[Strict]]] = {
     "cpt": ("configs/cpt_config.yaml", CptConfig),
     "preference": ("configs/preference_config.yaml", PreferenceConfig),
     "export": ("configs/export_config.yaml", ExportConfig),
+    "launch": ("configs/launch_config.yaml", LaunchConfig),
     "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
 }
 

