@@ -419,7 +419,7 @@ class ExportConfig(Strict):
 # Launch (SkyPilot's names where it has them: cloud, accelerators, num_nodes, idle_minutes_to_autostop)
 # --------------------------------------------------------------------------------------------------
 class LaunchConfig(Strict):
-    cloud: Optional[str] = Field(None, description="runpod, aws, gcp, azure, lambda, kubernetes, ... (SkyPilot's names), or local")
+    cloud: Optional[str] = Field("runpod", description="runpod, aws, gcp, azure, lambda, kubernetes, ... (SkyPilot's names), or local")
     gpu: Optional[str] = Field("RTX4090:1", description="SkyPilot accelerators, e.g. RTX4090:1, A100-80GB:1 (null: CPU only)")
     nodes: int = Field(1, ge=1, le=64, description="More than 1: the hf engine's data-parallel training with torchrun across nodes")
     stages: Optional[list[str]] = Field(None, description="Stages to run remotely (default: pipeline_config.yaml's)")

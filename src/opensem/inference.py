@@ -3,6 +3,11 @@
 Used by the forge's local teacher, the judge's answer generation and the local judge. It applies the
 model's own chat template, decodes greedily by default, batches with left padding (longest prompts
 together, to waste little on padding), and stops at the model's end-of-turn token. GPU when present.
+
+Shared prompt prefixes (the forge's sentence requests repeat one system prompt and its few-shot turns; only the
+last sentence differs) are computed once per batch: the prefix's KV cache is built for one row and repeated
+for the batch, each row is the prefix, its padding, then its own suffix, and the attention mask hides the
+padding (position ids come from the mask, so every suffix continues at the prefix's end).
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ class ChatModel:
                 eos.add(tid)
         self.stop_ids = sorted(i for i in eos if i is not None)
         self.context_len = context_length(model.config)
+        self.share_prefix = True  # compute a batch's common prompt prefix once (see the module's docstring)
 
     def prompt_tokens(self, conversation: Sequence[Message]) -> int:
         return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
@@ -114,7 +120,10 @@ class ChatModel:
         batch_size: int = 16,
         seed: int = 0,
         progress=None,
+        stop_after: Sequence[str] = (),
     ) -> list[Completion]:
+        """``stop_after``: strings after which a row's text is of no use (e.g. "?" for a question): the row stops
+        there (its text ends with the string) and the batch ends as soon as every row has stopped."""
         import torch
 
         prompts = [self.render(c) for c in conversations]
@@ -127,20 +136,27 @@ class ChatModel:
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                batch = self.tokenizer.pad(
-                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
-                ).to(self.device)
+                shared = self._shared_prefix([encoded[i] for i in idx]) if self.share_prefix else None
+                if shared:
+                    batch, cache = shared
+                else:
+                    batch = self.tokenizer.pad(
+                        {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+                    ).to(self.device)
+                    cache = None
                 kwargs = dict(
                     max_new_tokens=max_new_tokens,
                     eos_token_id=self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
+                if stop_after:
+                    kwargs.update(stop_strings=list(stop_after), tokenizer=self.tokenizer)
                 if temperature > 0:
                     torch.manual_seed(seed + start)
                     kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                out = self.model.generate(**batch, **kwargs)
+                out = self.model.generate(**batch, **kwargs, **({"cache": cache} if cache is not None else {}))
                 width = batch["input_ids"].shape[1]
                 for row, i in enumerate(idx):
                     gen = out[row, width:].tolist()
@@ -154,6 +170,34 @@ class ChatModel:
                 if progress:
                     progress(len(idx))
         return results  # type: ignore[return-value]
+
+
+    MIN_SHARED_PREFIX = 32  # tokens: below this, one more forward pass costs more than it saves
+
+    def _shared_prefix(self, rows: list[list[int]]):
+        """(batch, cache) for rows that share a prompt prefix of at least MIN_SHARED_PREFIX tokens; else None."""
+        import torch
+
+        if len(rows) < 2:
+            return None
+        n = min(len(r) for r in rows) - 1  # every row keeps at least one token to feed the model
+        first = rows[0]
+        lcp = 0
+        while lcp < n and all(r[lcp] == first[lcp] for r in rows):
+            lcp += 1
+        if lcp < self.MIN_SHARED_PREFIX:
+            return None
+        out = self.model(input_ids=torch.tensor([first[:lcp]], device=self.device), use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            return None
+        cache.batch_repeat_interleave(len(rows))
+        width = max(len(r) for r in rows) - lcp
+        pad = self.tokenizer.pad_token_id
+        ids = [first[:lcp] + [pad] * (width - len(r) + lcp) + r[lcp:] for r in rows]
+        mask = [[1] * lcp + [0] * (width - len(r) + lcp) + [1] * (len(r) - lcp) for r in rows]
+        batch = {"input_ids": torch.tensor(ids, device=self.device), "attention_mask": torch.tensor(mask, device=self.device)}
+        return batch, cache
 
 
 _CACHE: dict[tuple, ChatModel] = {}

@@ -82,7 +82,9 @@ def plan_requests(chunks: list[Chunk], cfg: ForgeConfig) -> list[Request]:
 def _execute(reqs: list[Request], cached: CachedProvider, budget: Budget, progress) -> Optional[str]:
     """Fill in every request's reply or error (cache first, then the teacher through ``complete_many``).
     Returns why the run stopped early (the budget, a run of identical failures), or None when all ran."""
-    calls = [Call(r.messages, r.schema, r.temperature, r.max_tokens, r.variant, tag=r) for r in reqs]
+    # a question is used up to its question mark (clean_question): a local teacher stops there
+    calls = [Call(r.messages, r.schema, r.temperature, r.max_tokens, r.variant, stop_after=("?",) if r.schema is None else (), tag=r)
+             for r in reqs]
 
     def done(c: Call) -> None:
         budget.settle(c)

@@ -46,6 +46,7 @@ class Call:
     temperature: Optional[float] = None
     max_tokens: Optional[int] = None
     variant: int = 0  # several samples of one prompt: part of the cache key, and the local sampling seed
+    stop_after: tuple[str, ...] = ()  # the reply is used up to the first of these: a local model stops there
     tag: Any = None  # the caller's own data (e.g. the chunk it was made from)
     reply: Optional[LLMReply] = None
     error: Optional[str] = None
@@ -386,8 +387,10 @@ class LocalProvider(Provider):
 
         return load_chat_model(self.resolved.path)
 
-    def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0):
-        outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0,
+                       stop_after: tuple[str, ...] = ()):
+        outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                                        stop_after=stop_after)
         return [LLMReply(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
@@ -401,8 +404,8 @@ class LocalProvider(Provider):
         groups: dict[tuple, list[Call]] = {}
         for c in calls:
             t = self.spec.temperature if c.temperature is None else c.temperature
-            groups.setdefault((t, c.max_tokens or self.spec.max_tokens, c.variant), []).append(c)
-        for (temperature, max_tokens, variant), group in groups.items():
+            groups.setdefault((t, c.max_tokens or self.spec.max_tokens, c.variant, tuple(c.stop_after)), []).append(c)
+        for (temperature, max_tokens, variant, stop_after), group in groups.items():
             for i in range(0, len(group), self.batch_size):
                 part = group[i : i + self.batch_size]
                 for c in part:
@@ -421,7 +424,8 @@ class LocalProvider(Provider):
                 part = fits
                 if not part:
                     continue
-                replies = self.complete_batch([c.messages for c in part], temperature, max_tokens, seed=variant * 1000 + i)
+                replies = self.complete_batch([c.messages for c in part], temperature, max_tokens, seed=variant * 1000 + i,
+                                              stop_after=stop_after)
                 for c, reply in zip(part, replies):
                     c.reply = finish_reply(reply, c.schema)
                     on_done(c)
