@@ -386,3 +386,26 @@ def test_every_strategy_with_every_provider_kind_writes_pairs(workspace, fake, m
     again = run_forge(Workspace(workspace))
     assert sum(fake.calls.values()) == calls and again["cost"]["calls_made"] == 0
     assert (workspace / "data/processed/train.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_the_local_teachers_shared_prefix_and_question_stop_keep_the_questions(base_models_dir):
+    """The prompt prefix computed once per batch and the stop at '?' change the cost, not the questions: the same
+    cleaned questions, greedy and sampled with the same seeds, and fewer decoding steps."""
+    from opensem.forge.synthesis import clean_question, sentence_messages
+    from opensem.inference import ChatModel
+
+    model = ChatModel(str(base_models_dir / "smollm2-135m-instruct"))
+    sents = [f"The Model {i} pump delivers {10 + i} litres per minute at {3 + i % 5} bar." for i in range(12)]
+    convs = [sentence_messages("Pumps > Specifications", s) for s in sents]
+    rows = [model.tokenizer(model.render(c), add_special_tokens=False)["input_ids"] for c in convs]
+    batch, _ = model._shared_prefix(rows)  # the system prompt and the few-shot turns: one prefix for all rows
+    assert batch["attention_mask"].shape[0] == len(convs) and (batch["attention_mask"] == 0).any()
+    for temperature in (0.0, 0.8):
+        model.share_prefix = False
+        plain = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5)
+        model.share_prefix = True
+        fast = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, stop_after=("?",))
+        assert [clean_question(o.text) for o in fast] == [clean_question(o.text) for o in plain]
+        assert all(o.text.endswith("?") for o in fast if "?" in o.text)
+        assert sum(o.completion_tokens for o in fast) <= sum(o.completion_tokens for o in plain)
