@@ -4,7 +4,8 @@ embedded SmolLM2-135M, before and after, alternating in one process:
 
     before   every prompt computed in full; every row decodes until its end-of-turn token or max_tokens
     after    the batch's shared prompt prefix computed once (its KV cache repeated for the batch), and each row
-             stops at its question mark (the forge keeps a question up to its "?" anyway)
+             stops at its question mark (the forge keeps a question up to its "?" anyway) and leaves the batch,
+             so the batch shrinks as rows finish
 
 Prints calls/s per round and the median, and how many cleaned questions are identical (same seeds).
 

@@ -7,7 +7,9 @@ together, to waste little on padding), and stops at the model's end-of-turn toke
 Shared prompt prefixes (the forge's sentence requests repeat one system prompt and its few-shot turns; only the
 last sentence differs) are computed once per batch: the prefix's KV cache is built for one row and repeated
 for the batch, each row is the prefix, its padding, then its own suffix, and the attention mask hides the
-padding (position ids come from the mask, so every suffix continues at the prefix's end).
+padding (position ids come from the mask, so every suffix continues at the prefix's end). A call that only
+needs the text up to a stop string (a question up to its "?") decodes in a loop that drops each row from the
+batch as soon as it has stopped, instead of computing every row until the slowest one ends.
 """
 
 from __future__ import annotations
@@ -149,17 +151,19 @@ class ChatModel:
                     eos_token_id=self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
-                if stop_after:
-                    kwargs.update(stop_strings=list(stop_after), tokenizer=self.tokenizer)
                 if temperature > 0:
                     torch.manual_seed(seed + start)
                     kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                out = self.model.generate(**batch, **kwargs, **({"cache": cache} if cache is not None else {}))
                 width = batch["input_ids"].shape[1]
+                if stop_after:
+                    rows = self._decode_until_stopped(batch, cache, kwargs, tuple(stop_after))
+                else:
+                    out = self.model.generate(**batch, **kwargs, **({"cache": cache} if cache is not None else {}))
+                    rows = [out[row, width:].tolist() for row in range(len(idx))]
                 for row, i in enumerate(idx):
-                    gen = out[row, width:].tolist()
+                    gen = rows[row]
                     n = len(gen)
                     for k, t in enumerate(gen):
                         if t in self.stop_ids:
@@ -171,6 +175,63 @@ class ChatModel:
                     progress(len(idx))
         return results  # type: ignore[return-value]
 
+
+    def _decode_until_stopped(self, batch: dict, cache, kwargs: dict, stop_after: tuple[str, ...]) -> list[list[int]]:
+        """generate()'s decoding loop (its own logits processors, one draw per row of the whole batch, so the same
+        seed gives the same tokens), except that a row which has stopped (end-of-turn token, or one of
+        ``stop_after`` in its text) is no longer computed: the batch shrinks as rows finish, instead of every row
+        running until the slowest one stops."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.model
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        n, width = ids.shape
+        config, _ = model._prepare_generation_config(None, **kwargs)
+        processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=width, encoder_input_ids=ids,
+                                                 prefix_allowed_tokens_fn=None, logits_processor=None, device=ids.device,
+                                                 model_kwargs={})
+        sample = bool(config.do_sample)
+        pad = self.tokenizer.pad_token_id
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = cache if cache is not None else DynamicCache(config=model.config)
+        past = cache.get_seq_length()
+        out = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache, use_cache=True)
+        active = torch.arange(n, device=ids.device)
+        last = positions[:, -1].clone()
+        seqs, gen = ids, [[] for _ in range(n)]
+        done = [False] * n
+        for _ in range(config.max_new_tokens):
+            # the processors (temperature, top-k, top-p) work row by row: only the rows still running need them
+            scores = processors(seqs[active], out.logits[:, -1].to(dtype=torch.float32))
+            if sample:  # one draw per row of the whole batch, as generate() makes: the same seed, the same tokens
+                probs = torch.zeros((n, scores.shape[-1]), dtype=torch.float32, device=ids.device)
+                probs[:, pad] = 1.0
+                probs[active] = torch.nn.functional.softmax(scores, dim=-1)
+                step = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                step = torch.full((n,), pad, dtype=torch.long, device=ids.device)
+                step[active] = torch.argmax(scores, dim=-1)
+            step[torch.tensor(done, device=ids.device)] = pad
+            seqs = torch.cat([seqs, step[:, None]], dim=-1)
+            for r in active.tolist():
+                t = int(step[r])
+                gen[r].append(t)
+                if t in self.stop_ids or any(x in self.tokenizer.decode(gen[r]) for x in stop_after):
+                    done[r] = True
+            keep = [k for k, r in enumerate(active.tolist()) if not done[r]]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=ids.device)
+                cache.batch_select_indices(sel)
+                mask = mask[sel]
+                active = active[sel]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=ids.device)], dim=-1)
+            last[active] += 1
+            out = model(input_ids=step[active][:, None], attention_mask=mask, position_ids=last[active][:, None], cache=cache,
+                        use_cache=True)
+        return gen
 
     MIN_SHARED_PREFIX = 32  # tokens: below this, one more forward pass costs more than it saves
 
