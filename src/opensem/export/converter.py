@@ -82,7 +82,7 @@ def converter_dir(fetch: bool = True) -> Path:
 
 def version() -> dict:
     return {"llama_cpp_python": LLAMA_CPP_PYTHON, "sdist_sha256": SDIST_SHA256,
-            "converter_dir": None if not os.environ.get("OPENSEM_LLAMA_CPP_DIR") else os.environ["OPENSEM_LLAMA_CPP_DIR"]}
+            "converter_dir": os.environ.get("OPENSEM_LLAMA_CPP_DIR")}  # set only when a checkout replaces the pinned one
 
 
 def run_converter(script: str, args: list[str], log: Path) -> None:

@@ -108,8 +108,12 @@ def require_sky() -> Path:
 def catalog_price(cloud: str, gpu: Optional[str], region: Optional[str], use_spot: bool, nodes: int) -> tuple[Optional[float], str]:
     """USD per hour for the cluster from SkyPilot's catalog, or (None, why not). The catalog needs network."""
     py = sky_python()
-    if not gpu or cloud in ("local", "kubernetes") or not py or not py.exists():
-        return None, "no catalog price (" + ("CPU only" if not gpu else "no SkyPilot here" if cloud != "local" and cloud != "kubernetes" else cloud) + ")"
+    if not gpu:
+        return None, "no catalog price (CPU only)"
+    if cloud in ("local", "kubernetes"):
+        return None, f"no catalog price ({cloud})"
+    if not py or not py.exists():
+        return None, "no catalog price (SkyPilot is not installed here)"
     name, _, count = gpu.partition(":")
     code = ("import json,sys,sky\n"
             "r = sky.catalog.list_accelerators(gpus_only=True, name_filter=sys.argv[1], clouds=sys.argv[2], case_sensitive=False, "
