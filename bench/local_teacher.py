@@ -2,10 +2,12 @@
 (system prompt, two few-shot turns, one source sentence; 1 greedy + 3 sampled wordings each) answered by the
 embedded SmolLM2-135M, before and after, alternating in one process:
 
-    before   every prompt computed in full; every row decodes until its end-of-turn token or max_tokens
-    after    the batch's shared prompt prefix computed once (its KV cache repeated for the batch), and each row
-             stops at its question mark (the forge keeps a question up to its "?" anyway) and leaves the batch,
-             so the batch shrinks as rows finish
+    before   every prompt computed in full, 16 rows decoded together; every row decodes until its end-of-turn
+             token or max_tokens
+    after    the batch's shared prompt prefix computed once (its KV cache repeated for the batch); 64 rows decoded
+             together (sampling from one generator per 16 rows, as before), and the prompts' forward pass reused
+             by the same sentences' other wordings; each row stops at its question mark (the forge keeps a
+             question up to its "?" anyway) and leaves the batch, so the batch shrinks as rows finish
 
 Prints calls/s per round and the median, and how many cleaned questions are identical (same seeds).
 
@@ -41,6 +43,7 @@ def run(provider, reqs, after: bool):
     from opensem.llm.base import Call
 
     provider.chat_model.share_prefix = after
+    provider.decode_batch_size = 64 if after else 16
     calls = [Call(r.messages, None, r.temperature, r.max_tokens, r.variant, stop_after=("?",) if after else ()) for r in reqs]
     t = time.perf_counter()
     provider.complete_many(calls)

@@ -396,16 +396,32 @@ def test_the_local_teachers_shared_prefix_and_question_stop_keep_the_questions(b
     from opensem.inference import ChatModel
 
     model = ChatModel(str(base_models_dir / "smollm2-135m-instruct"))
-    sents = [f"The Model {i} pump delivers {10 + i} litres per minute at {3 + i % 5} bar." for i in range(12)]
+    sents = [f"The Model {i} pump delivers {10 + i} litres per minute at {3 + i % 5} bar." for i in range(24)]
     convs = [sentence_messages("Pumps > Specifications", s) for s in sents]
     rows = [model.tokenizer(model.render(c), add_special_tokens=False)["input_ids"] for c in convs]
-    batch, _ = model._shared_prefix(rows)  # the system prompt and the few-shot turns: one prefix for all rows
+    batch, lcp = model._shared_prefix(rows)  # the system prompt and the few-shot turns: one prefix for all rows
+    assert lcp >= model.MIN_SHARED_PREFIX
     assert batch["attention_mask"].shape[0] == len(convs) and (batch["attention_mask"] == 0).any()
+    prompt_passes = []
+    forward = model.model.forward
+    model.model.forward = lambda *a, **k: (prompt_passes.append(k["input_ids"].shape), forward(*a, **k))[1]
     for temperature in (0.0, 0.8):
         model.share_prefix = False
-        plain = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5)
+        plain = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, batch_size=16)
         model.share_prefix = True
-        fast = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, stop_after=("?",))
+        # one batch of 24 rows: two seed blocks (16 + 8) sample what two batches of 16 and 8 sampled
+        fast = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, stop_after=("?",), batch_size=32)
         assert [clean_question(o.text) for o in fast] == [clean_question(o.text) for o in plain]
         assert all(o.text.endswith("?") for o in fast if "?" in o.text)
         assert sum(o.completion_tokens for o in fast) <= sum(o.completion_tokens for o in plain)
+    # the same prompts again at once, another seed: the prompts' forward pass is reused, the samples are those of a
+    # fresh pass
+    prompt_passes.clear()
+    again = model.generate(convs, max_new_tokens=48, temperature=0.8, seed=9, stop_after=("?",), batch_size=32)
+    assert all(shape[1] == 1 for shape in prompt_passes)  # decoding steps only
+    model._last_prefill = None
+    prompt_passes.clear()
+    fresh = model.generate(convs, max_new_tokens=48, temperature=0.8, seed=9, stop_after=("?",), batch_size=32)
+    assert sum(shape[1] > 1 for shape in prompt_passes) == 2  # the shared prefix, then the rest of the prompts
+    assert [o.text for o in again] == [o.text for o in fresh]
+    assert [o.text for o in again] != [o.text for o in fast]  # another seed, other samples

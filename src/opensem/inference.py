@@ -10,6 +10,11 @@ for the batch, each row is the prefix, its padding, then its own suffix, and the
 padding (position ids come from the mask, so every suffix continues at the prefix's end). A call that only
 needs the text up to a stop string (a question up to its "?") decodes in a loop that drops each row from the
 batch as soon as it has stopped, instead of computing every row until the slowest one ends.
+
+The prompts' forward pass of the last batch is kept: the same prompts asked again at once (the forge's other
+wordings of one sentence, sampled with other seeds) start decoding from it. Sampling draws from one random
+generator per block of SEED_BLOCK rows (seeded with the seed plus the block's first row), so a seed gives the
+same tokens at any batch size: the teacher's batches of 64 rows sample exactly what blocks of 16 would.
 """
 
 from __future__ import annotations
@@ -107,12 +112,15 @@ class ChatModel:
         self.stop_ids = sorted(i for i in eos if i is not None)
         self.context_len = context_length(model.config)
         self.share_prefix = True  # compute a batch's common prompt prefix once (see the module's docstring)
+        self._last_prefill = None  # (key, cache, logits) of the last batch's prompts (see _prefill)
 
     def prompt_tokens(self, conversation: Sequence[Message]) -> int:
         return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
 
     def render(self, conversation: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+
+    SEED_BLOCK = 16  # rows per random generator when sampling (see the module's docstring)
 
     def generate(
         self,
@@ -134,32 +142,36 @@ class ChatModel:
             if self.context_len and len(ids) + max_new_tokens > self.context_len:
                 raise PromptTooLong(i, len(ids), max_new_tokens, self.context_len)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        if temperature > 0:  # whole seed blocks per batch
+            batch_size = -(-batch_size // self.SEED_BLOCK) * self.SEED_BLOCK
         results: list[Optional[Completion]] = [None] * len(prompts)
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 shared = self._shared_prefix([encoded[i] for i in idx]) if self.share_prefix else None
                 if shared:
-                    batch, cache = shared
+                    batch, lcp = shared
                 else:
                     batch = self.tokenizer.pad(
                         {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
                     ).to(self.device)
-                    cache = None
+                    lcp = 0
                 kwargs = dict(
                     max_new_tokens=max_new_tokens,
                     eos_token_id=self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
                 if temperature > 0:
-                    torch.manual_seed(seed + start)
                     kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                 width = batch["input_ids"].shape[1]
-                if stop_after:
-                    rows = self._decode_until_stopped(batch, cache, kwargs, tuple(stop_after))
+                seeds = [seed + start + k for k in range(0, len(idx), self.SEED_BLOCK)]
+                if stop_after or len(seeds) > 1:
+                    rows = self._decode_until_stopped(batch, lcp, kwargs, tuple(stop_after), seeds)
                 else:
+                    cache = self._prefix_cache(batch["input_ids"], lcp)
+                    torch.manual_seed(seeds[0])
                     out = self.model.generate(**batch, **kwargs, **({"cache": cache} if cache is not None else {}))
                     rows = [out[row, width:].tolist() for row in range(len(idx))]
                 for row, i in enumerate(idx):
@@ -176,13 +188,14 @@ class ChatModel:
         return results  # type: ignore[return-value]
 
 
-    def _decode_until_stopped(self, batch: dict, cache, kwargs: dict, stop_after: tuple[str, ...]) -> list[list[int]]:
-        """generate()'s decoding loop (its own logits processors, one draw per row of the whole batch, so the same
+    def _decode_until_stopped(self, batch: dict, lcp: int, kwargs: dict, stop_after: tuple[str, ...],
+                              seeds: list[int]) -> list[list[int]]:
+        """generate()'s decoding loop (its own logits processors; when sampling, one draw per row of each seed
+        block while the block has a row running, as generate() draws for a batch of SEED_BLOCK rows, so the same
         seed gives the same tokens), except that a row which has stopped (end-of-turn token, or one of
         ``stop_after`` in its text) is no longer computed: the batch shrinks as rows finish, instead of every row
         running until the slowest one stops."""
         import torch
-        from transformers import DynamicCache
 
         model = self.model
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -192,23 +205,27 @@ class ChatModel:
                                                  prefix_allowed_tokens_fn=None, logits_processor=None, device=ids.device,
                                                  model_kwargs={})
         sample = bool(config.do_sample)
+        block = self.SEED_BLOCK
+        generators = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds] if sample else []
         pad = self.tokenizer.pad_token_id
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = cache if cache is not None else DynamicCache(config=model.config)
-        past = cache.get_seq_length()
-        out = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache, use_cache=True)
+        cache, logits = self._prefill(ids, mask, positions, lcp)
         active = torch.arange(n, device=ids.device)
         last = positions[:, -1].clone()
         seqs, gen = ids, [[] for _ in range(n)]
         done = [False] * n
         for _ in range(config.max_new_tokens):
             # the processors (temperature, top-k, top-p) work row by row: only the rows still running need them
-            scores = processors(seqs[active], out.logits[:, -1].to(dtype=torch.float32))
-            if sample:  # one draw per row of the whole batch, as generate() makes: the same seed, the same tokens
+            scores = processors(seqs[active], logits.to(dtype=torch.float32))
+            if sample:  # per seed block still running, one draw per row of the block, as generate() makes
                 probs = torch.zeros((n, scores.shape[-1]), dtype=torch.float32, device=ids.device)
                 probs[:, pad] = 1.0
                 probs[active] = torch.nn.functional.softmax(scores, dim=-1)
-                step = torch.multinomial(probs, num_samples=1).squeeze(1)
+                step = torch.full((n,), pad, dtype=torch.long, device=ids.device)
+                for b, g in enumerate(generators):
+                    rows = slice(b * block, min(n, (b + 1) * block))
+                    if not all(done[rows]):
+                        step[rows] = torch.multinomial(probs[rows], num_samples=1, generator=g).squeeze(1)
             else:
                 step = torch.full((n,), pad, dtype=torch.long, device=ids.device)
                 step[active] = torch.argmax(scores, dim=-1)
@@ -231,12 +248,35 @@ class ChatModel:
             last[active] += 1
             out = model(input_ids=step[active][:, None], attention_mask=mask, position_ids=last[active][:, None], cache=cache,
                         use_cache=True)
+            logits = out.logits[:, -1]
         return gen
+
+    def _prefill(self, ids, mask, positions, lcp: int):
+        """The prompts' forward pass: (cache, last-position logits). The state of the last batch is kept (its
+        tensors, which decoding replaces rather than changes), so the same prompts asked again at once (the
+        forge's other wordings of the same sentences, with other seeds) skip the pass."""
+        import torch
+
+        key = (hashlib.sha256(ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()).hexdigest(), tuple(ids.shape))
+        if self._last_prefill and self._last_prefill[0] == key:
+            _, kept, logits = self._last_prefill
+            return _shallow_copy(kept), logits
+        from transformers import DynamicCache
+
+        cache = self._prefix_cache(ids, lcp)
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
+        past = cache.get_seq_length()
+        out = self.model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        self._last_prefill = (key, _shallow_copy(cache), logits)
+        return cache, logits
 
     MIN_SHARED_PREFIX = 32  # tokens: below this, one more forward pass costs more than it saves
 
     def _shared_prefix(self, rows: list[list[int]]):
-        """(batch, cache) for rows that share a prompt prefix of at least MIN_SHARED_PREFIX tokens; else None."""
+        """(batch, prefix length) for rows that share a prompt prefix of at least MIN_SHARED_PREFIX tokens: each row
+        is the prefix, its padding, then the rest of its prompt; else None."""
         import torch
 
         if len(rows) < 2:
@@ -248,17 +288,31 @@ class ChatModel:
             lcp += 1
         if lcp < self.MIN_SHARED_PREFIX:
             return None
-        out = self.model(input_ids=torch.tensor([first[:lcp]], device=self.device), use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None:
-            return None
-        cache.batch_repeat_interleave(len(rows))
         width = max(len(r) for r in rows) - lcp
         pad = self.tokenizer.pad_token_id
         ids = [first[:lcp] + [pad] * (width - len(r) + lcp) + r[lcp:] for r in rows]
         mask = [[1] * lcp + [0] * (width - len(r) + lcp) + [1] * (len(r) - lcp) for r in rows]
         batch = {"input_ids": torch.tensor(ids, device=self.device), "attention_mask": torch.tensor(mask, device=self.device)}
-        return batch, cache
+        return batch, lcp
+
+    def _prefix_cache(self, ids, lcp: int):
+        """The KV cache of the batch's shared prefix, computed for one row and repeated for all; None without one."""
+        if not lcp:
+            return None
+        out = self.model(input_ids=ids[:1, :lcp], use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None:
+            cache.batch_repeat_interleave(ids.shape[0])
+        return cache
+
+
+def _shallow_copy(cache):
+    """A cache whose layers hold the same tensors: updates replace a layer's tensors, so neither copy changes the other."""
+    import copy
+
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
 
 
 _CACHE: dict[tuple, ChatModel] = {}

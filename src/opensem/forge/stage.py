@@ -65,17 +65,16 @@ def plan_requests(chunks: list[Chunk], cfg: ForgeConfig) -> list[Request]:
         for c in chunks:
             reqs.append(Request(c, passage_messages(c, cfg.generation.pairs_per_chunk), PAIRS_SCHEMA, t.temperature, t.max_tokens))
         return reqs
-    k = cfg.generation.questions_per_sentence
+    budget = cfg.generation.pairs_per_chunk
+    k = min(cfg.generation.questions_per_sentence, budget)
     for c in chunks:
-        budget = cfg.generation.pairs_per_chunk
-        for s in source_sentences(c):
+        # whole sentences within the chunk's budget: every sentence asked gets all its wordings (the same prompts
+        # in every variant, which the local teacher computes once)
+        for s in source_sentences(c)[: budget // k]:
             for v in range(k):
-                if budget <= 0:
-                    break
                 # variant 0 is greedy; the others sample, so each fact gets several wordings
                 temp = 0.0 if v == 0 else max(t.temperature, 0.3)
                 reqs.append(Request(c, sentence_messages(c.heading, s.prompt_sentence), None, temp, 48, v, answer=s.text))
-                budget -= 1
     return reqs
 
 

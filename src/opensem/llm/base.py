@@ -390,24 +390,30 @@ class LocalProvider(Provider):
     def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0,
                        stop_after: tuple[str, ...] = ()):
         outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                                        stop_after=stop_after)
+                                        stop_after=stop_after, batch_size=self.decode_batch_size)
         return [LLMReply(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
         return self.complete_batch([messages], temperature, max_tokens)[0]
 
-    batch_size = 64
+    batch_size = 64  # calls per batch (a batch's seed is its offset in its group: changing this changes samples)
+    decode_batch_size = 64  # rows decoded together: a whole batch, so its other variants reuse its prompts' pass
 
     def complete_many(self, calls, on_done=None, may_start=None) -> Optional[str]:
-        """One model in this process: calls with the same decoding settings are generated in batches."""
+        """One model in this process: calls with the same decoding settings are generated in batches. The groups
+        take turns batch by batch, so the same prompts asked in several variants (the forge's wordings of one
+        sentence) follow each other and share their prompts' forward pass (ChatModel._prefill)."""
         on_done = on_done or (lambda c: None)
         groups: dict[tuple, list[Call]] = {}
         for c in calls:
             t = self.spec.temperature if c.temperature is None else c.temperature
             groups.setdefault((t, c.max_tokens or self.spec.max_tokens, c.variant, tuple(c.stop_after)), []).append(c)
-        for (temperature, max_tokens, variant, stop_after), group in groups.items():
-            for i in range(0, len(group), self.batch_size):
+        longest = max((len(g) for g in groups.values()), default=0)
+        for i in range(0, longest, self.batch_size):
+            for (temperature, max_tokens, variant, stop_after), group in groups.items():
                 part = group[i : i + self.batch_size]
+                if not part:
+                    continue
                 for c in part:
                     stop = may_start(c) if may_start else None
                     if stop:
