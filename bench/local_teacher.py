@@ -42,7 +42,7 @@ def run(provider, reqs, after: bool):
     from opensem.forge.synthesis import clean_question
     from opensem.llm.base import Call
 
-    provider.chat_model.share_prefix = after
+    provider.chat_model.reference_decoding = not after
     provider.decode_batch_size = 64 if after else 16
     calls = [Call(r.messages, None, r.temperature, r.max_tokens, r.variant, stop_after=("?",) if after else ()) for r in reqs]
     t = time.perf_counter()

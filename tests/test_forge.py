@@ -406,9 +406,9 @@ def test_the_local_teachers_shared_prefix_and_question_stop_keep_the_questions(b
     forward = model.model.forward
     model.model.forward = lambda *a, **k: (prompt_passes.append(k["input_ids"].shape), forward(*a, **k))[1]
     for temperature in (0.0, 0.8):
-        model.share_prefix = False
+        model.reference_decoding = True  # transformers' generate(), whole prompts, 16 rows per seed
         plain = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, batch_size=16)
-        model.share_prefix = True
+        model.reference_decoding = False
         # one batch of 24 rows: two seed blocks (16 + 8) sample what two batches of 16 and 8 sampled
         fast = model.generate(convs, max_new_tokens=48, temperature=temperature, seed=5, stop_after=("?",), batch_size=32)
         assert [clean_question(o.text) for o in fast] == [clean_question(o.text) for o in plain]

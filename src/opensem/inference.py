@@ -7,9 +7,10 @@ together, to waste little on padding), and stops at the model's end-of-turn toke
 Shared prompt prefixes (the forge's sentence requests repeat one system prompt and its few-shot turns; only the
 last sentence differs) are computed once per batch: the prefix's KV cache is built for one row and repeated
 for the batch, each row is the prefix, its padding, then its own suffix, and the attention mask hides the
-padding (position ids come from the mask, so every suffix continues at the prefix's end). A call that only
-needs the text up to a stop string (a question up to its "?") decodes in a loop that drops each row from the
-batch as soon as it has stopped, instead of computing every row until the slowest one ends.
+padding (position ids come from the mask, so every suffix continues at the prefix's end). Decoding is a loop of
+its own, checked against transformers' generate() (``reference_decoding``): a row leaves the batch as soon as it
+has stopped (its end-of-turn token, or a stop string after which its text is of no use, such as a question's
+"?"), instead of being computed until the slowest row ends.
 
 The prompts' forward pass of the last batch is kept: the same prompts asked again at once (the forge's other
 wordings of one sentence, sampled with other seeds) start decoding from it. Sampling draws from one random
@@ -111,7 +112,8 @@ class ChatModel:
                 eos.add(tid)
         self.stop_ids = sorted(i for i in eos if i is not None)
         self.context_len = context_length(model.config)
-        self.share_prefix = True  # compute a batch's common prompt prefix once (see the module's docstring)
+        # True: transformers' own generate() on whole prompts, the reference the decoding below is checked against
+        self.reference_decoding = False
         self._last_prefill = None  # (key, cache, logits) of the last batch's prompts (see _prefill)
 
     def prompt_tokens(self, conversation: Sequence[Message]) -> int:
@@ -142,13 +144,13 @@ class ChatModel:
             if self.context_len and len(ids) + max_new_tokens > self.context_len:
                 raise PromptTooLong(i, len(ids), max_new_tokens, self.context_len)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        if temperature > 0:  # whole seed blocks per batch
-            batch_size = -(-batch_size // self.SEED_BLOCK) * self.SEED_BLOCK
+        if temperature > 0:  # whole seed blocks per batch; generate() draws for one block at a time
+            batch_size = self.SEED_BLOCK if self.reference_decoding else -(-batch_size // self.SEED_BLOCK) * self.SEED_BLOCK
         results: list[Optional[Completion]] = [None] * len(prompts)
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                shared = self._shared_prefix([encoded[i] for i in idx]) if self.share_prefix else None
+                shared = None if self.reference_decoding else self._shared_prefix([encoded[i] for i in idx])
                 if shared:
                     batch, lcp = shared
                 else:
@@ -167,13 +169,12 @@ class ChatModel:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                 width = batch["input_ids"].shape[1]
                 seeds = [seed + start + k for k in range(0, len(idx), self.SEED_BLOCK)]
-                if stop_after or len(seeds) > 1:
-                    rows = self._decode_until_stopped(batch, lcp, kwargs, tuple(stop_after), seeds)
-                else:
-                    cache = self._prefix_cache(batch["input_ids"], lcp)
+                if self.reference_decoding:
                     torch.manual_seed(seeds[0])
-                    out = self.model.generate(**batch, **kwargs, **({"cache": cache} if cache is not None else {}))
+                    out = self.model.generate(**batch, **kwargs)
                     rows = [out[row, width:].tolist() for row in range(len(idx))]
+                else:
+                    rows = self._decode_until_stopped(batch, lcp, kwargs, tuple(stop_after), seeds)
                 for row, i in enumerate(idx):
                     gen = rows[row]
                     n = len(gen)

@@ -140,7 +140,7 @@ def build_replay(ws, cfg, base, n_train: int, say) -> list[list[dict]]:
     prompts = fits
     requests = [(answer_key(base.fingerprint, None, None, p, max_new, 0.0), [{"role": "user", "content": p}]) for p in prompts[:n]]
     got = cached_answers(
-        answer_cache_dir(ws), base.path, None, requests, max_new, keep_model=False,
+        answer_cache_dir(ws), base.path, None, requests, max_new, keep_model=False, batch_size=64,  # short prompts
         announce=lambda k: say(f"replay: the base model answers {k} general prompts (mixed in against forgetting)"),
     )
     return [conv + [{"role": "assistant", "content": got[k]["answer"]}]
