@@ -1,5 +1,5 @@
-"""The local teacher's throughput on the forge's own work: the same sentence-strategy requests of the example
-(system prompt, two few-shot turns, one source sentence; 1 greedy + 3 sampled wordings each) answered by the
+"""The local teacher's throughput on the forge's own work: the same sentence-strategy requests of examples/island-ferry
+(system prompt, two few-shot turns, one source sentence; the default wordings each: 1 greedy, the rest sampled) answered by the
 embedded SmolLM2-135M, before and after, alternating in one process:
 
     before   every prompt computed in full, 16 rows decoded together; every row decodes until its end-of-turn
@@ -33,7 +33,7 @@ def requests(n: int):
     from opensem.forge.stage import plan_requests
 
     cfg = ForgeConfig()
-    docs, _ = read_documents(REPO / "examples/product-manual/data/raw")
+    docs, _ = read_documents(REPO / "examples/island-ferry/data/raw")
     chunks = [c for d in docs for c in chunk_document(d, cfg.chunking.chunk_tokens, cfg.chunking.overlap_tokens)]
     return plan_requests(chunks, cfg)[:n]
 

@@ -104,6 +104,23 @@ def test_profiles_per_hardware():
         make_profile(TrainConfig(adapter="qlora"), Hardware("cpu", "x", 24, True, "x", 2))
 
 
+def test_a_small_dataset_gets_min_steps_a_large_one_its_epochs(tmp_path):
+    from opensem.train.recipe import Run, _max_steps
+
+    said = []
+    profile = make_profile(TrainConfig(), Hardware("cpu", "x", 24, True, "x", 2))  # micro batch 16, no accumulation
+    run = Run(TrainConfig(num_epochs=3, min_steps=80), tmp_path, True, 1, lambda m: said.append(m))
+    assert _max_steps(run, profile, 97) == 80  # 7 batches an epoch: 21 steps from 3 epochs
+    assert said == ["97 examples: 3 epochs would be 21 steps; training 80 steps (min_steps), 11.4 epochs"]
+    assert _max_steps(run, profile, 480) is None  # 30 batches an epoch: 90 steps from 3 epochs
+    run.world_size = 2  # two ranks: half the steps per epoch
+    assert _max_steps(run, profile, 480) == 80
+    run.cfg = TrainConfig(num_epochs=3, min_steps=None)
+    assert _max_steps(run, profile, 97) is None
+    run.cfg = TrainConfig(num_epochs=3, min_steps=80, max_steps=5)
+    assert _max_steps(run, profile, 97) == 5  # max_steps wins
+
+
 def test_engine_errors_are_clear(workspace):
     (workspace / "data/processed/train.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a"}]}) + "\n")
     r = run_cli("train", "-w", str(workspace), "--set", "train.engine=unsloth")

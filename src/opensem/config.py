@@ -111,7 +111,7 @@ class GenerationConfig(Strict):
         "sentence: one source sentence per request, the teacher writes questions, the answer is the "
         "sentence (weak local teachers). auto: sentence for the local provider, passage otherwise.",
     )
-    questions_per_sentence: int = Field(4, ge=1, le=10)
+    questions_per_sentence: int = Field(2, ge=1, le=10)
     system_prompt: Optional[str] = Field(None, description="Optional system turn written into every record")
 
 
@@ -198,8 +198,12 @@ class TrainConfig(Strict):
     replay_ratio: float = Field(0.2, ge=0.0, le=2.0, description="Replay examples per training example")
     micro_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    num_epochs: float = Field(6.0, gt=0)
+    num_epochs: float = Field(3.0, gt=0)
     max_steps: Optional[int] = Field(None, ge=1, description="Overrides num_epochs when set")
+    min_steps: Optional[int] = Field(
+        80, ge=1, description="When num_epochs gives fewer optimizer steps, train this many (a small dataset gets more "
+        "passes); null: num_epochs alone"
+    )
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"

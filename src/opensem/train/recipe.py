@@ -15,6 +15,7 @@ rank 0 writes the outputs; gloo is used on CPUs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -239,7 +240,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         per_device_eval_batch_size=profile.micro_batch_size,
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps or -1,
+        max_steps=_max_steps(run, profile, len(data.train.rows)) or -1,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optimizer,
@@ -276,6 +277,22 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         eval_dataset=Dataset.from_list(data.test.rows) if data.test and data.test.rows else None,
         processing_class=tok,
     )
+
+
+def _max_steps(run: Run, profile, n_rows: int) -> Optional[int]:
+    """max_steps, or min_steps when num_epochs would give fewer optimizer steps (the gain comes with the number of
+    updates: a few pages of documents make few pairs, which then get more passes)."""
+    cfg = run.cfg
+    if cfg.max_steps or not cfg.min_steps:
+        return cfg.max_steps
+    batches = math.ceil(n_rows / (profile.micro_batch_size * run.world_size))
+    per_epoch = max(1, batches // profile.gradient_accumulation_steps)
+    by_epochs = math.ceil(cfg.num_epochs * per_epoch)
+    if by_epochs >= cfg.min_steps:
+        return None
+    run.say(f"{n_rows} examples: {cfg.num_epochs:g} epochs would be {by_epochs} steps; training {cfg.min_steps} steps "
+            f"(min_steps), {cfg.min_steps / per_epoch:.1f} epochs")
+    return cfg.min_steps
 
 
 # 6. train; Ctrl-C saves a checkpoint; --resume continues -----------------------------------------------------------
@@ -387,7 +404,7 @@ def derived_config(ws: Workspace, keys: dict, source: str, prefix: str) -> Train
 
     shared = {k: v for k, v in ws.train_config().model_dump().items() if k in HARDWARE_KEYS}
     try:
-        cfg = TrainConfig.model_validate(shared | keys)
+        cfg = TrainConfig.model_validate(shared | {"min_steps": None} | keys)  # their own epochs or steps
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, TrainConfig)) from None
     return cfg if cfg.run_name else _with(cfg, run_name=f"{prefix}-" + default_run_name(cfg))
