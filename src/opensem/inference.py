@@ -174,7 +174,7 @@ class ChatModel:
                     out = self.model.generate(**batch, **kwargs)
                     rows = [out[row, width:].tolist() for row in range(len(idx))]
                 else:
-                    rows = self._decode_until_stopped(batch, lcp, kwargs, tuple(stop_after), seeds)
+                    rows = self._decode(batch, lcp, kwargs, tuple(stop_after), seeds)
                 for row, i in enumerate(idx):
                     gen = rows[row]
                     n = len(gen)
@@ -189,8 +189,8 @@ class ChatModel:
         return results  # type: ignore[return-value]
 
 
-    def _decode_until_stopped(self, batch: dict, lcp: int, kwargs: dict, stop_after: tuple[str, ...],
-                              seeds: list[int]) -> list[list[int]]:
+    def _decode(self, batch: dict, lcp: int, kwargs: dict, stop_after: tuple[str, ...],
+                seeds: list[int]) -> list[list[int]]:
         """generate()'s decoding loop (its own logits processors; when sampling, one draw per row of each seed
         block while the block has a row running, as generate() draws for a batch of SEED_BLOCK rows, so the same
         seed gives the same tokens), except that a row which has stopped (end-of-turn token, or one of
@@ -256,8 +256,6 @@ class ChatModel:
         """The prompts' forward pass: (cache, last-position logits). The state of the last batch is kept (its
         tensors, which decoding replaces rather than changes), so the same prompts asked again at once (the
         forge's other wordings of the same sentences, with other seeds) skip the pass."""
-        import torch
-
         key = (hashlib.sha256(ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()).hexdigest(), tuple(ids.shape))
         if self._last_prefill and self._last_prefill[0] == key:
             _, kept, logits = self._last_prefill
