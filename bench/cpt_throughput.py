@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "src"))
@@ -76,6 +78,7 @@ def main() -> None:
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         print("RESULT " + json.dumps(res), flush=True)
         return
+    scratch.use("bench-cpt-")
     from train_throughput import build_data
 
     from opensem.models import resolve_base_model

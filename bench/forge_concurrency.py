@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
@@ -45,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=48)
     a = ap.parse_args()
+    scratch.use("bench-forge-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet = Console(quiet=True)
     fake = FakeServer()

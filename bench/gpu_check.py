@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -156,7 +158,7 @@ def main() -> None:
 
     assert torch.cuda.is_available(), "this check needs a CUDA GPU"
     print(f"GPU: {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GB")
-    root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    root = Path(scratch.use("gpu-check-"))
     model_dir = root / "model"
     make_model(model_dir, a.layers, a.hidden)
     results = {}

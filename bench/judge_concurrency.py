@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--delay", type=float, default=0.2)
     a = ap.parse_args()
+    scratch.use("bench-judge-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PROMPTFOO_CONFIG_DIR", tempfile.mkdtemp(prefix="bench-promptfoo-"))
     quiet = Console(quiet=True)

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    scratch.use("bench-teacher-")
     from opensem.config import LLMSpec
     from opensem.llm.base import LocalProvider
 

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -91,6 +93,7 @@ def main() -> None:
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         print("RESULT " + json.dumps(res), flush=True)
         return
+    scratch.use("bench-pref-")
     from opensem.models import resolve_base_model
 
     base = resolve_base_model("smollm2-135m-instruct", REPO / "models/base")

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import scratch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -119,6 +121,7 @@ def main() -> None:
         which, model_dir, data, out, _ = a.child
         child(which, model_dir, data, a.steps, a.batch, out)
         return
+    scratch.use("bench-train-")
     sys.path.insert(0, str(REPO / "src"))
     from opensem.models import resolve_base_model
 
