@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli, set_config
@@ -143,6 +145,27 @@ def test_embedded_model_materialises_and_answers(base_models_dir):
     out = model.generate([[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=24)[0]
     assert "paris" in out.text.lower()
     assert out.completion_tokens < 24, "generation must stop at the end-of-turn token"
+
+
+def test_the_embedded_models_fingerprint_is_the_same_on_another_machine(tmp_path, base_models_dir):
+    """Another machine makes the embedded model's folder with its own transformers patch release, which the folder's
+    config files name. The fingerprint (part of every stage's inputs) must not change with it, or a run fetched from
+    a cloud GPU would train again at home."""
+    from opensem.models import MARKER, folder_fingerprint, resolve_base_model
+
+    here = resolve_base_model("smollm2-135m-instruct", base_models_dir)
+    there = tmp_path / "models" / "smollm2-135m-instruct"
+    there.mkdir(parents=True)
+    for f in Path(here.path).iterdir():
+        if f.name == "config.json":
+            (there / f.name).write_text(f.read_text().replace('"transformers_version": "', '"transformers_version": "0.0.1+'))
+        else:
+            os.link(f, there / f.name)
+    assert "0.0.1+" in (there / "config.json").read_text() and (there / MARKER).exists()
+    assert folder_fingerprint(there) != folder_fingerprint(Path(here.path))  # the two folders differ
+    again = resolve_base_model("smollm2-135m-instruct", tmp_path / "models")
+    assert again.path == str(there) and "0.0.1+" in (there / "config.json").read_text()  # used as it is, not made again
+    assert again.fingerprint == here.fingerprint and again.fingerprint.startswith("gguf:")
 
 
 def test_batched_greedy_equals_one_by_one(base_models_dir):

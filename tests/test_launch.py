@@ -160,3 +160,14 @@ def test_the_task_runs_on_the_local_backend_and_its_results_come_home(tmp_path, 
     r = run_cli("launch", "down", "-w", str(ws))
     assert r.returncode == 0 and not (ws / ".opensem/launch/opensem-ws/local").exists()
     assert "down" in run_cli("launch", "status", "-w", str(ws)).stdout
+
+    # the machine it ran on is gone. The fetched adapter still finds the model under it here (its manifest names that
+    # model as seen from the adapter folder), so it exports; and the training paid for is not done again at home
+    base = read_json(adapter / "manifest.json")["base_model"]
+    assert not Path(base["path"]).exists() and base["from_adapter"] == "../../base/smollm2-135m-instruct", base
+    r = run_cli("export", "remote", "--format", "merged", "--no-verify", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (ws / "models/exports/remote/merged/model.safetensors").exists()
+    r = run_cli("run", "--set", "pipeline.stages=[train]", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train: up to date" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]

@@ -144,6 +144,41 @@ def _tiny_workspace(tmp_path, base_models_dir, n=16) -> Path:
     return ws
 
 
+def test_an_adapter_finds_the_model_under_it_on_another_machine(tmp_path, base_models_dir):
+    """An adapter trained elsewhere (a cloud machine, a moved workspace) names its base model by a path that is not
+    here: the model is found where the manifest says it lies as seen from the adapter folder, or a clear error."""
+    from opensem.lineage import write_json
+    from opensem.models import resolve_base_model
+    from opensem.train.stage import base_model_dir
+
+    def adapter(**base) -> Path:
+        d = tmp_path / "ws/models/adapters/run"
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / "manifest.json", {"base_model": base})
+        return d
+
+    elsewhere = "/nowhere/sky_workdir/models/base/smollm2-135m-instruct"
+    embedded = resolve_base_model("smollm2-135m-instruct", base_models_dir)
+    # the embedded model, not made here yet: made where the manifest says it lies
+    a = adapter(name="smollm2-135m-instruct", path=elsewhere, kind="embedded", fingerprint=embedded.fingerprint,
+                from_adapter="../../base/smollm2-135m-instruct")
+    here = tmp_path / "ws/models/base/smollm2-135m-instruct"
+    assert base_model_dir(a) == here and (here / "model.safetensors").exists()
+    # a folder at that place that is not the model it was trained on
+    a = adapter(name="merged", path="/nowhere/merged", kind="folder", fingerprint="sha256:0123456789abcdef",
+                from_adapter="../../base/smollm2-135m-instruct")
+    with pytest.raises(OpenSEMError, match="is not the one it was trained on"):
+        base_model_dir(a)
+    # a hub model missing from the local cache
+    a = adapter(name="example-org/no-such-model", path="/nowhere/hub", kind="hub", fingerprint="example-org/no-such-model@abc123")
+    with pytest.raises(OpenSEMError, match="hf download example-org/no-such-model --revision abc123"):
+        base_model_dir(a)
+    # a folder recorded without its place from the adapter (an older manifest), not on this machine
+    a = adapter(name="/data/mine", path="/data/mine", kind="folder", fingerprint="sha256:0123456789abcdef")
+    with pytest.raises(OpenSEMError, match="is not on this machine"):
+        base_model_dir(a)
+
+
 def test_existing_run_name_is_never_overwritten(tmp_path, base_models_dir):
     ws = _tiny_workspace(tmp_path, base_models_dir)
     (ws / "models/adapters/taken").mkdir(parents=True)

@@ -44,6 +44,16 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _hash_file(h, f: Path) -> None:
+    size = f.stat().st_size
+    h.update(str(size).encode())
+    with f.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read())
+
+
 def folder_fingerprint(folder: Path) -> str:
     """Hash of the weight and tokenizer files (names, sizes and the first/last MiB: fast on GB files)."""
     h = hashlib.sha256()
@@ -52,17 +62,30 @@ def folder_fingerprint(folder: Path) -> str:
         if not f.is_file() or f.name == MARKER or any(part.startswith("checkpoint-") for part in rel.parts):
             continue
         h.update(str(rel).encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
+        _hash_file(h, f)
     return "sha256:" + h.hexdigest()[:16]
 
 
-def _materialise_gguf(gguf: Path, dest: Path, name: str) -> None:
+def gguf_fingerprint(gguf: Path) -> str:
+    """A GGUF base model is the GGUF file: its trainable folder is derived from it, and the folder's config files name
+    the transformers version that wrote them, which differs between machines. Hashing the file keeps the
+    fingerprint (and so every stage's inputs) the same on a cloud machine and at home."""
+    h = hashlib.sha256(b"gguf")
+    _hash_file(h, gguf)
+    return "gguf:" + h.hexdigest()[:16]
+
+
+def _materialised(gguf: Path, dest: Path, name: str, kind: str) -> ResolvedModel:
+    """The trainable folder of a GGUF file, made again when the file changed since."""
+    fp = gguf_fingerprint(gguf)
+    marker = json.loads((dest / MARKER).read_text()) if (dest / MARKER).exists() else None
+    if marker is None or marker.get("source_fingerprint", fp) != fp or marker.get("source_size") != gguf.stat().st_size:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _materialise_gguf(gguf, dest, name, fp)
+    return ResolvedModel(name, str(dest), kind, fp)
+
+
+def _materialise_gguf(gguf: Path, dest: Path, name: str, fingerprint: str) -> None:
     """Dequantize a GGUF file into a trainable safetensors folder with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +105,8 @@ def _materialise_gguf(gguf: Path, dest: Path, name: str) -> None:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     (tmp / MARKER).write_text(
-        json.dumps({"name": name, "source": str(gguf), "source_size": gguf.stat().st_size, "seconds": round(time.time() - t0, 1)})
+        json.dumps({"name": name, "source": str(gguf), "source_size": gguf.stat().st_size, "source_fingerprint": fingerprint,
+                    "seconds": round(time.time() - t0, 1)})
     )
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -95,20 +119,12 @@ def _hub_offline() -> bool:
 def resolve_base_model(name: str, models_dir: Path) -> ResolvedModel:
     """Turn the ``base_model`` setting into something ``from_pretrained`` loads without surprises."""
     if name == EMBEDDED_MODEL:
-        dest = models_dir / EMBEDDED_MODEL
-        if not (dest / MARKER).exists():
-            models_dir.mkdir(parents=True, exist_ok=True)
-            _materialise_gguf(embedded_gguf(), dest, name)
-        return ResolvedModel(name, str(dest), "embedded", folder_fingerprint(dest))
+        return _materialised(embedded_gguf(), models_dir / EMBEDDED_MODEL, name, "embedded")
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
             raise OpenSEMError(f"base_model {name!r}: no such .gguf file")
-        dest = models_dir / p.stem
-        if not (dest / MARKER).exists():
-            models_dir.mkdir(parents=True, exist_ok=True)
-            _materialise_gguf(p.resolve(), dest, name)
-        return ResolvedModel(name, str(dest), "gguf", folder_fingerprint(dest))
+        return _materialised(p.resolve(), models_dir / p.stem, name, "gguf")
     if p.is_dir():
         if not (p / "config.json").exists():
             raise OpenSEMError(f"base_model {name!r}: folder has no config.json (not a transformers model folder)")

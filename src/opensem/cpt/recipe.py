@@ -29,6 +29,7 @@ from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, 
 from opensem.train import engines, recipe
 from opensem.train.data import TokenizedSet
 from opensem.train.hardware import check_adapter, detect_hardware
+from opensem.train.stage import base_record
 from opensem.workspace import Workspace
 
 
@@ -136,8 +137,7 @@ def save(ws: Workspace, run: recipe.Run, ccfg: CptConfig, trainer, tok, corpus: 
                    "inputs": corpus.inputs, "rewrite_cost": corpus.cost, "stopped": corpus.stop,
                    "sequences": {"train": len(data.train.rows), "held_out": _held_out(data)},
                    "tokens": data.train.tokens},
-        "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
-                       "parameters": n_params},
+        "base_model": base_record(base, run.run_dir, n_params),
         "hardware": profile.hardware,
         "world_size": run.world_size,
         "seed": cfg.seed,

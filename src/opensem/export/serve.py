@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ from rich.console import Console
 
 from opensem.errors import OpenSEMError
 from opensem.lineage import read_json
-from opensem.train.stage import MANIFEST
+from opensem.train.stage import MANIFEST, base_model_dir
 
 
 def _port_free(port: int) -> None:
@@ -88,7 +87,7 @@ def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional
         if read_json(adapter_dir / "adapter_config.json", {}).get("modules_to_save"):
             raise OpenSEMError(f"--engine vllm: {alias} trains whole modules (lora_modules_to_save), which vLLM's LoRA "
                                f"serving cannot load: export --format merged and serve that folder with vLLM directly")
-        cmd = vllm_command(Path(m["base_model"]["path"]), adapter_dir, port, alias)
+        cmd = vllm_command(base_model_dir(adapter_dir), adapter_dir, port, alias)
     else:
         if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("fastapi") is None:
             raise OpenSEMError("serving needs llama-cpp-python's server: pip install 'opensem[export]'")

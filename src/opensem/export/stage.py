@@ -28,7 +28,7 @@ from opensem.errors import OpenSEMError
 from opensem.export import converter, llamacpp, verify
 from opensem.lineage import file_sha256, now, read_json, versions, write_json
 from opensem.stages import Artifact, Context, StageResult
-from opensem.train.stage import MANIFEST, adapter_hash, chain_text, merged_model
+from opensem.train.stage import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
 from opensem.workspace import Workspace
 
 EXPORT_MANIFEST = "export_manifest.json"
@@ -90,9 +90,7 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
     do_verify = cfg.verify.enabled if do_verify is None else do_verify
     m = read_json(adapter_dir / MANIFEST)
     run_name, sha = m["run_name"], adapter_hash(adapter_dir)
-    base_path = Path((m.get("base_model") or {}).get("path", ""))
-    if not (base_path / "config.json").exists():
-        raise OpenSEMError(f"{adapter_dir}: the model it was trained on ({base_path}) is gone: rebuild it (opensem train / cpt) first")
+    base_path = base_model_dir(adapter_dir)  # on this machine, or a clear error now, before any work
     out = ws.output_path(cfg.output_dir, "export.output_dir") / run_name
     record = read_json(out / EXPORT_MANIFEST, {})
     if record.get("source", {}).get("adapter_sha256") != sha:

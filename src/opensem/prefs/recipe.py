@@ -26,7 +26,7 @@ from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.train import engines, recipe
 from opensem.train.hardware import check_adapter, detect_hardware
-from opensem.train.stage import MANIFEST, adapter_hash, merged_model
+from opensem.train.stage import MANIFEST, adapter_hash, base_record, merged_model
 from opensem.workspace import Workspace
 
 def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool = False, run_name: Optional[str] = None,
@@ -170,8 +170,7 @@ def save(ws: Workspace, run: recipe.Run, pcfg: PreferenceConfig, trainer, tok, d
         "config": pcfg.model_dump(mode="json"), "training_config": cfg.model_dump(mode="json"),
         "config_sha": json_sha256(cfg.model_dump(mode="json")),
         "data": {"pairs": data.files},
-        "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
-                       "parameters": n_params},
+        "base_model": base_record(base, run.run_dir, n_params),
         "chain": run.chain, "hardware": profile.hardware, "world_size": run.world_size, "seed": cfg.seed,
         "steps": trainer.state.global_step, "first_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,

@@ -32,7 +32,7 @@ from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, 
 from opensem.train import engines
 from opensem.train.data import TokenizedSet
 from opensem.train.hardware import apply_vram_cap, check_adapter, detect_hardware, make_profile
-from opensem.train.stage import data_paths, is_resumable
+from opensem.train.stage import base_record, data_paths, is_resumable
 from opensem.workspace import Workspace
 
 ADJ = "amber brisk calm deft eager fleet gentle hardy keen lucid merry noble quiet rapid sage steady swift vivid".split()
@@ -342,8 +342,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
             "forge_manifest_sha256": forge_manifests.pop() if len(forge_manifests) == 1 else sorted(forge_manifests) or None,
             "replay": {"source": cfg.replay, "examples": data.replay},
         },
-        "base_model": {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint,
-                       "parameters": n_params},
+        "base_model": base_record(base, run.run_dir, n_params),
         "chain": run.chain,
         "hardware": profile.hardware,
         "profile": {k: v for k, v in profile.__dict__.items() if k != "hardware"},

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,52 @@ def adapter_hash(adapter: Optional[Path]) -> Optional[str]:
     return file_sha256(weights) if weights.exists() else file_sha256(adapter / "adapter_config.json")
 
 
+def base_record(base, adapter_dir: Path, parameters: int) -> dict:
+    """How a manifest names the model under its adapter: name, kind, fingerprint, the path where it was trained, and
+    (for a model on disk) that path as seen from the adapter folder, which still holds after the workspace moves or
+    the adapter is fetched home from a cloud machine."""
+    rec = {"name": base.name, "path": base.path, "kind": base.kind, "fingerprint": base.fingerprint, "parameters": parameters}
+    if base.kind != "hub":
+        rec["from_adapter"] = os.path.relpath(os.path.abspath(base.path), os.path.abspath(adapter_dir))
+    return rec
+
+
+def base_model_dir(adapter_dir: Path) -> Path:
+    """The folder of the model under an adapter, on this machine: where it was trained; else the same place seen from
+    the adapter folder (the embedded model or a GGUF base made there again if needed; a folder only with the
+    fingerprint it was trained on); else a hub model by id and revision from the local Hugging Face cache."""
+    from opensem.models import MARKER, folder_fingerprint, resolve_base_model
+
+    base = read_json(adapter_dir / MANIFEST, {}).get("base_model") or {}
+    recorded = Path(base.get("path", ""))
+    if (recorded / "config.json").exists():
+        return recorded
+    kind, gone = base.get("kind"), (f"{adapter_dir}: the model it was trained on ({base.get('name')}, at {recorded}) is not on "
+                                    f"this machine")
+    if base.get("from_adapter"):
+        here = Path(os.path.normpath(adapter_dir.absolute() / base["from_adapter"]))
+        if kind in ("embedded", "gguf") and not (here / MARKER).exists():
+            source = base["name"] if kind == "embedded" else read_json(recorded / MARKER, {}).get("source", base["name"])
+            if kind == "gguf" and not Path(source).exists():
+                raise OpenSEMError(f"{gone}: put the GGUF file {source} here, or train again")
+            resolve_base_model(source, here.parent)
+        if (here / "config.json").exists():
+            if kind == "folder" and folder_fingerprint(here) != base.get("fingerprint"):
+                raise OpenSEMError(f"{adapter_dir}: the model at {here} is not the one it was trained on (fingerprint "
+                                   f"{base.get('fingerprint')}): restore that model or train again")
+            return here
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        revision = str(base.get("fingerprint", "")).rpartition("@")[2] or None
+        try:
+            return Path(snapshot_download(base["name"], revision=revision, local_files_only=True))
+        except Exception:
+            raise OpenSEMError(f"{gone}: download {base['name']} (revision {revision}) into the Hugging Face cache, "
+                               f"e.g. `hf download {base['name']} --revision {revision}`") from None
+    raise OpenSEMError(f"{gone}: rebuild it (opensem train / cpt) or copy it to {recorded}")
+
+
 def trained_on(adapter_dir: Path):
     """The model under an adapter when it is not the configured base: the merged result of an earlier stage it was
     chained from (``after_cpt: merge``); None otherwise."""
@@ -61,10 +108,12 @@ def trained_on(adapter_dir: Path):
     chain, base = m.get("chain") or {}, m.get("base_model") or {}
     if chain.get("mode") != "merge":
         return None
-    if not (Path(base.get("path", "")) / "config.json").exists():
+    try:
+        path = base_model_dir(adapter_dir)
+    except OpenSEMError:
         raise OpenSEMError(f"{adapter_dir}: trained on the merged model {base.get('path')}, which is gone: "
-                           f"rerun the {chain.get('stage')} stage (or `opensem train --from-cpt`) to rebuild it")
-    return ResolvedModel(base["name"], base["path"], base.get("kind", "folder"), base["fingerprint"])
+                           f"rerun the {chain.get('stage')} stage (or `opensem train --from-cpt`) to rebuild it") from None
+    return ResolvedModel(base["name"], str(path), base.get("kind", "folder"), base["fingerprint"])
 
 
 def chain_text(adapter_dir: Path) -> Optional[str]:
@@ -95,7 +144,7 @@ def merged_model(adapter_dir: Path, out: Optional[Path] = None) -> Path:
     if read_json(out / MERGED_MARKER, {}).get("adapter_sha256") == sha:
         return out
     base = read_json(adapter_dir / MANIFEST)["base_model"]
-    model = AutoModelForCausalLM.from_pretrained(base["path"], dtype="auto", use_safetensors=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir(adapter_dir)), dtype="auto", use_safetensors=True, trust_remote_code=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None and not torch.equal(emb.weight, head.weight):
