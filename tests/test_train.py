@@ -228,6 +228,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_di
     assert 0 < step < 6
     assert (ckpts[0] / "optimizer.pt").exists() and (ckpts[0] / "scheduler.pt").exists()
     assert json.loads((ws / "models/adapters/res/run.json").read_text())["status"] == "interrupted"
+    # a later save cut short (killed, or the disk full, before the trainer state was written) is passed over
+    partial = ckpts[0].with_name(f"checkpoint-{step + 1}")
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes((ckpts[0] / "adapter_model.safetensors").read_bytes()[:1000])
     r = run_cli("train", "-w", str(ws), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stderr

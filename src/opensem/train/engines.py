@@ -228,7 +228,10 @@ def world() -> tuple[int, int]:
 
 
 def last_checkpoint(folder) -> Optional[str]:
+    """The latest complete checkpoint. The trainer writes trainer_state.json last: a folder without it is a save cut
+    short (the process killed, the disk full) and is passed over, so a resume starts from the one before it, which
+    the trainer deletes only after a newer one is complete."""
     from pathlib import Path
 
-    ckpts = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    return str(ckpts[-1]) if ckpts else None
+    ckpts = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
