@@ -202,6 +202,35 @@ def test_opensem_serve_answers_the_official_openai_sdk(exported, tmp_path):
     assert f"base URL http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
 
 
+@pytest.mark.slow
+def test_the_space_an_export_needs_is_known_before_it_starts(exported, monkeypatch):
+    """The estimate each file's disk space is checked against, next to the files the export wrote; and an export the
+    disk cannot hold is refused at once, naming the sizes, before any model is loaded."""
+    from collections import namedtuple
+
+    from opensem.export.stage import export_run, space_needed
+    from opensem.train.stage import base_model_dir
+    from opensem.workspace import Workspace
+
+    ws, _ = exported
+    adapter = ws / "models/adapters/mem"
+    files = read_json(ws / "models/exports/mem/export_manifest.json")["files"]
+    params = read_json(adapter / "manifest.json")["base_model"]["parameters"]
+    need = space_needed(base_model_dir(adapter), params, True, ["f16", "q4_k_m"], True)
+    for key, real in (("merged", "merged"), ("gguf f16", "gguf:f16"), ("gguf q4_k_m", "gguf:q4_k_m")):
+        ratio = need[key] / files[real]["bytes"]
+        assert 0.7 < ratio < 1.4, (key, need[key], files[real]["bytes"])
+    assert need["base f16 GGUF for lora-gguf"] == need["gguf f16"] and "f16 GGUF to quantize from" not in need
+    alone = space_needed(base_model_dir(adapter), params, True, ["q4_k_m"], False)  # quantized from a temporary f16
+    assert alone["f16 GGUF to quantize from"] == need["gguf f16"] and set(alone) == {"merged", "gguf q4_k_m", "f16 GGUF to quantize from"}
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(OpenSEMError, match=r"export of mem needs about 0\.\d GB in .* \(merged 0\.\d.*\) and 0\.0 GB are free: "
+                                           r"free some space, or export fewer formats"):
+        export_run(Workspace(ws), adapter, ["merged", "gguf"], ["q8_0"], True)
+
+
 def test_export_refuses_bad_input_with_one_line(tmp_path, base_models_dir, memorised_adapter):
     ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
     cases = [(["export", "nosuch"], "no finished run 'nosuch'"),

@@ -97,6 +97,10 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
         shutil.rmtree(out, ignore_errors=True)  # exports of an earlier adapter of the same name
         record = {}
     out.mkdir(parents=True, exist_ok=True)
+    ggufs = [t for t in gguf_types] if ("gguf" in formats or "ollama" in formats) else []
+    need_merged = "merged" in formats or bool(ggufs)
+    check_space(out, space_needed(base_path, (m.get("base_model") or {}).get("parameters"), need_merged, ggufs,
+                                  "lora-gguf" in formats and not (out / "base-f16.gguf").exists()), run_name)
     record.update({"created": now(), "source": {
         "run_name": run_name, "stage": m.get("stage"), "method": m.get("method"), "adapter_dir": str(adapter_dir),
         "adapter_sha256": sha, "manifest_sha256": file_sha256(adapter_dir / MANIFEST), "base_model": m.get("base_model"),
@@ -130,8 +134,6 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
         if entry["check"] and not entry["check"]["passed"]:
             raise verify.fail(verify.Check(**entry["check"]))
 
-    ggufs = [t for t in gguf_types] if ("gguf" in formats or "ollama" in formats) else []
-    need_merged = "merged" in formats or bool(ggufs)
     merged = out / "merged"
     merged_is_tmp = "merged" not in formats and "merged" not in files  # only the converter's input this time
     if need_merged:
@@ -180,6 +182,35 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
         files.pop("merged", None)
     save()
     return out
+
+
+# bits per weight of each GGUF type, measured on llama.cpp's files (the K-quants keep a few tensors at higher precision)
+BITS_PER_WEIGHT = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_1": 6.0, "q5_0": 5.5,
+                   "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_1": 5.0, "q4_0": 4.5, "q3_k_m": 3.9}
+
+
+def space_needed(base_path: Path, parameters: Optional[int], merged: bool, ggufs: list[str], base_gguf: bool) -> dict[str, int]:
+    """Bytes each file of an export takes at once on disk (the merged folder and a temporary f16 GGUF included)."""
+    params = parameters or 0
+    need = {}
+    if merged:
+        need["merged"] = sum(f.stat().st_size for f in base_path.glob("*.safetensors"))
+    for t in ggufs:
+        need[f"gguf {t}"] = int(params * BITS_PER_WEIGHT.get(t, 16) / 8)
+    if any(t not in converter.CONVERTER_TYPES for t in ggufs) and "f16" not in ggufs:
+        need["f16 GGUF to quantize from"] = params * 2
+    if base_gguf:
+        need["base f16 GGUF for lora-gguf"] = params * 2
+    return need
+
+
+def check_space(out: Path, need: dict[str, int], run_name: str) -> None:
+    """Refuse before any work when the disk cannot hold the export, rather than fail after minutes of converting."""
+    total, free = sum(need.values()), shutil.disk_usage(out).free
+    if total > free:
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in need.items())
+        raise OpenSEMError(f"export of {run_name} needs about {total / 1e9:.1f} GB in {out} ({parts}) and {free / 1e9:.1f} GB "
+                           f"are free: free some space, or export fewer formats (--format, --gguf-type)")
 
 
 def _convert(model_dir: Path, target: Path, outtype: str, logs: Path) -> None:
