@@ -166,3 +166,42 @@ def test_unsloth_preference_tuning_patches_trl_before_the_model_loads(monkeypatc
     with pytest.raises(Loaded):
         prefs_recipe.run_preference(Workspace(ws), ws / "models/adapters/mem")
     assert order == ["import", "patch", f"load {ws / 'models/adapters/mem/merged'}"]
+
+
+def test_the_unsloth_engine_trains_on_the_same_answer_only_loss(base_models_dir):
+    """Unsloth's forward ignores logits_to_keep (it returns every position's logits) and computes its own fused loss
+    from labels. The unsloth engine's loss hands it the labels; the hf engine's loss copes with a forward that returns
+    every position. On the real model, both give the hf engine's answer-only loss."""
+    import torch
+
+    model, tok = engines.load_hf(str(base_models_dir / "smollm2-135m-instruct"), TrainConfig(lora_r=4), "fp32", "cpu")
+    rows = []
+    for q, a in [("What colour is the Tessaly lantern?", "The Tessaly lantern is teal."),
+                 ("How many moons does Orvane have?", "Planet Orvane has eleven moons, all of them small.")]:
+        prompt = tok(q + "\n", add_special_tokens=False)["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    batch = {"input_ids": torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in rows]),
+             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+             "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])}
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+
+    class KeepsEveryPosition(torch.nn.Module):  # Unsloth's forward: logits_to_keep as a tensor is ignored
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, logits_to_keep=0, **kwargs):
+            return self.inner(**kwargs)
+
+    def loss(engine: str, m, n_items):
+        trainer = types.SimpleNamespace(real_tokens=0, args=types.SimpleNamespace(average_tokens_across_devices=False))
+        with torch.no_grad():
+            return float(engines.make_trainer_class(engine).compute_loss(trainer, m, dict(batch), num_items_in_batch=n_items))
+
+    model.eval()
+    for n_items in (None, torch.tensor(answer_tokens)):
+        ours = loss("hf", model, n_items)
+        assert abs(loss("hf", KeepsEveryPosition(model), n_items) - ours) < 1e-5
+        assert abs(loss("unsloth", model, n_items) - ours) < 1e-4, (loss("unsloth", model, n_items), ours)

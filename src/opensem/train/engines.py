@@ -165,7 +165,8 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
     """SFTTrainer whose loss looks only at answer positions, and which counts real (non-pad) tokens.
 
     The logits (and the lm_head work) are computed only for positions that predict an answer token
-    (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. The call goes
+    (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. On the unsloth engine,
+    whose forward ignores ``logits_to_keep``, Unsloth's own fused loss does the same from the labels. The call goes
     through the (DDP-wrapped) model as usual, so data-parallel training still syncs gradients.
 
     Modules trained in full (``lora_modules_to_save``: embed_tokens, lm_head) get their own, smaller learning
@@ -204,11 +205,21 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
             mask = inputs.get("attention_mask")
             if model.training:
                 self.real_tokens += int(mask.sum()) if mask is not None else labels.numel()
+            fed = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            if engine == "unsloth":
+                # Unsloth's forward computes every position's logits whatever logits_to_keep asks for; given the
+                # labels it computes its own chunked cross-entropy instead and never holds them all. The prompt's
+                # labels are -100, so it is the same answer-only loss, summed over num_items_in_batch as below.
+                loss = model(**fed, labels=labels, num_items_in_batch=num_items_in_batch, use_cache=False).loss
+                if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+                return (loss, {"loss": loss}) if return_outputs else loss
             shift = labels[:, 1:]
             keep = (shift != -100).any(dim=0).nonzero().squeeze(-1)
-            out = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")},
-                        logits_to_keep=keep, use_cache=False)
+            out = model(**fed, logits_to_keep=keep, use_cache=False)
             logits = out.logits  # [batch, len(keep), vocab]
+            if logits.size(1) != keep.numel():  # a forward that keeps every position whatever it is asked
+                logits = logits[:, keep]
             targets = shift[:, keep]
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")
