@@ -21,6 +21,7 @@ same tokens at any batch size: the teacher's batches of 64 rows sample exactly w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import threading
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class ChatModel:
             model = PeftModel.from_pretrained(model, adapter)
             model = model.merge_and_unload()  # same answers, faster decoding
         self.model = model.to(self.device).eval()
+        # the KV cache argument's name: `cache` in newer transformers, `past_key_values` before (the GPU set's)
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         self._lock = threading.Lock()
         eos = {self.tokenizer.eos_token_id}
         for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
@@ -247,8 +250,8 @@ class ChatModel:
                 active = active[sel]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=ids.device)], dim=-1)
             last[active] += 1
-            out = model(input_ids=step[active][:, None], attention_mask=mask, position_ids=last[active][:, None], cache=cache,
-                        use_cache=True)
+            out = model(input_ids=step[active][:, None], attention_mask=mask, position_ids=last[active][:, None],
+                        use_cache=True, **{self._cache_arg: cache})
             logits = out.logits[:, -1]
         return gen
 
@@ -265,8 +268,8 @@ class ChatModel:
         cache = self._prefix_cache(ids, lcp)
         cache = DynamicCache(config=self.model.config) if cache is None else cache
         past = cache.get_seq_length()
-        out = self.model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], use_cache=True,
+                         logits_to_keep=1, **{self._cache_arg: cache})
         logits = out.logits[:, -1]
         self._last_prefill = (key, _shallow_copy(cache), logits)
         return cache, logits

@@ -14,6 +14,7 @@ rank 0 writes the outputs; gloo is used on CPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -259,7 +260,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         bf16=profile.precision == "bf16",
         fp16=profile.precision == "fp16",
         use_cpu=hw.device == "cpu",
-        activation_checkpointing=False,  # applied in load_model, per layer (hf); Unsloth applies its own
+        **no_trainer_checkpointing(args_cls),  # applied in load_model, per layer (hf); Unsloth applies its own
         max_length=cfg.sequence_len,
         packing=cfg.sample_packing,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding
@@ -277,6 +278,13 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         eval_dataset=Dataset.from_list(data.test.rows) if data.test and data.test.rows else None,
         processing_class=tok,
     )
+
+
+def no_trainer_checkpointing(args_cls) -> dict:
+    """The trainer's own activation checkpointing, off: `activation_checkpointing` in newer transformers,
+    `gradient_checkpointing` before (the GPU set's)."""
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
 
 
 def _max_steps(run: Run, profile, n_rows: int) -> Optional[int]:
