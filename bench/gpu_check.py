@@ -5,6 +5,7 @@ Needs no network: the model is built from a config with random weights (fine for
 tokenizer is the embedded model's (carried in models/base/), the data is generated. Each engine runs in
 its own process, because Unsloth must be imported before transformers/trl/peft.
 
+    pip install -e '.[gpu]' -c requirements-gpu.txt      # Unsloth and the releases it allows
     python bench/gpu_check.py [--steps 30] [--layers 16] [--hidden 2048]
 
 Output: one line per engine, the unsloth/hf ratio (target >= 1.6x), continued pre-training on each engine
