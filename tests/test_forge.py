@@ -425,3 +425,135 @@ def test_the_local_teachers_shared_prefix_and_question_stop_keep_the_questions(b
     assert sum(shape[1] > 1 for shape in prompt_passes) == 2  # the shared prefix, then the rest of the prompts
     assert [o.text for o in again] == [o.text for o in fresh]
     assert [o.text for o in again] != [o.text for o in fast]  # another seed, other samples
+
+
+# --- every fact trained: split by wording, new wordings after the gates, question quality ---------------------------
+FACTS_DOC = "# Harbour rules\n\n" + "\n\n".join(
+    f"## Berth {i}\n\nBerth {i} of the Varno harbour takes ships up to {20 + i} metres long. "
+    f"The Berth {i} crane lifts at most {3 + i} tonnes at a time." for i in range(12))
+
+
+def _sentence_of(body: dict) -> str:
+    return body["messages"][-1]["content"].split("Sentence: ", 1)[1]
+
+
+def _sentence_teacher(ws: Path, fake, **generation) -> None:
+    """A fake OpenAI-compatible teacher on the sentence strategy: each sampled call writes another wording."""
+    seen: dict = {}
+
+    def reply(body: dict) -> str:
+        s = _sentence_of(body)
+        n = seen[s] = seen.get(s, 0) + 1
+        subject, rest = s.split(" of the Varno", 1) if " of the Varno" in s else s.split(" crane", 1)
+        words = ["How long can ships be at", "What is the longest ship for", "Which ship length fits", "What size of ship fits",
+                 "How large a ship can use", "What ships does the Varno harbour allow at"]
+        if "crane" in s:
+            words = ["How much can the crane of", "What load can the crane at", "How many tonnes lifts the crane of",
+                     "What weight does the crane of", "Which load limit has the crane of", "How heavy a load takes the crane of"]
+        return f"{words[(n - 1) % len(words)]} {subject.strip().replace('The ', '')} lift?" if "crane" in s else \
+            f"{words[(n - 1) % len(words)]} {subject.strip()}?"
+
+    fake.behaviour.reply = reply
+    set_config(ws, "forge", teacher={"provider": "openai-compatible", "base_url": fake.openai_url, "model": "m",
+                                     "concurrency": 4, "max_retries": 1, "timeout_s": 5.0},
+               generation={"strategy": "sentence", "pairs_per_chunk": 40, **generation},
+               chunking={"chunk_tokens": 48, "overlap_tokens": 0}, cost={"max_cost_usd": None})
+
+
+def test_every_fact_is_trained_and_test_holds_other_wordings_of_trained_facts(workspace, fake):
+    from opensem.forge.quality import coverage
+
+    (workspace / "data/raw/harbour.md").write_text(FACTS_DOC)
+    _sentence_teacher(workspace, fake, questions_per_sentence=2)
+    set_config(workspace, "forge", output={"test_ratio": 0.25, "seed": 7})
+    m = run_forge(Workspace(workspace))
+    train = read_jsonl(workspace / "data/processed/train.jsonl")
+    test = read_jsonl(workspace / "data/processed/test.jsonl")
+    facts = lambda rows: {r["metadata"]["fact"] for r in rows}  # noqa: E731
+    cov = m["coverage"]
+    assert cov["facts"] == 24 and cov["trained"] == 24 and cov["share"] == 1.0 and facts(train) == {f"{c}" for c in facts(train)}
+    assert len(facts(train)) == 24 and test and facts(test) <= facts(train)  # every held-out fact is also trained
+    assert cov["train_wordings_per_fact"] == 2.0  # a held-out fact was asked one wording more: it still trains on two
+    questions = lambda rows: {r["conversations"][0]["value"].lower() for r in rows}  # noqa: E731
+    assert not questions(train) & questions(test)
+
+    # the same pairs split by chunk: whole chunks, and every fact of theirs, never trained
+    from opensem.forge.quality import Pair, split_by_chunk
+
+    pairs = [Pair(r["conversations"][0]["value"], r["conversations"][1]["value"], r["metadata"]["chunk_id"], "", "",
+                  {"fact": r["metadata"]["fact"]}) for r in train + test]
+    by_chunk = split_by_chunk(pairs, 0.25, seed=7)
+    lost = facts_of(by_chunk[1]) - facts_of(by_chunk[0])
+    assert lost and lost <= facts(train)  # facts a chunk split withholds are trained by the wording split
+    assert coverage({f: "" for f in facts(train)}, by_chunk[0], by_chunk[1])["trained"] < 24
+
+    # split_by: chunk stays an option, for held-out documents
+    set_config(workspace, "forge", output={"split_by": "chunk", "test_ratio": 0.25, "seed": 7})
+    m2 = run_forge(Workspace(workspace))
+    assert m2["coverage"]["split_by"] == "chunk" and m2["coverage"]["trained"] < 24
+
+
+def facts_of(pairs) -> set:
+    return {p.meta["fact"] for p in pairs}
+
+
+def test_new_wordings_fill_a_fact_the_gates_emptied_and_coverage_counts_after_them(workspace, fake):
+    (workspace / "data/raw/harbour.md").write_text(FACTS_DOC)
+    _sentence_teacher(workspace, fake, questions_per_sentence=2, replacement_rounds=2)
+    set_config(workspace, "forge", output={"test_ratio": 0.0})
+    # the golden set asks about berth 3's length: the first two wordings of that fact are near copies of it
+    (workspace / "evals/golden_set.json").write_text(json.dumps([
+        {"question": "How long can ships be at Berth 3?", "answer": "23 metres."},
+        {"question": "What is the longest ship for Berth 3?", "answer": "23 metres."}]))
+    inner = fake.behaviour.reply
+    junk = {"Berth 5 of the Varno harbour takes ships up to 25 metres long."}
+    fake.behaviour.reply = lambda body: "How about the berth and the harbour?" if _sentence_of(body) in junk else inner(body)
+    m = run_forge(Workspace(workspace))
+    cov, rej = m["coverage"], m["counts"]["rejected"]
+    assert rej["golden_overlap"] >= 2  # both first wordings of berth 3's length went
+    rows = read_jsonl(workspace / "data/processed/train.jsonl")
+    berth3 = [r["conversations"][0]["value"] for r in rows if r["conversations"][1]["value"].startswith("Berth 3 of")]
+    assert len(berth3) == 2 and all("Berth 3" in q for q in berth3)  # filled again, by new wordings
+    assert cov["replacement_wordings_kept"] >= 2
+    # a fact whose every wording is rejected is reported, after the rounds ran out
+    assert cov["trained"] == cov["facts"] - 1 and [u["text"] for u in cov["untrained"]] == sorted(junk)
+    assert rej["not_a_question"] >= 2 + 2 * 2  # its two wordings, then two in each of two rounds
+    # a rerun pays for nothing: the new wordings are cached too
+    calls = sum(fake.calls.values())
+    again = run_forge(Workspace(workspace))
+    assert sum(fake.calls.values()) == calls and again["coverage"] == cov
+
+
+@pytest.mark.parametrize("question,heading,reason", [
+    ("What is the first few days?", "Handbook > Your first few days", "about_heading"),
+    ("How about your team and the company?", "Handbook > Your team", "not_a_question"),
+    ("What is the purpose of getting started?", "Handbook > Getting started", "about_heading"),
+    ("What is the T-1000?", "Handbook > Equipment", "unknown_name"),
+    ("What is the route?", "Handbook > Routes", "no_subject"),
+    ("What is the weather and what is the wind?", "Handbook > Weather", "not_a_question"),
+    ("What is the maximum number of passengers allowed to smoke on deck?", "Handbook > Safety", "unanswered"),
+])
+def test_the_question_gate_rejects_broken_questions(question, heading, reason):
+    from opensem.forge.quality import question_reason
+
+    chunk = ("Your first few days start with a tour of the office and lunch with your team. The company gives every new "
+             "starter a laptop. Getting started takes about a week. The main route runs from Caddock to Hessa. "
+             "Smoking is allowed only on the rear outside deck.")
+    answer = {"about_heading": "Your first few days start with a tour of the office and lunch with your team.",
+              "unanswered": "Smoking is allowed only on the rear outside deck.",
+              "no_subject": "The main route runs from Caddock to Hessa."}.get(reason, chunk.split(". ")[1] + ".")
+    if "purpose" in question:
+        answer = "Getting started takes about a week."
+    assert question_reason(question, answer, heading, chunk) == reason
+
+
+@pytest.mark.parametrize("question,answer", [
+    ("What is the maximum pressure of the H-40 pump?", "The H-40 pump runs at a maximum pressure of 12 bar."),
+    ("When do orders ship if they are placed before noon?", "Orders placed before noon ship on the same day."),
+    ("What is the main route?", "The main route runs from Caddock to Hessa and takes 55 minutes."),
+    ("How long is the crossing from Caddock to Hessa?", "The main route runs from Caddock to Hessa and takes 55 minutes."),
+])
+def test_the_question_gate_keeps_good_questions(question, answer):
+    from opensem.forge.quality import question_reason
+
+    assert question_reason(question, answer, "Overview > Routes", answer) is None

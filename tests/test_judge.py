@@ -145,7 +145,7 @@ def test_cli_table_and_headline(judged_ws):
     out = r.stdout
     assert "Baseline vs Fine-Tuned" in out and "offline reference scorer" in out
     assert "95% bootstrap CI" in out and "p-value" in out and "win / tie / loss" in out
-    assert ("Accuracy improved by" in out) or ("Accuracy fell by" in out) or ("Accuracy unchanged" in out)
+    assert any(h in out for h in ("Accuracy improved by", "Accuracy fell by", "Mean score improved", "Mean score fell", "No significant change"))
 
 
 def test_judge_through_fake_openai_compatible_server_counts_malformed_replies(judged_ws, fake):
@@ -277,3 +277,45 @@ def test_recall_at_k_counts_passages_that_hold_the_answers_key_facts():
     text = prompt("Which company?", [p2, p1])
     assert text.startswith("Answer the question using the passages below.\n\n[1] Company\nTamsin")
     assert "[2] Power\nThe C-300" in text and text.endswith("Question: Which company?")
+
+
+def _cmp(diff, ci, acc_b, acc_t):
+    return {"mean_diff": diff, "mean_diff_ci": ci, "accuracy_baseline": acc_b, "accuracy_fine_tuned": acc_t,
+            "accuracy_diff_pp": (acc_t - acc_b) * 100, "accuracy_relative": None if acc_b == 0 else (acc_t - acc_b) / acc_b * 100}
+
+
+def test_headline_and_banner_call_only_a_significant_change_an_improvement():
+    from opensem.judge.report import headline
+    from opensem.report_html import banner
+
+    # the case: accuracy 0% -> 2.4%, mean +0.09 with a CI that includes zero
+    flat = _cmp(0.09, (-0.13, 0.34), 0.0, 0.024)
+    assert headline(flat).startswith("No significant change")
+    assert "improved" not in headline(flat) and "0.0% -> 2.4%" in headline(flat) and "[-0.13, 0.34]" in headline(flat)
+    assert banner(flat) == ("flat", headline(flat))  # neutral colour, numbers still given
+    # a significant loss reads as one, in red
+    down = _cmp(-0.40, (-0.70, -0.12), 0.30, 0.20)
+    assert headline(down).startswith("Accuracy fell by 10.0%") and banner(down)[0] == "down"
+    # the CI below zero but accuracy flat: the loss is in the mean score
+    down_flat = _cmp(-0.30, (-0.50, -0.05), 0.20, 0.20)
+    assert headline(down_flat).startswith("Mean score fell by -0.30") and banner(down_flat)[0] == "down"
+    # only a CI above zero is an improvement, in green
+    up = _cmp(0.94, (0.54, 1.37), 0.0, 0.19)
+    assert headline(up).startswith("Accuracy improved by 19.0%") and banner(up)[0] == ""
+    # an accuracy rise with a CI that includes zero is not an improvement
+    assert headline(_cmp(0.10, (-0.02, 0.22), 0.10, 0.15)).startswith("No significant change")
+
+
+def test_the_closing_line_says_no_significant_change_when_the_ci_includes_zero():
+    from rich.console import Console
+
+    from opensem.judge.report import render
+
+    console = Console(record=True, width=200)
+    flat = _cmp(0.09, (-0.13, 0.34), 0.0, 0.024) | {"p_value": 0.51, "wins": 15, "ties": 13, "losses": 14,
+                                                    "accuracy_diff_ci_pp": (-2.4, 7.1), "excluded_for_errors": 0, "regressions": []}
+    summary = {"n": 42, "scored": 42, "judge_errors": 0, "mean_score": 1.5, "mean_score_ci": (1.3, 1.7), "accuracy": 0.0,
+               "exact_match": 0.0, "token_f1": 0.1, "rouge_l": 0.1, "mean_length_words": 12.0}
+    render(console, "offline", {"summary": summary}, {"summary": summary}, flat)
+    last = console.export_text().strip().splitlines()[-1]
+    assert last.startswith("No significant change") and "improved" not in last

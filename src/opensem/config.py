@@ -111,7 +111,9 @@ class GenerationConfig(Strict):
         "sentence: one source sentence per request, the teacher writes questions, the answer is the "
         "sentence (weak local teachers). auto: sentence for the local provider, passage otherwise.",
     )
-    questions_per_sentence: int = Field(2, ge=1, le=10)
+    questions_per_sentence: int = Field(2, ge=1, le=10, description="Sentence strategy: wordings per fact (source sentence)")
+    replacement_rounds: int = Field(
+        2, ge=0, le=10, description="Sentence strategy: rounds of new wordings for facts the quality gates left short")
     system_prompt: Optional[str] = Field(None, description="Optional system turn written into every record")
 
 
@@ -124,11 +126,16 @@ class QualityConfig(Strict):
     near_duplicate_threshold: float = Field(0.8, ge=0.0, le=1.0, description="MinHash Jaccard of question+answer")
     golden_overlap_threshold: float = Field(0.6, ge=0.0, le=1.0, description="MinHash Jaccard of question vs golden questions")
     golden_embedding_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Cosine of question vs golden questions")
+    question_gate: bool = Field(True, description="Reject non-questions, questions about a heading, with no subject, or "
+                                "naming what the source does not")
 
 
 class OutputConfig(Strict):
     format: Literal["sharegpt", "messages"] = "sharegpt"
-    test_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    split_by: Literal["wording", "chunk"] = Field(
+        "wording", description="wording: every fact trained, test.jsonl holds other wordings of trained facts; "
+        "chunk: whole chunks held out (facts never trained)")
+    test_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="wording: share of facts with a held-out wording; chunk: share of pairs")
     seed: int = 42
 
 
@@ -198,12 +205,16 @@ class TrainConfig(Strict):
     replay_ratio: float = Field(0.2, ge=0.0, le=2.0, description="Replay examples per training example")
     micro_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    num_epochs: float = Field(3.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1, description="Overrides num_epochs when set")
+    num_epochs: float = Field(3.0, gt=0, description="Passes over data whose examples name no fact (not the forge's)")
+    max_steps: Optional[int] = Field(None, ge=1, description="Overrides exposures_per_fact and num_epochs when set")
     min_steps: Optional[int] = Field(
-        80, ge=1, description="When num_epochs gives fewer optimizer steps, train this many (a small dataset gets more "
-        "passes); null: num_epochs alone"
+        None, ge=1, description="With num_epochs: when it gives fewer optimizer steps, train this many"
     )
+    exposures_per_fact: Optional[float] = Field(
+        24.0, gt=0, le=10_000, description="Training length for the forge's data: how often each fact is seen, all its "
+        "training wordings together (wordings x passes); null: num_epochs")
+    time_budget_min: Optional[float] = Field(
+        None, gt=0, le=1_000_000, description="Train at most this many minutes (estimated): fewer exposures, said at the start")
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"

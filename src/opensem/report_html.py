@@ -114,15 +114,21 @@ def _steps_section(manifest: dict) -> str:
             f"<th>win / tie / loss</th><th>regressions</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def banner(cmp: dict) -> tuple[str, str]:
+    """The page's headline and its class: green only for a change whose paired CI lies above zero, red for one
+    below it, neutral otherwise (the text then says "No significant change")."""
+    from opensem.judge import report
+
+    if not cmp:
+        return "flat", "no comparison"
+    return {"up": "", "down": "down", "none": "flat"}[report.significance(cmp)], report.headline(cmp)
+
+
 def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
     cmp = ft_res.get("comparison") or {}
     bitems = {it["id"]: it for it in base_res.get("items", [])}
     titems = ft_res.get("items", [])
-    from opensem.judge import report
-
-    headline = report.headline(cmp) if cmp else "no comparison"  # this page's table: the fine-tuned stage's model
-    cls = "" if cmp.get("accuracy_diff_pp", 0) > 0 or cmp.get("mean_diff", 0) > 0 and cmp.get("mean_diff_ci", [0])[0] > 0 else (
-        "down" if cmp.get("mean_diff", 0) < 0 else "flat")
+    cls, headline = banner(cmp)  # this page's table: the fine-tuned stage's model
     judge = ft_res.get("judge", "")
     offline = "offline" in judge
     bs, fs = base_res.get("summary", {}), ft_res.get("summary", {})

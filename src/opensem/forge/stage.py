@@ -6,6 +6,7 @@ through the reply cache -> parse -> quality gates -> split by chunk -> write ato
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,16 +21,18 @@ from rich.table import Table
 from opensem.config import ForgeConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.forge.documents import Chunk, chunk_document, count_tokens, read_documents
-from opensem.forge.quality import REASONS, Gate, Pair, split_by_chunk
+from opensem.forge.quality import REASONS, Gate, Pair, coverage, held_out, split_by_chunk, split_by_wording
 from opensem.forge.synthesis import (
     PAIRS_SCHEMA,
     PROMPT_VERSION,
     clean_question,
     pairs_from_text,
     passage_messages,
+    SourceSentence,
     sentence_messages,
     source_sentences,
 )
+from opensem.text import normalize
 from opensem.golden import load_golden
 from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider
@@ -47,7 +50,7 @@ class Request:
     temperature: float
     max_tokens: int
     variant: int = 0
-    answer: Optional[str] = None  # sentence strategy: the answer is the source text
+    sentence: Optional[SourceSentence] = None  # sentence strategy: the fact; its text is the answer
     reply: Optional[LLMReply] = None
     error: Optional[str] = None
 
@@ -67,15 +70,44 @@ def plan_requests(chunks: list[Chunk], cfg: ForgeConfig) -> list[Request]:
         return reqs
     budget = cfg.generation.pairs_per_chunk
     k = min(cfg.generation.questions_per_sentence, budget)
+    out = cfg.output
     for c in chunks:
         # whole sentences within the chunk's budget: every sentence asked gets all its wordings (the same prompts
-        # in every variant, which the local teacher computes once)
+        # in every variant, which the local teacher computes once); a fact chosen for test.jsonl gets one more,
+        # held out, so that it still has all its training wordings
         for s in source_sentences(c)[: budget // k]:
-            for v in range(k):
-                # variant 0 is greedy; the others sample, so each fact gets several wordings
-                temp = 0.0 if v == 0 else max(t.temperature, 0.3)
-                reqs.append(Request(c, sentence_messages(c.heading, s.prompt_sentence), None, temp, 48, v, answer=s.text))
+            extra = int(out.split_by == "wording" and held_out(s.fact, out.seed, out.test_ratio))
+            for v in range(k + extra):
+                reqs.append(sentence_request(c, s, v, t.temperature))
     return reqs
+
+
+def sentence_request(chunk: Chunk, s: SourceSentence, variant: int, temperature: float) -> Request:
+    # variant 0 is greedy; the others sample, so each fact gets several wordings
+    temp = 0.0 if variant == 0 else max(temperature, 0.3)
+    return Request(chunk, sentence_messages(chunk.heading, s.prompt_sentence), None, temp, 48, variant, sentence=s)
+
+
+def replacement_requests(reqs: list[Request], kept: list[Pair], temperature: float) -> list[Request]:
+    """Sentence strategy: new wordings, as new sampled variants, for every fact the gates left short of the
+    wordings it was asked for (a fact whose call failed is left to the next run, which retries it)."""
+    asked: dict[str, list[Request]] = {}
+    for r in reqs:
+        if r.sentence is not None:
+            asked.setdefault(r.sentence.fact, []).append(r)
+    have = Counter(p.meta.get("fact") for p in kept)
+    out: list[Request] = []
+    for fact, rs in asked.items():
+        target = len({r.variant for r in rs if r.variant < REPLACEMENT_VARIANTS})
+        missing = target - have[fact]
+        if missing <= 0 or any(r.error for r in rs):
+            continue
+        start = max(max(r.variant for r in rs) + 1, REPLACEMENT_VARIANTS)
+        out += [sentence_request(rs[0].chunk, rs[0].sentence, v, temperature) for v in range(start, start + missing)]
+    return out
+
+
+REPLACEMENT_VARIANTS = 100  # replacement wordings take variants from here on: they never collide with the asked ones
 
 
 def _execute(reqs: list[Request], cached: CachedProvider, budget: Budget, progress) -> Optional[str]:
@@ -103,7 +135,7 @@ def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair]
         meta = {"teacher": teacher, "prompt_version": PROMPT_VERSION}
         if strategy == "sentence":
             q = clean_question(r.reply.text)
-            pairs.append(Pair(q, r.answer or "", r.chunk.id, r.chunk.sha, r.chunk.doc, dict(meta)))
+            pairs.append(Pair(q, r.sentence.text, r.chunk.id, r.chunk.sha, r.chunk.doc, dict(meta, fact=r.sentence.fact, variant=r.variant)))
             continue
         data = r.reply.data
         items = data.get("pairs") if isinstance(data, dict) else data if isinstance(data, list) else None
@@ -116,7 +148,9 @@ def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair]
             if not isinstance(it, dict) or not isinstance(it.get("question"), str) or not isinstance(it.get("answer"), str):
                 malformed += 1
                 continue
-            pairs.append(Pair(it["question"].strip(), it["answer"].strip(), r.chunk.id, r.chunk.sha, r.chunk.doc, dict(meta)))
+            answer = it["answer"].strip()
+            fact = f"{r.chunk.id}:{hashlib.sha256(normalize(answer).encode()).hexdigest()[:10]}"  # a pair's fact: its answer
+            pairs.append(Pair(it["question"].strip(), answer, r.chunk.id, r.chunk.sha, r.chunk.doc, dict(meta, fact=fact)))
     return pairs, malformed, failed
 
 
@@ -127,6 +161,7 @@ def to_record(p: Pair, fmt: str, system: Optional[str]) -> dict:
         "chunk_sha": p.chunk_sha,
         "teacher": p.meta.get("teacher", ""),
         "prompt_version": p.meta.get("prompt_version", ""),
+        "fact": p.meta.get("fact", ""),
     }
     if fmt == "messages":
         msgs = ([{"role": "system", "content": system}] if system else []) + [
@@ -180,12 +215,37 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
                 f"run `opensem forge` again to continue without paying for them twice"
             ) from None
 
-    # 3. parse, quality gates, split ----------------------------------------------------------------------
+    # 3. parse, quality gates; new wordings for the facts the gates left short; split -------------------------
     pairs, malformed, failed = _parse(reqs, strategy, teacher_id)
     gate = Gate(cfg.quality, [g.question for g in golden])
     gate.rejected["malformed"] += malformed
-    kept = gate.filter(pairs, {c.id: c.text for c in chunks})
-    train, test = split_by_chunk(kept, cfg.output.test_ratio, cfg.output.seed)
+    chunk_text = {c.id: c.text for c in chunks}
+    kept = gate.filter(pairs, chunk_text)
+    replaced = 0
+    for _ in range(cfg.generation.replacement_rounds if strategy == "sentence" else 0):
+        more = [] if stop else replacement_requests(reqs, kept, cfg.teacher.temperature)
+        if not more:
+            break
+        with stage_progress(console, f"forge: new wordings for {len({r.sentence.fact for r in more})} fact(s)", len(more)) as advance:
+            try:
+                stop = _execute(more, cached, budget, advance)
+            except KeyboardInterrupt:
+                raise StageInterrupted("forge interrupted while asking for new wordings: every reply so far is saved in "
+                                       "the cache; run `opensem forge` again to continue") from None
+        reqs += more
+        new_pairs, new_malformed, new_failed = _parse(more, strategy, teacher_id)
+        failed += new_failed
+        gate.rejected["malformed"] += new_malformed
+        new_kept = gate.filter(new_pairs, chunk_text)
+        replaced += len(new_kept)
+        kept += new_kept
+    if cfg.output.split_by == "wording":
+        train, test = split_by_wording(kept, cfg.output.test_ratio, cfg.output.seed)
+    else:
+        train, test = split_by_chunk(kept, cfg.output.test_ratio, cfg.output.seed)
+    facts = ({s.fact: s.text for c in chunks for s in source_sentences(c)} if strategy == "sentence"
+             else {p.meta["fact"]: p.answer for p in pairs})
+    cover = coverage(facts, train, test) | {"replacement_wordings_kept": replaced, "split_by": cfg.output.split_by}
     errors = Counter(r.error for r in reqs if r.error)
     answered = sum(r.reply is not None for r in reqs)
     manifest = {
@@ -212,6 +272,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
             "failed_requests": failed,
             "rejected": {r: gate.rejected.get(r, 0) for r in REASONS},
         },
+        "coverage": cover,
         "failures": dict(errors.most_common()),
         "rejected_examples": dict(gate.examples),
         "failed_chunks": sorted({r.chunk.id for r in reqs if r.error}),
@@ -241,6 +302,10 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     if manifest["failed_chunks"]:
         console.print(f"[yellow]{failed} teacher call(s) failed[/] ({_top_failure(manifest)}) in {len(manifest['failed_chunks'])} "
                       f"chunk(s); rerun to retry them")
+    if cover["trained"] < cover["facts"]:
+        console.print(f"[yellow]{cover['facts'] - cover['trained']} of {cover['facts']} fact(s) have no training wording[/] "
+                      f"(rejected by the gates, or beyond generation.pairs_per_chunk); listed under coverage.untrained in "
+                      f"{cfg.output_dir}/{MANIFEST}")
     if stop:
         console.print(f"[yellow]stopped early[/]: {stop}; everything made so far is kept; fix the cause and rerun to continue")
     return manifest
@@ -337,9 +402,13 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
     table = Table(title=f"forge plan (dry run, nothing called) - teacher {teacher_id}, strategy {strategy}")
     table.add_column("item")
     table.add_column("value", justify="right")
-    for k, v in [
-        ("files", len(docs)),
-        ("chunks", len(chunks)),
+    facts = {r.sentence.fact for r in reqs if r.sentence is not None}
+    rows = [("files", len(docs)), ("chunks", len(chunks))]
+    if facts:
+        every = sum(len(source_sentences(c)) for c in chunks)
+        rows += [("facts (source sentences)", f"{len(facts)}" + (f" of {every} (pairs_per_chunk)" if every > len(facts) else "")),
+                 ("training wordings per fact", cfg.generation.questions_per_sentence)]
+    for k, v in rows + [
         ("teacher calls", len(reqs)),
         ("est. input tokens", tin),
         ("est. output tokens", tout),
@@ -350,11 +419,35 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
     for d in docs:
         n = sum(c.doc == d.path for c in chunks)
         console.print(f"  {escape(cfg.input_dir)}/{escape(d.path)}: {n} chunk(s)")
+    if facts:
+        _print_training_estimate(console, ws, len(facts), cfg.generation.questions_per_sentence)
     if usd is None and cfg.cost.max_cost_usd is not None:
         console.print(f"[yellow]the real run will refuse to start[/]: cost.max_cost_usd is set but no price is known for "
                       f"{cfg.teacher.resolved_model()!r} (add it under cost.prices)")
-    return {"dry_run": True, "files": len(docs), "chunks": len(chunks), "calls": len(reqs),
+    return {"dry_run": True, "files": len(docs), "chunks": len(chunks), "calls": len(reqs), "facts": len(facts),
             "est_input_tokens": tin, "est_output_tokens": tout, "est_usd": usd}
+
+
+def _print_training_estimate(console: Console, ws: Workspace, facts: int, wordings: int) -> None:
+    """What train_config.yaml will make of these facts if every wording passes the gates: steps and time."""
+    from opensem.train.hardware import detect_hardware, make_profile
+    from opensem.train.plan import gave_up_line, measured_speed, plan_steps
+
+    try:
+        tcfg = ws.train_config()
+        profile = make_profile(tcfg, detect_hardware())
+    except OpenSEMError as e:
+        console.print(f"training estimate unavailable: {escape(str(e))}")
+        return
+    examples = facts * wordings
+    examples += round(examples * tcfg.replay_ratio) if tcfg.replay else 0
+    per_step = profile.micro_batch_size * profile.gradient_accumulation_steps
+    speed, source = measured_speed(ws.path(tcfg.output_dir), tcfg.base_model, profile.hardware.get("device", "cpu"))
+    plan = plan_steps(tcfg, examples, facts, facts * wordings, per_step, speed, source)
+    console.print(f"training (train_config.yaml, if every wording is kept): {examples} examples, {plan.describe()}"
+                  + (f"; speed from {source}" if source else "; no speed measured for this model here yet"))
+    if plan.gave_up:
+        console.print(f"[yellow]{gave_up_line(plan)}[/]")
 
 
 def _print_summary(console: Console, m: dict) -> None:
@@ -369,6 +462,10 @@ def _print_summary(console: Console, m: dict) -> None:
         ("pairs made", c["pairs_made"]),
         ("kept", f"{c['kept']} (train {c['train']}, test {c['test']})"),
     ]
+    cov = m.get("coverage")
+    if cov:
+        rows += [("facts trained", f"{cov['trained']} of {cov['facts']} ({cov['train_wordings_per_fact']} wordings each)"),
+                 ("new wordings kept (after the gates)", cov["replacement_wordings_kept"])]
     rows += [(f"rejected: {k}", v) for k, v in c["rejected"].items() if v]
     rows += [
         ("calls made / from cache", f"{cost['calls_made']} / {cost['calls_from_cache']}"),

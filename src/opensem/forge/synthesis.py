@@ -78,18 +78,24 @@ PRONOUN_START = re.compile(r"^(it|its|they|their|this|these|that|those|he|she|hi
 class SourceSentence:
     text: str  # the answer: the sentence, with the one before it when it starts with a pronoun
     prompt_sentence: str
+    fact: str = ""  # "<chunk id>:<n>": one fact, whatever wording its questions take
+
+
+TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
 
 
 def source_sentences(chunk: Chunk, min_words: int = 6) -> list[SourceSentence]:
-    """Factual sentences of a chunk (skipping the overlap carried from the previous chunk)."""
+    """Factual sentences of a chunk (skipping the overlap carried from the previous chunk and table rows),
+    each one fact."""
     body = chunk.text[len(chunk.overlap_text) :].strip() if chunk.overlap_text else chunk.text
     out: list[SourceSentence] = []
     prev = ""
     for para in body.split("\n\n"):
+        para = "\n".join(line for line in para.split("\n") if not TABLE_ROW.match(line))  # a table row is no sentence
         for s in split_sentences(para.lstrip("-*+ ").strip()):
             if len(s.split()) >= min_words and not s.endswith(("?", ":")):
                 answer = f"{prev} {s}" if PRONOUN_START.match(s) and prev else s
-                out.append(SourceSentence(answer, answer))
+                out.append(SourceSentence(answer, answer, f"{chunk.id}:{len(out)}"))
             prev = s
     return out
 

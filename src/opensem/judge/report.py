@@ -66,15 +66,29 @@ def compare(base_items: list[dict], tuned_items: list[dict], threshold: int, sam
     }
 
 
+def significance(cmp: dict) -> str:
+    """'up' when the paired 95% CI of the mean score difference lies above zero, 'down' below it, else 'none'."""
+    lo, hi = cmp["mean_diff_ci"]
+    return "up" if lo > 0 else "down" if hi < 0 else "none"
+
+
 def headline(cmp: dict) -> str:
+    """The closing line. A change is called an improvement (or a loss) only when its paired CI excludes zero."""
     pp, rel = cmp["accuracy_diff_pp"], cmp["accuracy_relative"]
     a, b = cmp["accuracy_baseline"] * 100, cmp["accuracy_fine_tuned"] * 100
     rel_s = f", {rel:+.0f}% relative" if rel is not None else ""
-    if pp > 0:
-        return f"Accuracy improved by {pp:.1f}% ({a:.1f}% -> {b:.1f}%: +{pp:.1f} percentage points{rel_s})"
-    if pp < 0:
-        return f"Accuracy fell by {-pp:.1f}% ({a:.1f}% -> {b:.1f}%: {pp:.1f} percentage points{rel_s})"
-    return f"Accuracy unchanged at {a:.1f}%"
+    acc = f"{a:.1f}% -> {b:.1f}%: {pp:+.1f} percentage points{rel_s}"
+    score = f"mean score {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])}"
+    sig = significance(cmp)
+    if sig == "up":
+        if pp > 0:
+            return f"Accuracy improved by {pp:.1f}% ({acc})"
+        return f"Mean score improved by {cmp['mean_diff']:+.2f} (95% CI {_ci(cmp['mean_diff_ci'])}); accuracy {a:.1f}% -> {b:.1f}%"
+    if sig == "down":
+        if pp < 0:
+            return f"Accuracy fell by {-pp:.1f}% ({acc})"
+        return f"Mean score fell by {cmp['mean_diff']:+.2f} (95% CI {_ci(cmp['mean_diff_ci'])}); accuracy {a:.1f}% -> {b:.1f}%"
+    return f"No significant change (accuracy {acc}; {score})"
 
 
 def _f(x, digits=2) -> str:
@@ -155,9 +169,10 @@ def render(console: Console, judge_name: str, base: Optional[dict], tuned: Optio
             console.print(r)
         if forgetting:
             console.print(forgetting["message"])
-        sig = cmp["mean_diff_ci"][0] > 0 or cmp["mean_diff_ci"][1] < 0
-        console.print(f"[bold]{headline(cmp)}[/]  (mean score {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])}"
-                      f"{'' if sig else ', not significant'})")
+        sig = significance(cmp)
+        style = {"up": "bold green", "down": "bold red", "none": "bold"}[sig]
+        tail = f"  (mean score {cmp['mean_diff']:+.2f}, 95% CI {_ci(cmp['mean_diff_ci'])})" if sig != "none" else ""
+        console.print(f"[{style}]{escape(headline(cmp))}[/]{tail}")
 
 
 def retrieval_line(rcmp: Optional[dict]) -> Optional[str]:

@@ -49,6 +49,18 @@ def load_conversations(path: Path, field: str) -> list[list[dict]]:
     return convs
 
 
+def load_facts(path: Path) -> list:
+    """The fact each example is a wording of (``metadata.fact``, written by the forge), in file order; None for an
+    example that names none."""
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                meta = json.loads(line).get("metadata")
+                out.append(meta.get("fact") or None if isinstance(meta, dict) else None)
+    return out
+
+
 @dataclass
 class TokenizedSet:
     rows: list[dict]  # {"input_ids": [...], "assistant_masks": [...]}

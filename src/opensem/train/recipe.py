@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -33,6 +32,7 @@ from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, 
 from opensem.train import engines
 from opensem.train.data import TokenizedSet
 from opensem.train.hardware import apply_vram_cap, check_adapter, detect_hardware, make_profile
+from opensem.train.plan import StepPlan, gave_up_line, measured_speed, plan_steps
 from opensem.train.stage import base_record, data_paths, is_resumable
 from opensem.workspace import Workspace
 
@@ -70,6 +70,7 @@ class Run:
     resumed_from: Optional[str] = None
     engine: str = "hf"
     chain: Optional[dict] = None  # what this run starts from when it continues another (e.g. continued pre-training)
+    plan: Optional[StepPlan] = None  # how long it trains (train/plan.py)
     resume_command: str = "opensem train --resume"
 
 
@@ -102,6 +103,7 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         run.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run.run_dir / "run.json", {"status": "running", "started": now(), "config": run.cfg.model_dump(mode="json"),
                                               "engine": engine, "chain": run.chain})
+    run.plan = plan_length(ws, run, profile, data)
     trainer = make_trainer(ws, run, profile, hw, model, tok, data)
     wall, eval_loss = train(run, trainer, data)
     if run.main:
@@ -184,16 +186,19 @@ class Data:
     replay: int
     files: list[dict]  # {"path", "sha256", "examples"} of every training file
     test_files: list[dict]
+    facts: int = 0  # distinct facts the examples name (the forge's metadata.fact)
+    fact_examples: int = 0  # examples that name one
 
 
 def load_data(ws: Workspace, run: Run, base, tok) -> Data:
-    from opensem.train.data import build_replay, load_conversations, tokenize_conversations
+    from opensem.train.data import build_replay, load_conversations, load_facts, tokenize_conversations
 
     cfg = run.cfg
-    convs, files = [], []
+    convs, files, facts = [], [], []
     for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets)):
         part = load_conversations(path, spec.field_messages)
         convs += part
+        facts += [f"{spec.path}\x00{f}" for f in load_facts(path) if f]
         files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
     # replay shows the untouched base model's own answers, also when training starts from a merged earlier result
     replay_base = base
@@ -217,7 +222,7 @@ def load_data(ws: Workspace, run: Run, base, tok) -> Data:
         f"{len(test_set.rows) if test_set else 0} test; {train_set.truncated} truncated to {cfg.sequence_len} tokens, "
         f"{train_set.dropped_no_target} dropped with no answer token left"
     )
-    return Data(train_set, test_set, len(replay), files, test_files)
+    return Data(train_set, test_set, len(replay), files, test_files, len(set(facts)), len(facts))
 
 
 # 5. trainer: TRL SFT with our loss, checkpoints, wandb ------------------------------------------------------------
@@ -241,7 +246,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         per_device_eval_batch_size=profile.micro_batch_size,
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
-        max_steps=_max_steps(run, profile, len(data.train.rows)) or -1,
+        max_steps=run.plan.steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optimizer,
@@ -287,20 +292,16 @@ def no_trainer_checkpointing(args_cls) -> dict:
     return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
 
 
-def _max_steps(run: Run, profile, n_rows: int) -> Optional[int]:
-    """max_steps, or min_steps when num_epochs would give fewer optimizer steps (the gain comes with the number of
-    updates: a few pages of documents make few pairs, which then get more passes)."""
-    cfg = run.cfg
-    if cfg.max_steps or not cfg.min_steps:
-        return cfg.max_steps
-    batches = math.ceil(n_rows / (profile.micro_batch_size * run.world_size))
-    per_epoch = max(1, batches // profile.gradient_accumulation_steps)
-    by_epochs = math.ceil(cfg.num_epochs * per_epoch)
-    if by_epochs >= cfg.min_steps:
-        return None
-    run.say(f"{n_rows} examples: {cfg.num_epochs:g} epochs would be {by_epochs} steps; training {cfg.min_steps} steps "
-            f"(min_steps), {cfg.min_steps / per_epoch:.1f} epochs")
-    return cfg.min_steps
+def plan_length(ws: Workspace, run: Run, profile, data: Data) -> StepPlan:
+    """The run's optimizer steps, from exposures per fact (the forge's data), max_steps or num_epochs, within
+    time_budget_min (train/plan.py)."""
+    per_step = profile.micro_batch_size * profile.gradient_accumulation_steps * run.world_size
+    speed, source = measured_speed(ws.path(run.cfg.output_dir), run.cfg.base_model, profile.hardware.get("device", "cpu"))
+    plan = plan_steps(run.cfg, len(data.train.rows), data.facts, data.fact_examples, per_step, speed, source)
+    run.say(f"training length: {plan.describe()}" + (f" (speed from {source})" if source and plan.est_seconds else ""))
+    if plan.gave_up:
+        run.say(f"[yellow]{gave_up_line(plan)}[/]")
+    return plan
 
 
 # 6. train; Ctrl-C saves a checkpoint; --resume continues -----------------------------------------------------------
@@ -357,6 +358,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
         "world_size": run.world_size,
         "seed": cfg.seed,
         "steps": trainer.state.global_step,
+        "length": run.plan.record() if run.plan else None,
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "eval_loss": eval_loss,
@@ -411,7 +413,7 @@ def derived_config(ws: Workspace, keys: dict, source: str, prefix: str) -> Train
 
     shared = {k: v for k, v in ws.train_config().model_dump().items() if k in HARDWARE_KEYS}
     try:
-        cfg = TrainConfig.model_validate(shared | {"min_steps": None} | keys)  # their own epochs or steps
+        cfg = TrainConfig.model_validate(shared | {"min_steps": None, "exposures_per_fact": None} | keys)  # their own epochs or steps
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source, TrainConfig)) from None
     return cfg if cfg.run_name else _with(cfg, run_name=f"{prefix}-" + default_run_name(cfg))
