@@ -1,8 +1,9 @@
 """An example corpus end to end, as a user's first run: a fresh workspace, `opensem run` on the embedded defaults
 (forge -> baseline -> train -> fine-tuned -> report), nothing cached. Prints each stage's time, the whole run's
-wall time against the 10-minute target, and the paired result (mean score difference and its 95% CI).
+wall time against the 10-minute target, the facts trained and how often each was seen, and the paired result (mean
+score difference and its 95% CI).
 
-    python bench/example_end_to_end.py [--example island-ferry] [--keep DIR]
+    python bench/example_end_to_end.py [--example island-ferry] [--keep DIR] [--set train.exposures_per_fact=12 ...]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--example", default="island-ferry")
     ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one, removed)")
+    ap.add_argument("--set", action="append", default=[], help="a config override passed to `opensem run` (repeatable)")
     a = ap.parse_args()
     opensem = str(Path(sys.executable).with_name("opensem"))
     ws = a.keep or Path(tempfile.mkdtemp(prefix="bench-e2e-")) / "ws"
@@ -32,16 +34,22 @@ def main() -> int:
     words = sum(len(p.read_text(errors="ignore").split()) for p in (REPO / "examples" / a.example / "data/raw").glob("*.md"))
     subprocess.run([opensem, "init", str(ws), "--example", a.example], check=True, capture_output=True)
     t = time.perf_counter()
-    r = subprocess.run([opensem, "run", "-w", str(ws)], capture_output=True, text=True)
+    r = subprocess.run([opensem, "run", "-w", str(ws)] + [x for kv in a.set for x in ("--set", kv)], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode:
         print(r.stdout[-3000:], r.stderr[-3000:])
         return r.returncode
     state = json.loads((ws / ".opensem/pipeline_state.json").read_text())
-    forge = json.loads((ws / "data/processed/forge_manifest.json").read_text())["counts"]
+    fm = json.loads((ws / "data/processed/forge_manifest.json").read_text())
+    forge, cov = fm["counts"], fm.get("coverage") or {}
+    adapter = max((ws / "models/adapters").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    length = json.loads(adapter.read_text()).get("length") or {}
     cmp = json.loads((ws / "evals/reports/fine-tuned-latest.json").read_text())["comparison"]
     print(f"example {a.example}: {words} words of Markdown, {forge['chunks']} chunks, {forge['requests']} teacher calls, "
           f"{forge['train']} training pairs")
+    if cov:
+        print(f"facts trained: {cov['trained']} of {cov['facts']}, {cov['train_wordings_per_fact']} wordings each; "
+              f"{length.get('steps')} steps, {length.get('exposures_per_fact') or 0:.1f} exposures per fact (set by {length.get('by')})")
     for name, s in state.items():
         print(f"  {name:11} {s['seconds']:7.1f} s")
     print(f"  {'stages':11} {sum(s['seconds'] for s in state.values()):7.1f} s")

@@ -557,3 +557,21 @@ def test_the_question_gate_keeps_good_questions(question, answer):
     from opensem.forge.quality import question_reason
 
     assert question_reason(question, answer, "Overview > Routes", answer) is None
+
+
+def test_the_dry_run_prints_facts_wordings_steps_and_the_estimated_time(workspace, fake):
+    (workspace / "data/raw/harbour.md").write_text(FACTS_DOC)
+    _sentence_teacher(workspace, fake, questions_per_sentence=3)
+    set_config(workspace, "train", exposures_per_fact=30, time_budget_min=1)
+    r = run_cli("forge", "--dry-run", "-w", str(workspace))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stderr.split())
+    assert "facts (source sentences) │ 24" in out and "training wordings per fact │ 3" in out
+    # 24 facts x 3 wordings = 72 examples and 14 replay, 16 a step: 30 exposures are 10 passes, 54 steps (4.4 min at
+    # the embedded model's reference speed); the one-minute budget trains 12 of them, and says what it gave up
+    assert "86 examples, 24 facts x 3.0 wordings, 7 exposures per fact: 12 steps (2.2 passes), about 1.0 min" in out
+    assert "time_budget_min 1: training 12 of the 54 steps asked for; each fact gets about 7 exposures instead of 30" in out
+    set_config(workspace, "train", exposures_per_fact=30, time_budget_min=None)
+    out = " ".join(run_cli("forge", "--dry-run", "-w", str(workspace)).stderr.split())
+    assert "86 examples, 24 facts x 3.0 wordings, 30 exposures per fact: 54 steps (10.0 passes), about 4.5 min" in out
+    assert fake.calls["/v1/chat/completions"] == 0

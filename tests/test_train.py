@@ -104,21 +104,16 @@ def test_profiles_per_hardware():
         make_profile(TrainConfig(adapter="qlora"), Hardware("cpu", "x", 24, True, "x", 2))
 
 
-def test_a_small_dataset_gets_min_steps_a_large_one_its_epochs(tmp_path):
-    from opensem.train.recipe import Run, _max_steps
+def test_data_without_facts_gets_min_steps_when_its_epochs_are_fewer():
+    from opensem.train.plan import plan_steps
 
-    said = []
-    profile = make_profile(TrainConfig(), Hardware("cpu", "x", 24, True, "x", 2))  # micro batch 16, no accumulation
-    run = Run(TrainConfig(num_epochs=3, min_steps=80), tmp_path, True, 1, lambda m: said.append(m))
-    assert _max_steps(run, profile, 97) == 80  # 7 batches an epoch: 21 steps from 3 epochs
-    assert said == ["97 examples: 3 epochs would be 21 steps; training 80 steps (min_steps), 11.4 epochs"]
-    assert _max_steps(run, profile, 480) is None  # 30 batches an epoch: 90 steps from 3 epochs
-    run.world_size = 2  # two ranks: half the steps per epoch
-    assert _max_steps(run, profile, 480) == 80
-    run.cfg = TrainConfig(num_epochs=3, min_steps=None)
-    assert _max_steps(run, profile, 97) is None
-    run.cfg = TrainConfig(num_epochs=3, min_steps=80, max_steps=5)
-    assert _max_steps(run, profile, 97) == 5  # max_steps wins
+    small = plan_steps(TrainConfig(num_epochs=3, min_steps=80), 97, 0, 0, 16)  # 7 batches an epoch: 21 steps from 3 epochs
+    assert (small.steps, small.by) == (80, "min_steps") and abs(small.passes - 80 * 16 / 97) < 1e-9
+    large = plan_steps(TrainConfig(num_epochs=3, min_steps=80), 480, 0, 0, 16)  # 30 batches an epoch: 90 steps
+    assert (large.steps, large.by) == (90, "num_epochs")
+    assert plan_steps(TrainConfig(num_epochs=3, min_steps=80), 480, 0, 0, 32).steps == 80  # two ranks: half the steps an epoch
+    assert plan_steps(TrainConfig(num_epochs=3), 97, 0, 0, 16).steps == 21
+    assert plan_steps(TrainConfig(num_epochs=3, min_steps=80, max_steps=5), 97, 0, 0, 16).steps == 5  # max_steps wins
 
 
 def test_engine_errors_are_clear(workspace):
@@ -289,3 +284,48 @@ def test_a_run_is_the_same_whatever_ran_before_in_the_process(tmp_path, base_mod
         weights.append(load_file(str(ws / "models/adapters" / name / "adapter_model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# --- training length: exposures per fact, within a time budget -------------------------------------------------------
+def test_training_length_comes_from_exposures_per_fact_and_the_time_budget_says_what_it_gave_up():
+    from opensem.config import TrainConfig
+    from opensem.train.plan import gave_up_line, plan_steps
+
+    cfg = TrainConfig(exposures_per_fact=24)
+    # 200 facts in 2 wordings (400 examples) and 80 replay examples, 16 examples a step: 12 passes over 480 examples
+    plan = plan_steps(cfg, 480, 200, 400, 16, seconds_per_example=0.3)
+    assert plan.by == "exposures_per_fact" and plan.steps == 360 and abs(plan.exposures_per_fact - 24) < 1e-9
+    assert abs(plan.est_seconds - 360 * 16 * 0.3) < 1e-6 and plan.gave_up is None
+    # the same facts in 4 wordings: half the passes, the same exposures
+    four = plan_steps(cfg, 960, 200, 800, 16)
+    assert four.steps == 360 and abs(four.passes - 6) < 1e-9 and abs(four.exposures_per_fact - 24) < 1e-9
+    # a time budget trades exposures for time knowingly
+    budget = plan_steps(TrainConfig(exposures_per_fact=24, time_budget_min=10), 480, 200, 400, 16, seconds_per_example=0.3)
+    assert budget.steps == 125 and budget.est_seconds <= 600 and budget.gave_up["steps_asked"] == 360
+    assert abs(budget.gave_up["exposures_given"] - 125 * 16 / 480 * 2) < 1e-9
+    line = gave_up_line(budget)
+    assert "125 of the 360 steps" in line and "about 8 exposures instead of 24" in line
+    # data that names no fact trains num_epochs (and min_steps); max_steps overrides everything
+    assert plan_steps(cfg, 480, 0, 0, 16).by == "num_epochs" and plan_steps(cfg, 480, 0, 0, 16).steps == 90
+    assert plan_steps(TrainConfig(min_steps=200), 480, 0, 0, 16).steps == 200
+    assert plan_steps(TrainConfig(max_steps=7, time_budget_min=0.001), 480, 200, 400, 16, 0.3).steps == 7
+
+
+def test_a_run_trains_the_exposures_its_data_asks_for(workspace):
+    """Real training: the forge's facts in train.jsonl set the steps, and the manifest records the plan."""
+    rows = []
+    for i in range(6):
+        for w in ("What does the pump P-{i} weigh?", "How heavy is the P-{i} pump?"):
+            rows.append({"conversations": [{"from": "human", "value": w.format(i=i)},
+                                           {"from": "gpt", "value": f"The P-{i} pump weighs {10 + i} kilograms."}],
+                         "metadata": {"fact": f"pump.md#000:{i}"}})
+    data = workspace / "data/processed/train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    set_config(workspace, "train", exposures_per_fact=4, replay=None, micro_batch_size=4, save_steps=100, run_name="exp")
+    from opensem.train import run_training
+
+    run_training(Workspace(workspace))
+    m = json.loads((workspace / "models/adapters/exp/manifest.json").read_text())
+    # 6 facts x 2 wordings, 4 exposures: 2 passes over 12 examples, 4 a step: 6 steps
+    assert m["steps"] == 6 and m["length"]["by"] == "exposures_per_fact" and m["length"]["facts"] == 6
+    assert m["length"]["exposures_per_fact"] == 4.0 and m["length"]["wordings_per_fact"] == 2.0

@@ -161,6 +161,10 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
     forge_rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
                   ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
                   ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
+    cov = (forge or {}).get("coverage")
+    if cov:
+        forge_rows += [("facts trained", f"{cov.get('trained')} of {cov.get('facts')} ({cov.get('train_wordings_per_fact')} wordings each)"),
+                       ("split", cov.get("split_by"))]
     forge_rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
     forge_rows += [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
     lineage = ft_res.get("lineage", {}) | {
