@@ -506,8 +506,9 @@ def test_new_wordings_fill_a_fact_the_gates_emptied_and_coverage_counts_after_th
         {"question": "How long can ships be at Berth 3?", "answer": "23 metres."},
         {"question": "What is the longest ship for Berth 3?", "answer": "23 metres."}]))
     inner = fake.behaviour.reply
-    junk = {"Berth 5 of the Varno harbour takes ships up to 25 metres long."}
-    fake.behaviour.reply = lambda body: "How about the berth and the harbour?" if _sentence_of(body) in junk else inner(body)
+    junk = {"Berth 5 of the Varno harbour takes ships up to 25 metres long.": "How about the berth and the harbour?",
+            "The Berth 6 crane lifts at most 9 tonnes at a time.": "What is Berth 6?"}  # a question about its heading
+    fake.behaviour.reply = lambda body: junk.get(_sentence_of(body)) or inner(body)
     m = run_forge(Workspace(workspace))
     cov, rej = m["coverage"], m["counts"]["rejected"]
     assert rej["golden_overlap"] >= 2  # both first wordings of berth 3's length went
@@ -516,8 +517,9 @@ def test_new_wordings_fill_a_fact_the_gates_emptied_and_coverage_counts_after_th
     assert len(berth3) == 2 and all("Berth 3" in q for q in berth3)  # filled again, by new wordings
     assert cov["replacement_wordings_kept"] >= 2
     # a fact whose every wording is rejected is reported, after the rounds ran out
-    assert cov["trained"] == cov["facts"] - 1 and [u["text"] for u in cov["untrained"]] == sorted(junk)
+    assert cov["trained"] == cov["facts"] - 2 and sorted(u["text"] for u in cov["untrained"]) == sorted(junk)
     assert rej["not_a_question"] >= 2 + 2 * 2  # its two wordings, then two in each of two rounds
+    assert rej["about_heading"] >= 2 + 2 * 2
     # a rerun pays for nothing: the new wordings are cached too
     calls = sum(fake.calls.values())
     again = run_forge(Workspace(workspace))

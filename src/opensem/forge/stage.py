@@ -219,8 +219,8 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     pairs, malformed, failed = _parse(reqs, strategy, teacher_id)
     gate = Gate(cfg.quality, [g.question for g in golden])
     gate.rejected["malformed"] += malformed
-    chunk_text = {c.id: c.text for c in chunks}
-    kept = gate.filter(pairs, chunk_text)
+    chunk_text, headings = {c.id: c.text for c in chunks}, {c.id: c.heading for c in chunks}
+    kept = gate.filter(pairs, chunk_text, headings)
     replaced = 0
     for _ in range(cfg.generation.replacement_rounds if strategy == "sentence" else 0):
         more = [] if stop else replacement_requests(reqs, kept, cfg.teacher.temperature)
@@ -236,7 +236,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
         new_pairs, new_malformed, new_failed = _parse(more, strategy, teacher_id)
         failed += new_failed
         gate.rejected["malformed"] += new_malformed
-        new_kept = gate.filter(new_pairs, chunk_text)
+        new_kept = gate.filter(new_pairs, chunk_text, headings)
         replaced += len(new_kept)
         kept += new_kept
     if cfg.output.split_by == "wording":
