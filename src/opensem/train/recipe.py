@@ -246,7 +246,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         per_device_eval_batch_size=profile.micro_batch_size,
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         num_train_epochs=cfg.num_epochs,
-        max_steps=run.plan.steps,
+        max_steps=run.plan.steps if run.plan else (cfg.max_steps or -1),  # a run without a plan (cpt): its epochs
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optimizer,
