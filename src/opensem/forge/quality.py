@@ -86,8 +86,8 @@ NAME = re.compile(r"(?<![.?!]\s)(?<!^)\b([A-Z][\w'-]*[A-Za-z0-9]|\d[\w.,-]*)")  
 
 
 def question_reason(q: str, answer: str, heading: str, chunk: str) -> Optional[str]:
-    """Why a question that has the shape of one is still no good, or None; measured against hand labels (README,
-    "Question quality gates"): not a question ("How about ...", two questions in one), a name or number the source
+    """Why a question that has the shape of one is still no good, or None; measured against hand labels (bench/question_gate.py):
+    not a question ("How about ...", two questions in one), a name or number the source
     does not contain ("What is the T-1000?"), about the section heading rather than a fact ("What is the purpose of
     getting started?"), no subject ("What is the route?"), and a quantity asked of an answer that gives none."""
     if NOT_A_QUESTION.match(q) or TWO_QUESTIONS.search(q):

@@ -32,13 +32,13 @@ from opensem.forge.synthesis import (
     sentence_messages,
     source_sentences,
 )
-from opensem.text import normalize
 from opensem.golden import load_golden
 from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
 from opensem.stages import Artifact, Context, StageResult
+from opensem.text import normalize
 from opensem.workspace import Workspace
 
 
