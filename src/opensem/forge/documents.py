@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,15 +76,65 @@ def _read_pdf(path: Path) -> str:
     return "\n\n".join(p.strip() for p in pages if p.strip())
 
 
-def read_documents(input_dir: Path) -> tuple[list[Document], list[Skipped]]:
-    docs: list[Document] = []
+def list_inputs(input_dir: Path) -> tuple[list[tuple[str, Path]], list[Skipped]]:
+    """The files under ``input_dir`` that may be read, as (path relative to it, path), and what was passed over
+    with the reason: hidden files and everything under a hidden folder, links that lead out of ``input_dir`` (or
+    to a folder, or nowhere), and anything that is not a regular file (a FIFO, a socket, a device). Only the
+    user's documents, as they are under ``input_dir``, are ever read."""
+    files: list[tuple[str, Path]] = []
     skipped: list[Skipped] = []
     if not input_dir.is_dir():
-        return docs, skipped
-    for path in sorted(input_dir.rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        rel = str(path.relative_to(input_dir))
+        return files, skipped
+    root = input_dir.resolve()
+    for top, dirs, names in os.walk(input_dir, followlinks=False):
+        top_path = Path(top)
+        for d in sorted(dirs):
+            path = top_path / d
+            rel = str(path.relative_to(input_dir))
+            if path.is_symlink():
+                skipped.append(Skipped(rel, "link to a folder: not followed (copy the documents into the folder)"))
+            elif d.startswith("."):
+                count = sum(len(f) for _, _, f in os.walk(path, followlinks=False))
+                skipped.append(Skipped(rel + "/", f"hidden folder: not read ({count} file(s))"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top_path / d).is_symlink())
+        for name in sorted(names):
+            path = top_path / name
+            rel = str(path.relative_to(input_dir))
+            if name.startswith("."):
+                skipped.append(Skipped(rel, "hidden file: not read"))
+                continue
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    skipped.append(Skipped(rel, "broken link or a link loop"))
+                    continue
+                if not target.is_relative_to(root):
+                    skipped.append(Skipped(rel, "link to a file outside the input folder: not read (copy the file in if you mean it)"))
+                    continue
+                if any(part.startswith(".") for part in target.relative_to(root).parts):
+                    skipped.append(Skipped(rel, "link to a hidden file: not read"))
+                    continue
+            try:
+                mode = path.stat().st_mode
+            except OSError as e:
+                skipped.append(Skipped(rel, f"unreadable ({type(e).__name__})"))
+                continue
+            if not stat.S_ISREG(mode):
+                kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                        else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+                skipped.append(Skipped(rel, f"not a regular file ({kind}): not read"))
+                continue
+            files.append((rel, path))
+    files.sort()
+    skipped.sort(key=lambda s: s.path)
+    return files, skipped
+
+
+def read_documents(input_dir: Path) -> tuple[list[Document], list[Skipped]]:
+    docs: list[Document] = []
+    files, skipped = list_inputs(input_dir)
+    for rel, path in files:
         if path.suffix.lower() not in SUFFIXES:
             skipped.append(Skipped(rel, f"unsupported type {path.suffix or '(none)'}"))
             continue
@@ -99,6 +151,7 @@ def read_documents(input_dir: Path) -> tuple[list[Document], list[Skipped]]:
             skipped.append(Skipped(rel, "empty (no text could be extracted)"))
             continue
         docs.append(Document(rel, text, sha256(text)))
+    skipped.sort(key=lambda s: s.path)
     return docs, skipped
 
 

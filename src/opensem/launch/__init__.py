@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from rich.console import Console
+from rich.markup import escape
 
 from opensem.errors import OpenSEMError
 from opensem.launch.task import Plan, check_budget, launch_dir, make_plan, stage
 from opensem.lineage import now, read_json, write_json
+from opensem.terminal import Console, visible
 from opensem.workspace import Workspace
 
 RECORD = "launch.json"
@@ -37,6 +38,7 @@ def describe(plan: Plan, task_text: str, validated: Optional[str]) -> str:
         f"cluster     {plan.cluster} on {plan.cloud}, {plan.nodes} node(s), GPU {plan.gpu or 'none (CPU)'}, engine {plan.engine}",
         f"stages      {' -> '.join(plan.stages)}",
         f"uploads     {', '.join(plan.sync) or 'nothing'} (workdir) and this OpenSEM's source (installed by the setup)",
+        *[f"stays home  {path}: {why}" for path, why in plan.left_home],
         f"comes back  {', '.join(plan.fetch)} (`opensem launch fetch`)",
         f"secrets     passed by name: {', '.join(plan.secrets) or 'none set here'}"
         + (f"; not set here: {', '.join(plan.secrets_unset)}" if plan.secrets_unset else ""),
@@ -58,7 +60,7 @@ def launch(ws: Workspace, console: Console, dry_run: bool = False, **options) ->
     validated = validate(task_path) if sky_python() else None
     text = describe(plan, task_path.read_text(encoding="utf-8"), validated)
     if dry_run:
-        print(text, end="")
+        print(visible(text), end="")
         return task_path
     check_budget(plan)
     console.print(text.split("\n\n# task.yaml")[0], markup=False, highlight=False)
@@ -103,19 +105,24 @@ def fetch(ws: Workspace, cluster: Optional[str], console: Console) -> list[str]:
     r = _record(ws, cluster)
     plan = r["plan"]
     before = {p.parent.name for p in ws.path("runs").glob("*/run_manifest.json")}
-    got = backend_for(ws, plan["cloud"], r["cluster"]).fetch(r["cluster"], plan["fetch"], ws.root)
+    got, refused = backend_for(ws, plan["cloud"], r["cluster"]).fetch(r["cluster"], plan["fetch"], ws.root,
+                                                                      launch_dir(ws, r["cluster"]) / "inbox")
     hours = round((time.time() - r["launched_ts"]) / 3600, 3)
     where = {"cloud": plan["cloud"], "gpu": plan["gpu"], "nodes": plan["nodes"], "cluster": r["cluster"], "launched": r["launched"],
              "fetched": now(), "hours_launch_to_fetch": hours, "price_per_hour": plan["price_per_hour"],
              "cost_usd_upper_bound": None if plan["price_per_hour"] is None else round(hours * plan["price_per_hour"], 2)}
     for m in ws.path("runs").glob("*/run_manifest.json"):
+        if m.is_symlink() or m.parent.is_symlink():
+            continue
         if m.parent.name not in before or read_json(m, {}).get("launch", {}).get("cluster") == r["cluster"]:
             data = read_json(m)
             data["launch"] = where
             write_json(m, data)
-    r.update(status="fetched", fetched=where["fetched"], fetched_paths=got)
+    r.update(status="fetched", fetched=where["fetched"], fetched_paths=got, refused=refused)
     write_json(launch_dir(ws, r["cluster"]) / RECORD, r)
     console.print(f"fetched from {r['cluster']}: {', '.join(got) or 'nothing yet'}")
+    for what in refused:
+        console.print(f"[yellow]refused[/] {escape(what)}")
     return got
 
 

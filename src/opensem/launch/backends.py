@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from opensem.errors import OpenSEMError
+from opensem.launch.files import bring_home
 from opensem.launch.task import REMOTE_WORKDIR, require_sky
 
 
@@ -56,18 +57,23 @@ class SkyBackend:
     def logs(self, cluster: str, follow: bool = False) -> None:
         self._sky("logs", cluster, *([] if follow else ["--no-follow"]))
 
-    def fetch(self, cluster: str, paths: list[str], dest: Path) -> list[str]:
-        got = []
+    def fetch(self, cluster: str, paths: list[str], dest: Path, inbox: Path) -> tuple[list[str], list[str]]:
+        """rsync into ``inbox`` (regular files and folders only: no -l, no devices), then home through bring_home."""
+        got, refused = [], []
+        shutil.rmtree(inbox, ignore_errors=True)
         for rel in paths:
-            target = dest / rel
+            target = inbox / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             # SkyPilot writes an ssh alias for every cluster: rsync reaches the head node by its name
-            r = subprocess.run(["rsync", "-az", f"{cluster}:{REMOTE_WORKDIR}/{rel}", str(target.parent) + "/"], capture_output=True, text=True)
+            r = subprocess.run(["rsync", "-rtz", "--no-links", "--no-devices", "--no-specials", f"{cluster}:{REMOTE_WORKDIR}/{rel}",
+                                str(target.parent) + "/"], capture_output=True, text=True)
             if r.returncode == 0:
+                refused += bring_home(target, dest / rel, dest)
                 got.append(rel)
             elif "No such file" not in r.stderr:
                 raise OpenSEMError(f"fetching {rel} from {cluster} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-        return got
+        shutil.rmtree(inbox, ignore_errors=True)
+        return got, refused
 
     def down(self, cluster: str) -> None:
         self._sky("down", cluster, "--yes")
@@ -123,20 +129,16 @@ class LocalBackend:
         log = self.root.parent / "job.log"
         sys.stdout.write(log.read_text() if log.exists() else "no log\n")
 
-    def fetch(self, cluster: str, paths: list[str], dest: Path) -> list[str]:
-        got = []
+    def fetch(self, cluster: str, paths: list[str], dest: Path, inbox: Path) -> tuple[list[str], list[str]]:
+        got, refused = [], []
         work = self.home(0) / "sky_workdir"
         for rel in paths:
             src = work / rel
-            if not src.exists():
+            if not src.exists() and not src.is_symlink():
                 continue
-            if src.is_dir():
-                shutil.copytree(src, dest / rel, dirs_exist_ok=True, symlinks=True)
-            else:
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dest / rel)
+            refused += bring_home(src, dest / rel, dest)
             got.append(rel)
-        return got
+        return got, refused
 
     def down(self, cluster: str) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -27,6 +27,7 @@ import yaml
 
 from opensem import __version__
 from opensem.errors import ConfigError, OpenSEMError
+from opensem.launch.files import upload_tree
 from opensem.workspace import Workspace
 
 REMOTE_WORKDIR = "~/sky_workdir"
@@ -62,6 +63,7 @@ class Plan:
     use_spot: bool = False
     disk_size: int = 100
     overrides: list[str] = field(default_factory=list)  # --set values given to `opensem launch`, passed on to the run
+    left_home: list = field(default_factory=list)  # (path, reason): links out, hidden and special files not uploaded
 
     @property
     def budget_usd(self) -> Optional[float]:
@@ -71,8 +73,19 @@ class Plan:
         return asdict(self) | {"budget_usd": self.budget_usd}
 
 
+CLUSTER_RE = re.compile(r"[a-z][a-z0-9-]{0,62}")  # SkyPilot's cluster names; always fullmatch
+STAGE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_]*)?")  # a registered stage, or module:Class
+
+
+def check_cluster_name(name: str, where: str = "configs/launch_config.yaml: key 'cluster_name'") -> str:
+    if not isinstance(name, str) or not CLUSTER_RE.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} is not a cluster name: lower-case letters, digits and '-', starting with a letter, "
+                          f"at most 63 characters (e.g. opensem-pump-manual)")
+    return name
+
+
 def launch_dir(ws: Workspace, cluster: str) -> Path:
-    return ws.state_dir / "launch" / cluster
+    return ws.state_dir / "launch" / check_cluster_name(cluster, "cluster")
 
 
 def opensem_source() -> Optional[Path]:
@@ -152,6 +165,9 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     stages = stages or cfg.stages or ws.pipeline_config().stages
     from opensem.stages import REGISTRY
 
+    odd = [s for s in stages if not isinstance(s, str) or not STAGE_RE.fullmatch(s)]
+    if odd:
+        raise ConfigError(f"--stages: {odd[0]!r} is not a stage name: use {', '.join(REGISTRY)}, or module.path:Class for your own")
     unknown = [s for s in stages if s not in REGISTRY and ":" not in s]
     if unknown:
         raise ConfigError(f"--stages: unknown stage {unknown[0]!r}: use {', '.join(REGISTRY)}")
@@ -175,7 +191,8 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     if cfg.sync_cache and (ws.state_dir / "cache").exists():
         sync.append(".opensem/cache")
     names = list(dict.fromkeys(cfg.secrets))
-    cluster = cfg.cluster_name or "opensem-" + re.sub(r"[^a-z0-9-]+", "-", ws.root.name.lower()).strip("-")[:40]
+    cluster = cfg.cluster_name or "opensem-" + re.sub(r"[^a-z0-9-]+", "-", ws.root.name.lower()).strip("-")[:40].strip("-")
+    check_cluster_name(cluster)
     return Plan(cluster, cloud, gpu, nodes, stages, engine, max_hours, cfg.idle_minutes, price, source, max_cost,
                 [n for n in names if os.environ.get(n)], [n for n in names if not os.environ.get(n)], sync,
                 region=cfg.region, use_spot=cfg.use_spot, disk_size=cfg.disk_size,
@@ -219,7 +236,7 @@ def run_script(plan: Plan) -> str:
     if plan.secrets:  # names only: which keys reached the job
         head += f'for n in {" ".join(plan.secrets)}; do [ -n "${{!n:-}}" ] && echo "secret $n is set"; done\n'
 
-    sets = [f"--set 'pipeline.stages=[{', '.join(plan.stages)}]'"]
+    sets = ["--set " + shlex.quote(f"pipeline.stages=[{', '.join(plan.stages)}]")]
     if plan.engine != "auto":
         sets.append(f"--set train.engine={plan.engine}")
     sets += [f"--set {shlex.quote(o)}" for o in plan.overrides]
@@ -257,19 +274,16 @@ def task_config(plan: Plan, workdir: Path, source: Path) -> dict:
 def stage(ws: Workspace, plan: Plan) -> tuple[Path, dict]:
     """Write the upload folders and task.yaml; returns the task file and the task."""
     d = launch_dir(ws, plan.cluster)
+    if any(p.is_symlink() for p in (d, d.parent, d / "workdir", d / "opensem-src")) or not d.resolve().is_relative_to(ws.root):
+        raise OpenSEMError(f"{d}: a link leads out of the workspace here: remove it (the launch folder is refilled on every launch)")
     workdir, source = d / "workdir", d / "opensem-src"
     for folder in (workdir, source):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
+    plan.left_home = []
     for rel in plan.sync:
-        src = ws.path(rel)
-        dst = workdir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=ignore, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
+        plan.left_home += upload_tree(ws.path(rel), workdir / rel, ws.root)
     root = opensem_source()
     if root is None:
         raise OpenSEMError("opensem launch needs OpenSEM's source checkout (it installs the same code remotely): "
