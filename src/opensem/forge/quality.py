@@ -17,6 +17,7 @@ from opensem.text import content_words, embed, normalize, shingles
 
 REASONS = (
     "malformed",
+    "beyond_pairs_per_chunk",
     "not_a_question",
     "about_heading",
     "no_subject",

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from opensem.config import ForgeConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
-from opensem.forge.documents import Chunk, chunk_document, count_tokens, read_documents
+from opensem.forge.documents import Chunk, chunk_document, count_tokens, list_inputs, read_documents
 from opensem.forge.quality import REASONS, Gate, Pair, coverage, held_out, split_by_chunk, split_by_wording
 from opensem.forge.synthesis import (
     PAIRS_SCHEMA,
@@ -38,6 +37,7 @@ from opensem.llm import CachedProvider, Call, LLMReply, get_provider
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
 from opensem.stages import Artifact, Context, StageResult
+from opensem.terminal import Console
 from opensem.text import normalize
 from opensem.workspace import Workspace
 
@@ -125,9 +125,10 @@ def _execute(reqs: list[Request], cached: CachedProvider, budget: Budget, progre
     return cached.complete_many(calls, done, budget.may_start)
 
 
-def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair], int, int]:
+def _parse(reqs: list[Request], strategy: str, teacher: str, cap: int) -> tuple[list[Pair], int, int, int]:
+    """Pairs from the replies; a reply's pairs beyond ``cap`` (pairs_per_chunk) are dropped and counted."""
     pairs: list[Pair] = []
-    malformed = failed = 0
+    malformed = failed = extra = 0
     for r in reqs:
         if r.reply is None:
             failed += r.error is not None
@@ -144,6 +145,9 @@ def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair]
         if not isinstance(items, list):
             malformed += 1
             continue
+        if len(items) > cap:
+            extra += len(items) - cap
+            items = items[:cap]
         for it in items:
             if not isinstance(it, dict) or not isinstance(it.get("question"), str) or not isinstance(it.get("answer"), str):
                 malformed += 1
@@ -151,7 +155,7 @@ def _parse(reqs: list[Request], strategy: str, teacher: str) -> tuple[list[Pair]
             answer = it["answer"].strip()
             fact = f"{r.chunk.id}:{hashlib.sha256(normalize(answer).encode()).hexdigest()[:10]}"  # a pair's fact: its answer
             pairs.append(Pair(it["question"].strip(), answer, r.chunk.id, r.chunk.sha, r.chunk.doc, dict(meta, fact=fact)))
-    return pairs, malformed, failed
+    return pairs, malformed, failed, extra
 
 
 def to_record(p: Pair, fmt: str, system: Optional[str]) -> dict:
@@ -216,9 +220,11 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
             ) from None
 
     # 3. parse, quality gates; new wordings for the facts the gates left short; split -------------------------
-    pairs, malformed, failed = _parse(reqs, strategy, teacher_id)
+    cap = cfg.generation.pairs_per_chunk
+    pairs, malformed, failed, extra = _parse(reqs, strategy, teacher_id, cap)
     gate = Gate(cfg.quality, [g.question for g in golden])
     gate.rejected["malformed"] += malformed
+    gate.rejected["beyond_pairs_per_chunk"] += extra
     chunk_text, headings = {c.id: c.text for c in chunks}, {c.id: c.heading for c in chunks}
     kept = gate.filter(pairs, chunk_text, headings)
     replaced = 0
@@ -233,9 +239,10 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
                 raise StageInterrupted("forge interrupted while asking for new wordings: every reply so far is saved in "
                                        "the cache; run `opensem forge` again to continue") from None
         reqs += more
-        new_pairs, new_malformed, new_failed = _parse(more, strategy, teacher_id)
+        new_pairs, new_malformed, new_failed, new_extra = _parse(more, strategy, teacher_id, cap)
         failed += new_failed
         gate.rejected["malformed"] += new_malformed
+        gate.rejected["beyond_pairs_per_chunk"] += new_extra
         new_kept = gate.filter(new_pairs, chunk_text, headings)
         replaced += len(new_kept)
         kept += new_kept
@@ -254,7 +261,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
         "status": _status(stop, failed, train),
         "config": cfg.model_dump(mode="json"),
         "config_sha": json_sha256(cfg.model_dump(mode="json")),
-        "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": cfg.teacher.base_url},
+        "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": provider.identity().get("base_url")},
         "strategy": strategy,
         "prompt_version": PROMPT_VERSION,
         "inputs": [{"path": d.path, "sha256": d.sha} for d in docs],
@@ -267,6 +274,7 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
             "answered": answered,
             "pairs_made": len(pairs) + malformed,
             "kept": len(kept),
+            "skipped_files": len(skipped),
             "train": len(train),
             "test": len(test),
             "failed_requests": failed,
@@ -372,6 +380,7 @@ def _cost_record(costs: Costs, cfg: ForgeConfig, model: str) -> dict:
         "max_cost_usd": cfg.cost.max_cost_usd,
         "calls_made": costs.calls,
         "calls_from_cache": costs.cached,
+        "calls_without_usage": costs.estimated,  # the server sent no token counts: counted here, with a margin
         "price_known": cfg.teacher.provider == "local" or cfg.cost.price_for(model) is not None,
     }
 
@@ -483,8 +492,8 @@ MANIFEST = "forge_manifest.json"
 
 
 def raw_inputs(ws: Workspace, cfg: ForgeConfig) -> list:
-    root = ws.path(cfg.input_dir)
-    return sorted((str(p.relative_to(root)), file_sha256(p)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files, skipped = list_inputs(ws.path(cfg.input_dir))
+    return sorted((rel, file_sha256(p)) for rel, p in files) + [(s.path, "skipped: " + s.reason) for s in skipped]
 
 
 def forge_result(ws: Workspace, cfg: ForgeConfig) -> StageResult:

@@ -52,32 +52,57 @@ class Call:
     error: Optional[str] = None
 
 
-THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
+THINK_TAG_RE = re.compile(r"<(/?)think>", re.I)
 
 
 def strip_reasoning(text: str) -> str:
-    text = THINK_RE.sub("", text)
-    if "</think>" in text:  # an opening tag swallowed by the server
-        text = text.split("</think>", 1)[1]
-    return text.strip()
+    """The reply without its reasoning: ``<think>...</think>`` blocks, an unclosed one at the end (a reply cut
+    short while thinking), and everything before a closing tag whose opening the server swallowed. One pass over
+    the tags: linear in the reply's length, however many blocks it repeats."""
+    out: list[str] = []
+    pos, inside, closed_any = 0, False, False
+    for m in THINK_TAG_RE.finditer(text):
+        closing = bool(m.group(1))
+        if not inside and not closing:
+            out.append(text[pos:m.start()])
+            inside = True
+        elif inside and closing:
+            inside, closed_any = False, True
+        elif not inside and closing:  # a stray closing tag: the opening one was swallowed
+            if not closed_any:
+                out.clear()
+            else:
+                out.append(text[pos:m.start()])
+        pos = m.end()
+    if not inside:
+        out.append(text[pos:])
+    return "".join(out).strip()
 
 
 def parse_json_lenient(text: str) -> Any:
-    """JSON from a chatty reply: code fences, leading prose, trailing commas, reasoning blocks."""
+    """JSON from a chatty reply: code fences, leading prose, trailing commas, reasoning blocks. Linear time."""
     text = strip_reasoning(text)
-    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
-    if fence:
-        text = fence.group(1)
+    start = text.find("```")
+    if start != -1:
+        end = text.find("```", start + 3)
+        if end != -1:
+            head = text[start + 3 : end]
+            if head[:4].lower() == "json":
+                head = head[4:]
+            text = head
     for opener, closer in (("{", "}"), ("[", "]")):
         start, end = text.find(opener), text.rfind(closer)
         if start != -1 and end > start:
             chunk = text[start : end + 1]
-            for candidate in (chunk, re.sub(r",\s*([}\]])", r"\1", chunk)):
+            for candidate in (chunk, _TRAILING_COMMA_RE.sub(r"\1", chunk)):
                 try:
                     return json.loads(candidate)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue
     raise ValueError("no JSON object found in the reply")
+
+
+_TRAILING_COMMA_RE = re.compile(r",[ \t\r\n]*([}\]])")
 
 
 class RateLimiter:
@@ -88,7 +113,7 @@ class RateLimiter:
         self.events: list[tuple[float, int]] = []
         self.lock = threading.Lock()
 
-    def acquire(self, tokens: int) -> None:
+    def acquire(self, tokens: int, cancelled: Optional[threading.Event] = None) -> None:
         if not self.rpm and not self.tpm:
             return
         while True:
@@ -101,22 +126,33 @@ class RateLimiter:
                     self.events.append((now, tokens))
                     return
                 wait = self.window - (now - self.events[0][0]) + 0.01
-            time.sleep(min(max(wait, 0.01), 5))
+            if cancelled is not None and cancelled.wait(min(max(wait, 0.01), 5)):
+                raise LLMError("cancelled")
+            elif cancelled is None:
+                time.sleep(min(max(wait, 0.01), 5))
 
 
 class Provider:
     """A chat model. Subclasses implement ``_call``; retries, rate limits and parsing live here."""
 
     name = "base"
+    remote = True  # a call over the network: under a wall-clock deadline, in a thread Ctrl-C does not wait for
 
     def __init__(self, spec: LLMSpec):
         self.spec = spec
         self.model = spec.resolved_model()
         self.limiter = RateLimiter(spec.requests_per_minute, spec.tokens_per_minute)
+        self.cancelled = threading.Event()  # set on Ctrl-C: calls in flight give up within POLL_S
 
-    # identity used by the cache: what changes the answer
+    def max_reply_chars(self, max_tokens: int) -> int:
+        """A reply longer than this is a failed call (never parsed, never cached): no token is 32 characters."""
+        return max(256_000, 32 * max_tokens)
+
+    base_url: Optional[str] = None  # the server, from the config or the SDK's environment variable
+
+    # identity used by the cache and the manifest: what selects the server and changes the answer
     def identity(self) -> dict:
-        return {"provider": self.spec.provider, "model": self.model, "base_url": self.spec.base_url}
+        return {"provider": self.spec.provider, "model": self.model, "base_url": public_url(self.base_url)}
 
     def complete(
         self,
@@ -130,16 +166,54 @@ class Provider:
         est = sum(len(m["content"]) for m in messages) // 4 + max_tokens
         attempt = 0
         while True:
-            self.limiter.acquire(est)
+            if self.cancelled.is_set():
+                raise LLMError("cancelled")
+            self.limiter.acquire(est, self.cancelled)
             try:
-                reply = self._call(messages, schema, temperature, max_tokens)
+                if self.remote:
+                    reply = self._within_deadline(lambda: self._call(messages, schema, temperature, max_tokens))
+                else:
+                    reply = self._call(messages, schema, temperature, max_tokens)
                 break
             except RetryableError as e:
                 attempt += 1
                 if attempt > self.spec.max_retries:
                     raise LLMError(f"{self.spec.provider}/{self.model}: gave up after {attempt} tries: {e}", unreachable=True) from None
-                time.sleep(backoff_delay(attempt, e.retry_after))
+                if self.cancelled.wait(backoff_delay(attempt, e.retry_after)):
+                    raise LLMError("cancelled") from None
+        cap = self.max_reply_chars(max_tokens)
+        if len(reply.text) > cap:
+            raise LLMError(f"{self.spec.provider}/{self.model}: a reply of {len(reply.text):,} characters is over the cap of "
+                           f"{cap:,} for max_tokens {max_tokens}: not used")
         return finish_reply(reply, schema)
+
+    POLL_S = 0.2
+
+    def _within_deadline(self, call: Callable[[], LLMReply]) -> LLMReply:
+        """``call()`` with a wall-clock deadline of ``timeout_s`` for the whole exchange (connect, headers, every
+        byte of the body), however slowly a server trickles. It runs in a daemon thread: a call abandoned at
+        its deadline or on Ctrl-C never keeps the process alive."""
+        box: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["reply"] = call()
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="opensem-call", daemon=True).start()
+        end = time.monotonic() + self.spec.timeout_s
+        while not done.wait(min(self.POLL_S, max(0.0, end - time.monotonic()))):
+            if self.cancelled.is_set():
+                raise LLMError("cancelled")
+            if time.monotonic() >= end:
+                raise RetryableError(f"no complete reply within timeout_s {self.spec.timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]
 
     # a run of this many identical failures stops a batch: a wrong model name or URL fails every call alike
     max_same_errors = 5
@@ -165,6 +239,10 @@ class Provider:
                 c.reply = self.complete(c.messages, c.schema, c.temperature, c.max_tokens)
             except LLMError as e:
                 c.error = str(e)
+            except OpenSEMError:
+                raise  # a rejected key: every call would fail alike
+            except Exception as e:  # a reply the SDK could not take apart: a failed call, counted, never a crash
+                c.error = f"{self.spec.provider}/{self.model}: unusable reply ({type(e).__name__})"
             return c
 
         pool = ThreadPoolExecutor(max_workers=self.spec.concurrency)
@@ -182,6 +260,7 @@ class Provider:
                     on_done(c)
                     stop = stop or same.add(c.error)
         except BaseException:
+            self.cancelled.set()  # the workers' calls give up within POLL_S; Ctrl-C never waits for a server
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
@@ -270,7 +349,9 @@ class OpenAIProvider(Provider):
         self._openai = openai
         key = _api_key(spec) or "not-needed"
         base = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self.client = openai.OpenAI(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0)
+        self.base_url = base
+        self.client = openai.OpenAI(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0,
+                                    http_client=http_client(openai, spec.timeout_s + 1))
         self.schema_supported = True
 
     def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
@@ -285,6 +366,8 @@ class OpenAIProvider(Provider):
             resp = self.client.chat.completions.create(**kwargs)
         except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
             raise RetryableError(_describe(e), _retry_after(e)) from None
+        except (ValueError, o.APIResponseValidationError) as e:  # a 200 whose body is truncated or not JSON
+            raise RetryableError(f"the reply's body is not valid JSON ({type(e).__name__})") from None
         except o.BadRequestError as e:
             if "response_format" in kwargs and self.spec.provider == "openai-compatible":
                 self.schema_supported = False  # old servers: ask in the prompt, parse leniently
@@ -317,7 +400,9 @@ class AnthropicProvider(Provider):
         self._anthropic = anthropic
         key = _api_key(spec)
         base = spec.base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
-        self.client = anthropic.Anthropic(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0)
+        self.base_url = base
+        self.client = anthropic.Anthropic(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0,
+                                          http_client=http_client(anthropic, spec.timeout_s + 1))
         # The 2.x SDK has no sampling parameters; older models still accept `temperature` on the wire,
         # newer ones refuse it with a 400, after which it is no longer sent.
         self.send_temperature = True
@@ -338,6 +423,8 @@ class AnthropicProvider(Provider):
             resp = self.client.messages.create(**kwargs)
         except (a.RateLimitError, a.InternalServerError, a.APITimeoutError, a.APIConnectionError) as e:
             raise RetryableError(_describe(e), _retry_after(e)) from None
+        except (ValueError, a.APIResponseValidationError) as e:  # a 200 whose body is truncated or not JSON
+            raise RetryableError(f"the reply's body is not valid JSON ({type(e).__name__})") from None
         except a.BadRequestError as e:
             if self.send_temperature and "temperature" in str(e).lower():
                 self.send_temperature = False
@@ -369,6 +456,8 @@ class AnthropicProvider(Provider):
 
 class LocalProvider(Provider):
     """An in-process model through opensem.inference (the embedded model by default)."""
+
+    remote = False
 
     def __init__(self, spec: LLMSpec, models_dir=None):
         super().__init__(spec)
@@ -436,6 +525,62 @@ class LocalProvider(Provider):
                     c.reply = finish_reply(reply, c.schema)
                     on_done(c)
         return None
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def http_client(sdk, seconds: float):
+    """The SDK's own httpx client, its body reads cut at ``seconds`` after the request started: a call abandoned
+    at its deadline (``Provider._within_deadline``) then also ends its connection soon after, instead of
+    reading a trickling server for as long as it likes. With a proxy in the environment the SDK's default
+    client is used as it is (a custom transport would bypass the proxy)."""
+    import importlib
+
+    if any(os.environ.get(v) for v in PROXY_VARS):
+        return None
+    # the HTTP library the SDK itself is built on (httpx, or the fork newer SDKs ship)
+    httpx = importlib.import_module(sdk.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
+
+    class Body(httpx.SyncByteStream):
+        def __init__(self, inner, end: float):
+            self.inner, self.end = inner, end
+
+        def __iter__(self):
+            for chunk in self.inner:
+                if time.monotonic() > self.end:
+                    raise httpx.ReadTimeout(f"no complete reply within {seconds:g} s")
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class Deadline(httpx.BaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.HTTPTransport()
+
+        def handle_request(self, request):
+            end = time.monotonic() + seconds
+            r = self.inner.handle_request(request)
+            return httpx.Response(r.status_code, headers=r.headers, stream=Body(r.stream, end), extensions=r.extensions)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    return sdk.DefaultHttpxClient(transport=Deadline())
+
+
+def public_url(url: Optional[str]) -> Optional[str]:
+    """A server's URL as it may be written down: no user, password or query (a key is sometimes put there)."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    host = u.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit((u.scheme, host + (f":{u.port}" if u.port else ""), u.path.rstrip("/"), "", ""))
 
 
 def _describe(exc: Exception) -> str:

@@ -63,6 +63,7 @@ class CachedProvider:
                 "data": reply.data,
                 "input_tokens": reply.input_tokens,
                 "output_tokens": reply.output_tokens,
+                "usage_estimated": bool(reply.meta.get("usage_estimated")),
             },
         }
         atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False))
@@ -97,8 +98,10 @@ class CachedProvider:
             return None
 
         def done(c: Call) -> None:
-            if c.reply is not None:
-                self.put(keys[id(c)], c.messages, c.reply)
-            on_done(c)
+            try:
+                on_done(c)  # first: a budget fills in the usage of a reply that came without one
+            finally:
+                if c.reply is not None:
+                    self.put(keys[id(c)], c.messages, c.reply)
 
         return self.provider.complete_many(misses, done, may_start)

@@ -32,6 +32,7 @@ class Costs:
     new_usd: float = 0.0  # spent in this run (cached replies were paid for before)
     calls: int = 0
     cached: int = 0
+    estimated: int = 0  # replies without usage from the server: their tokens counted here
 
     def add(self, reply: LLMReply) -> None:
         self.input_tokens += reply.input_tokens
@@ -70,5 +71,13 @@ class Budget:
 
     def settle(self, c: Call) -> None:
         self.reserved.pop(id(c), None)
-        if c.reply is not None:
-            self.costs.add(c.reply)
+        if c.reply is None:
+            return
+        if not c.reply.cached and not c.reply.input_tokens and not c.reply.output_tokens:
+            # a server that reports no usage is charged what the budget reserved for the prompt (the same estimate,
+            # with its margin) and the reply's text counted here: never $0
+            c.reply.input_tokens = round(self.count_prompt(c.messages) * PROMPT_MARGIN)
+            c.reply.output_tokens = round(self.count_prompt([{"role": "assistant", "content": c.reply.text}]) * PROMPT_MARGIN)
+            c.reply.meta["usage_estimated"] = True
+            self.costs.estimated += 1
+        self.costs.add(c.reply)
