@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from opensem import __version__
 from opensem.errors import OpenSEMError
+from opensem.terminal import Console
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -36,13 +37,16 @@ SetOpt = Annotated[
 ]
 
 
-def _ws(workspace: Path, sets: Optional[list[str]]):
+def _ws(workspace: Path, sets: Optional[list[str]], lock: Optional[str] = None):
+    """The workspace, its configs checked; ``lock``: this command writes, so it holds the workspace's lock."""
     from opensem.config import check_overrides
     from opensem.workspace import Workspace
 
     check_overrides(sets)
     ws = Workspace(workspace, tuple(sets or ()), allow_outside=STATE["allow_outside"])
     ws.check()
+    if lock:
+        ws.lock(lock)
     return ws
 
 
@@ -122,7 +126,7 @@ def forge(
     """Stage 1: data/raw -> data/processed/train.jsonl + test.jsonl, via the configured teacher."""
     from opensem.forge import run_forge
 
-    run_forge(_ws(workspace, sets), dry_run=dry_run, console=console)
+    run_forge(_ws(workspace, sets, lock=None if dry_run else "forge"), dry_run=dry_run, console=console)
 
 
 @app.command()
@@ -135,7 +139,7 @@ def cpt(
     sets: SetOpt = None,
 ):
     """Continued pre-training on the raw documents (configs/cpt_config.yaml) -> models/cpt/{run_name}."""
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock=None if dry_run else "cpt")
     if dry_run or corpus_only:
         from opensem.cpt.corpus import build_corpus
 
@@ -160,7 +164,7 @@ def train(
     """Stage 3: LoRA fine-tuning from configs/train_config.yaml -> models/adapters/{run_name}."""
     from opensem.train import run_training
 
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock="train")
     chain = None
     if from_cpt and not resume:
         from opensem.cpt.stage import chain_from, find_cpt
@@ -179,7 +183,7 @@ def pairs(
     from opensem.prefs import build_pairs
     from opensem.train.stage import find_adapter
 
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock="pairs")
     build_pairs(ws, find_adapter(ws, ws.train_config(), adapter), console)
 
 
@@ -195,7 +199,7 @@ def prefer(
     from opensem.prefs import run_preference
     from opensem.train.stage import find_adapter
 
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock="prefer")
     sft = None if resume else find_adapter(ws, ws.train_config(), adapter)
     run_preference(ws, sft, resume=resume, run_name=run_name, console=console)
 
@@ -214,7 +218,7 @@ def export_cmd(
     from opensem.export.stage import EXPORT_MANIFEST, export_run, find_run
     from opensem.lineage import read_json
 
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock="export")
     fmts = _choices("--format", fmt, ("merged", "gguf", "ollama", "lora-gguf"))
     from opensem.config import GGUF_TYPE_NAMES
 
@@ -269,7 +273,7 @@ def judge(
     """Stages 2 and 4: answer the golden set, score 1-5 through promptfoo, print Baseline vs Fine-Tuned."""
     from opensem.judge import run_calibration, run_judge
 
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock="judge")
     if file is not None and not calibrate:
         raise OpenSEMError(f"{file}: a file argument is only for --calibrate (opensem judge --calibrate {file})")
     if calibrate:
@@ -289,7 +293,7 @@ def run(
     """The stages of configs/pipeline_config.yaml (default forge -> baseline -> train -> fine-tuned; cpt may go before train), then the report; up-to-date stages are skipped."""
     from opensem.pipeline import run_pipeline
 
-    run_pipeline(_ws(workspace, sets), force=force, console=out)
+    run_pipeline(_ws(workspace, sets, lock="run"), force=force, console=out)
 
 
 launch_app = typer.Typer(help="The pipeline on a rented GPU through SkyPilot: launch, then status / logs / fetch / down.",
@@ -320,7 +324,7 @@ def launch_cmd(
         raise OpenSEMError(f"--nodes {nodes}: use 1 or more")
     if max_hours is not None and max_hours <= 0:
         raise OpenSEMError(f"--max-hours {max_hours}: use a positive number of hours")
-    ws = _ws(workspace, sets)
+    ws = _ws(workspace, sets, lock=None if dry_run else "launch")
     launch(ws, console if not dry_run else out, dry_run=dry_run, cloud=cloud, gpu=gpu, nodes=nodes,
            stages=[x.strip() for x in stages.split(",") if x.strip()] if stages else None, max_hours=max_hours, max_cost=max_cost)
 
@@ -347,7 +351,7 @@ def launch_fetch(cluster: ClusterOpt = None, workspace: WorkspaceOpt = Path(".")
     """Bring the outputs (adapters, reports, run manifests, lineage) home into this workspace."""
     from opensem.launch import fetch
 
-    fetch(_ws(workspace, None), cluster, console)
+    fetch(_ws(workspace, None, lock="launch fetch"), cluster, console)
 
 
 @launch_app.command("down")
@@ -355,7 +359,7 @@ def launch_down(cluster: ClusterOpt = None, workspace: WorkspaceOpt = Path("."))
     """Tear the cluster down."""
     from opensem.launch import down
 
-    down(_ws(workspace, None), cluster, console)
+    down(_ws(workspace, None, lock="launch down"), cluster, console)
 
 
 @app.command()
@@ -387,6 +391,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except OSError as e:
+        if debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        console.print(f"[bold red]error:[/] no space left on the device{escape(str(where))}: free some space and run the command "
+                      f"again (what was finished is kept: every output is replaced only when complete)", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

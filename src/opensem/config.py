@@ -30,7 +30,8 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `.inf` or `.nan` for a number is a config error naming the key, never an OverflowError later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,7 +447,8 @@ class LaunchConfig(Strict):
     region: Optional[str] = None
     use_spot: bool = False
     disk_size: int = Field(100, ge=20, le=65_536, description="GB")
-    cluster_name: Optional[str] = Field(None, description="default: opensem-<workspace folder>")
+    cluster_name: Optional[str] = Field(None, description="Lower-case letters, digits and '-', starting with a letter; "
+                                        "default: opensem-<workspace folder>")
     secrets: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "WANDB_API_KEY"],
                                description="Environment variables passed by name when set here; their values are never written")
     sync_models: bool = Field(False, description="Also upload models/ (adapters, exports) already made here")
@@ -458,6 +460,22 @@ class LaunchConfig(Strict):
         bad = [x for x in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", x)]
         if bad:
             raise ValueError(f"{bad[0]!r} is not an environment variable name (list names only, never values)")
+        return v
+
+    @field_validator("cluster_name")
+    @classmethod
+    def _cluster(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", v):
+            raise ValueError(f"{v!r} is not a cluster name: lower-case letters, digits and '-', starting with a letter, at most 63 "
+                             f"characters (it names a folder and a cloud cluster)")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        bad = [x for x in v or [] if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_]*)?", x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a stage name (a registered stage, or package.module:attribute)")
         return v
 
 
@@ -476,6 +494,9 @@ class PipelineConfig(Strict):
     def _stages(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("name at least one stage")
+        bad = [x for x in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*(:[A-Za-z_][A-Za-z0-9_]*)?", x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a stage name (a registered stage, or package.module:attribute)")
         dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
             raise ValueError(f"stage(s) listed twice: {', '.join(dup)}")
@@ -559,6 +580,8 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {text[:60]!r}...: nested too deeply to be a config value") from None
     return parts[0], parts[1:], value
 
 
@@ -597,6 +620,8 @@ def read_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config: a config is a few levels of keys") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -616,6 +641,8 @@ def load_section(section: str, root: Path, overrides: list[str] | None = None, p
             applied[tuple(keys)] = text
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to be a config: a config is a few levels of keys") from None
     except ValidationError as e:
         shown = file if file.exists() else f"{file} (defaults)"
         raise ConfigError(format_validation_error(e, str(shown), model, applied)) from None

@@ -9,8 +9,9 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
+
+from opensem.terminal import Console
 
 KEYS = ["OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "WANDB_API_KEY", "HF_TOKEN"]
 

@@ -47,6 +47,8 @@ def load_golden(path: Path, required: bool = True) -> list[GoldenItem]:
         data = json.loads(read_text(path), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise OpenSEMError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise OpenSEMError(f"{path}: nested too deeply: a golden set is a list of {{\"question\", \"answer\"}} items") from None
     except DuplicateKey as e:
         raise OpenSEMError(f"{path}: an item has the key {str(e)!r} twice: keep one") from None
     if isinstance(data, dict) and isinstance(data.get("items"), list):

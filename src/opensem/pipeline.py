@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 from rich.table import Table
 
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
 from opensem.stages import Artifact, Context, Stage, StageResult, load_stage
+from opensem.terminal import Console
 from opensem.workspace import Workspace
 
 STATE_FILE = "pipeline_state.json"

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from rich.console import Console
 
 from opensem.errors import ConfigError
 from opensem.lineage import file_sha256
+from opensem.terminal import Console
 from opensem.workspace import Workspace
 
 REGISTRY: dict[str, str] = {

@@ -34,6 +34,9 @@ wandb/
 """
 
 
+_HELD: dict = {}  # workspace root -> the open lock file of this process
+
+
 @dataclass
 class Workspace:
     root: Path
@@ -61,6 +64,39 @@ class Workspace:
     @property
     def state_dir(self) -> Path:
         return self.root / ".opensem"
+
+    def lock(self, command: str) -> None:
+        """Hold the workspace for this process: a second command that writes here exits with who holds it. An
+        advisory lock on .opensem/lock (released by the system when the holder ends, however it ends: a stale
+        lock cannot outlive its process), with the holder's pid, command and start time written inside."""
+        global _HELD
+        if _HELD.get(self.root) is not None:
+            return
+        import fcntl
+        import json
+        import os
+        import socket
+        import time
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            who = (f"pid {holder.get('pid')} (`opensem {holder.get('command')}`, since {holder.get('started')})"
+                   if holder.get("pid") else "another opensem process")
+            raise OpenSEMError(f"{self.root}: the workspace is in use by {who}: wait for it to finish, or stop it, "
+                               f"then run this again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        _HELD[self.root] = fd  # held until the process ends
 
     @property
     def base_models_dir(self) -> Path:

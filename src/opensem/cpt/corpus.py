@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.config import CptConfig, ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
@@ -32,6 +31,7 @@ from opensem.lineage import atomic_write_text
 from opensem.llm import CachedProvider, Call
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
+from opensem.terminal import Console
 from opensem.workspace import Workspace
 
 PROMPT_VERSION = "cpt-rewrite-v1"

@@ -20,12 +20,12 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.config import CptConfig, TrainConfig
 from opensem.cpt.corpus import Corpus, build_corpus
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
+from opensem.terminal import Console
 from opensem.train import engines, recipe
 from opensem.train.data import TokenizedSet
 from opensem.train.hardware import check_adapter, detect_hardware

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.errors import OpenSEMError
 from opensem.lineage import read_json
+from opensem.terminal import Console
 from opensem.train.stage import MANIFEST, base_model_dir
 
 

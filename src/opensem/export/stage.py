@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.errors import OpenSEMError
 from opensem.export import converter, llamacpp, verify
 from opensem.lineage import file_sha256, now, read_json, versions, write_json
 from opensem.stages import Artifact, Context, StageResult
+from opensem.terminal import Console
 from opensem.train.stage import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
 from opensem.workspace import Workspace
 

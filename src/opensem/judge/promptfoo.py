@@ -158,14 +158,21 @@ def write_config(run_dir: Path, label: str, keys: list[str], pass_threshold: int
     return path
 
 
-def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, answers_file: Path, python: str, log: Path) -> dict:
-    # promptfoo keeps the eval in its usual store (PROMPTFOO_CONFIG_DIR, default ~/.promptfoo): `promptfoo view` shows it
-    env = minimal_env({
+def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, answers_file: Path, python: str, log: Path,
+             store: Optional[Path] = None) -> dict:
+    """promptfoo keeps the eval in ``store`` (its PROMPTFOO_CONFIG_DIR; the workspace's .opensem/promptfoo), one
+    per workspace, so that two judge runs in two workspaces never share a database:
+    `PROMPTFOO_CONFIG_DIR=.opensem/promptfoo npx promptfoo view` shows them."""
+    extra = {
         "OPENSEM_JUDGE_URL": server.url,
         "OPENSEM_JUDGE_TOKEN": server.token,
         "OPENSEM_ANSWERS": str(answers_file),
         "PROMPTFOO_PYTHON": python,
-    }, net_log=config.parent / "network_refused.jsonl")
+    }
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        extra["PROMPTFOO_CONFIG_DIR"] = str(store)
+    env = minimal_env(extra, net_log=config.parent / "network_refused.jsonl")
     args = cmd + ["eval", "-c", config.name, "-o", output.name, "--no-cache", "--no-progress-bar", "--no-share"]
     try:
         with log.open("w") as fh:
@@ -177,6 +184,27 @@ def run_eval(cmd: list[str], config: Path, output: Path, server: JudgeServer, an
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise OpenSEMError(f"promptfoo failed (exit {proc.returncode}): {' | '.join(tail)[:300]} (full log: {log})")
     return json.loads(output.read_text(encoding="utf-8"))
+
+
+def check_complete(data: dict, keys: list[str], labels: list[str], where: Path) -> None:
+    """Every golden key has exactly one result in every row, or the run is refused: a result lost or doubled
+    would change the paired comparison without a word."""
+    for label in labels:
+        seen: dict[str, int] = {}
+        for r in (data.get("results") or {}).get("results") or []:
+            if (r.get("provider") or {}).get("label") == label or (len(labels) == 1 and not (r.get("provider") or {}).get("label")):
+                k = str((r.get("vars") or {}).get("key"))
+                seen[k] = seen.get(k, 0) + 1
+        missing = [k for k in keys if k not in seen]
+        doubled = sorted(k for k, n in seen.items() if n > 1)
+        unknown = sorted(k for k in seen if k not in set(keys))
+        if missing or doubled or unknown:
+            what = "; ".join(x for x in (
+                f"{len(missing)} golden key(s) with no result: {', '.join(missing[:8])}" if missing else "",
+                f"key(s) with more than one result: {', '.join(doubled[:8])}" if doubled else "",
+                f"key(s) not in this run: {', '.join(unknown[:8])}" if unknown else "") if x)
+            raise OpenSEMError(f"{where}: promptfoo's output for {label!r} is incomplete ({what}): nothing was reported; "
+                               f"run the judge again")
 
 
 def parse_results(data: dict, label: Optional[str] = None) -> dict[str, dict]:

@@ -6,11 +6,11 @@ import math
 from typing import Optional
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from opensem.judge.stats import bootstrap_ci, paired_compare
+from opensem.terminal import Console
 from opensem.text import exact_match, rouge_l, token_f1
 
 

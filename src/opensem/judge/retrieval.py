@@ -48,7 +48,7 @@ class Index:
 
     @classmethod
     def build(cls, ws: Workspace, console=None) -> "Index":
-        from rich.console import Console
+        from opensem.terminal import Console
 
         from opensem.forge.documents import chunk_document
         from opensem.forge.stage import ingest

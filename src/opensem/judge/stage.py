@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
-from rich.console import Console
 from rich.markup import escape
 
 from opensem.config import EvalConfig
@@ -30,6 +29,7 @@ from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
 from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
 from opensem.stages import Artifact, Context, StageResult
+from opensem.terminal import Console
 from opensem.train.stage import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.workspace import Workspace
 
@@ -95,6 +95,7 @@ class JudgeRun:
     promptfoo_cmd: list[str]
     reports_dir: Path
     weights: Any = None  # the model under the adapter: the base, or the merged result it was chained from
+    store: Optional[Path] = None  # promptfoo's store for this workspace (PROMPTFOO_CONFIG_DIR): concurrent runs elsewhere never touch it
 
     @property
     def label(self) -> str:
@@ -129,7 +130,7 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     report.render(console, run.judge.name, base_res, tuned_res, cmp, forgetting)
     report.render_retrieval(console, base_res, tuned_res, result.get("retrieval_comparisons"))
     console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
-                  f"browse it with `npx promptfoo view`")
+                  f"browse it with `PROMPTFOO_CONFIG_DIR=.opensem/promptfoo npx promptfoo view`")
     return result
 
 
@@ -147,7 +148,7 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
     judge = _judge_with_fallback(ws, ecfg, console)
-    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights)
+    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights, store=ws.state_dir / "promptfoo")
 
 
 def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
@@ -208,7 +209,8 @@ def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, 
                                         run.ecfg.judge.concurrency, extra)
         with promptfoo.JudgeServer(grade) as server:
             data = promptfoo.run_eval(run.promptfoo_cmd, config, run_dir / "promptfoo_output.json", server, answers_by_key,
-                                      sys.executable, run_dir / "promptfoo.log")
+                                      sys.executable, run_dir / "promptfoo.log", store=run.store)
+        promptfoo.check_complete(data, keys, [run.label, *extra], run_dir / "promptfoo_output.json")
 
     def rows_of(label: str) -> list[dict]:
         parsed = promptfoo.parse_results(data, label)

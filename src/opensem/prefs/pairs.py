@@ -25,10 +25,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.lineage import atomic_write_text, file_sha256, now, versions, write_json
+from opensem.terminal import Console
 from opensem.workspace import Workspace
 
 MANIFEST = "preferences_manifest.json"

@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
 
 from opensem.config import PreferenceConfig, TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
+from opensem.terminal import Console
 from opensem.train import engines, recipe
 from opensem.train.hardware import check_adapter, detect_hardware
 from opensem.train.stage import MANIFEST, adapter_hash, base_record, merged_model

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from rich.console import Console
 
 from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
+from opensem.terminal import Console
 from opensem.train import engines
 from opensem.train.data import TokenizedSet
 from opensem.train.hardware import apply_vram_cap, check_adapter, detect_hardware, make_profile
