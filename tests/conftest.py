@@ -3,6 +3,7 @@ real promptfoo run; only external services (OpenAI, Anthropic) are fakes speakin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,6 +87,44 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _slowdown() -> float:
+    """How much slower than the reference machine (2 idle cores) this one runs right now: a fixed Python loop
+    took 0.23 s there. Waits on children scale with it, so a loaded machine fails by the child's output, not
+    by a clock set for an idle one."""
+    import time
+
+    t = time.perf_counter()
+    x = 0
+    for i in range(2_000_000):
+        x += i * i
+    return max(1.0, (time.perf_counter() - t) / 0.23)
+
+
+SLOWDOWN = _slowdown()
+
+
+def scaled(seconds: float) -> float:
+    return seconds * SLOWDOWN
+
+
+@contextlib.contextmanager
+def child(args: list[str], **kwargs):
+    """A child process in a session (process group) of its own, killed with all of its children when the test
+    ends, however it ends: a failed wait never leaves a training run behind."""
+    import signal
+
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=60)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -46,6 +46,7 @@ class Behaviour:
         self.retry_after = "1"
         self.reply: Optional[Callable[[dict], str]] = None  # custom assistant text
         self.count_tokens: Optional[Callable[[str], int]] = None  # report real prompt tokens (else a fixed 1000)
+        self.no_usage = False  # replies without a `usage` field, as some servers send them
 
     def action(self, n: int) -> str:
         return self.script.get(n, self.default)
@@ -100,6 +101,22 @@ class FakeServer:
                     time.sleep(3)
                 if act == "nonjson":
                     return self._raw(200, b"<html>gateway hiccup</html>", "text/html")
+                if act == "truncated":  # a 200 whose JSON body was cut off
+                    data = json.dumps(server.openai_reply(body, "ok")).encode()
+                    return self._raw(200, data[: len(data) // 2], "application/json")
+                if act == "trickle":  # headers at once, then one byte a second for a minute
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "60")
+                    self.end_headers()
+                    try:
+                        for _ in range(60):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(1)
+                    except OSError:
+                        pass
+                    return
                 if path.endswith("/chat/completions"):
                     return self._send(200, server.openai_reply(body, act))
                 if path.endswith("/messages"):
@@ -153,7 +170,7 @@ class FakeServer:
         return {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "x"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": self.usage(body, text),
+            **({} if self.behaviour.no_usage else {"usage": self.usage(body, text)}),
         }
 
     def usage(self, body: dict, text: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_workspace, run_cli
+from conftest import REPO, child, make_workspace, run_cli
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
 
@@ -180,25 +180,25 @@ def test_opensem_serve_answers_the_official_openai_sdk(exported, tmp_path):
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "opensem"
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), "--gguf-type", "f16"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        deadline = time.time() + 120
-        while True:
-            try:
-                r = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[0][0]}],
-                                                   temperature=0, max_tokens=32)
-                break
-            except Exception:
-                assert proc.poll() is None and time.time() < deadline, "the server did not come up"
-                time.sleep(1)
-        assert r.choices[0].message.content.strip() == "The Zorblat vault code is 7319."
-        assert r.model == "mem"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with child([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), "--gguf-type", "f16"],
+               stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    r = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[0][0]}],
+                                                       temperature=0, max_tokens=32)
+                    break
+                except Exception:
+                    assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+                    time.sleep(1)
+            assert r.choices[0].message.content.strip() == "The Zorblat vault code is 7319."
+            assert r.model == "mem"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
     assert f"base URL http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
 
 

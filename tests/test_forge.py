@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import default_sigint, read_jsonl, run_cli, set_config
+from conftest import child, default_sigint, read_jsonl, run_cli, scaled, set_config
 
 from opensem.errors import OpenSEMError
 from opensem.forge import run_forge
@@ -210,13 +210,13 @@ def test_killed_midway_resumes_with_zero_repeated_calls(workspace, fake, tmp_pat
     fake.behaviour.delay_s = 0.3
     env = os.environ | {"FAKE_KEY": "k"}
     exe = Path(sys.executable).parent / "opensem"
-    proc = subprocess.Popen([str(exe), "forge", "-w", str(workspace)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=default_sigint)
-    deadline = time.time() + 60
-    while fake.calls["/v1/chat/completions"] < 4 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    with child([str(exe), "forge", "-w", str(workspace)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True, preexec_fn=default_sigint) as proc:
+        deadline = time.time() + scaled(60)
+        while fake.calls["/v1/chat/completions"] < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=scaled(60))
     assert proc.returncode == 130, err
     assert "saved in the cache" in err
     # what the interrupted run finished is what it saved: one cache entry per answered request

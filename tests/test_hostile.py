@@ -581,11 +581,11 @@ def test_property_any_golden_set_reaches_the_model_byte_for_byte_and_writes_only
             {"role": "user", "content": it["question"]}]
         assert json.dumps(expected, ensure_ascii=False) in received
     assert [x["question"] for x in res["items"]] == [it["question"] for it in items]
-    # every new file is the run's own, the answer cache, or the baseline pointer
+    # every new file is the run's own, the answer cache, the workspace's promptfoo store, or the baseline pointer
     run_rel = res["run_dir"]
     new = tree(root) - before
     stray = [f for f in new if not (f.startswith(f"ws/{run_rel}/") or f.startswith("ws/.opensem/cache/answers/")
-                                     or f == "ws/evals/reports/baseline-latest.json")]
+                                     or f.startswith("ws/.opensem/promptfoo/") or f == "ws/evals/reports/baseline-latest.json")]
     assert stray == []
     assert not (Path("/tmp") / PAYLOAD_MARKER).exists()
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, default_sigint, make_workspace, run_cli, set_config
+from conftest import REPO, child, default_sigint, make_workspace, run_cli, scaled, set_config
 
 from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError
@@ -192,28 +192,28 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_di
     (ws / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     set_config(ws, "train", max_steps=6, micro_batch_size=16, save_steps=100, logging_steps=1, run_name="res")
     exe = Path(sys.executable).parent / "opensem"
-    proc = subprocess.Popen([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
-    err_parts: list[str] = []
-    reached = threading.Event()
+    with child([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+               preexec_fn=default_sigint) as proc:
+        err_parts: list[str] = []
+        reached = threading.Event()
 
-    def read():
-        buf = ""
-        while True:
-            ch = proc.stderr.read(1)
-            if not ch:
-                return
-            buf += ch
-            err_parts.append(ch)
-            if re.search(r"\b[2-4]/6 \[", buf[-200:]):
-                reached.set()
+        def read():
+            buf = ""
+            while True:
+                ch = proc.stderr.read(1)
+                if not ch:
+                    return
+                buf += ch
+                err_parts.append(ch)
+                if re.search(r"\b[2-4]/6 \[", buf[-200:]):
+                    reached.set()
 
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    assert reached.wait(300), "".join(err_parts)[-2000:]
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=240)
-    t.join(timeout=10)
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        assert reached.wait(scaled(300)), "".join(err_parts)[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=scaled(240))
+        t.join(timeout=10)
     err = "".join(err_parts)
     assert proc.returncode == 130, err[-2000:]
     assert "opensem train --resume" in err
