@@ -75,6 +75,21 @@ def test_opensem_run_end_to_end_with_lineage_and_skips(tmp_path, base_models_dir
     assert "forge: up to date" in r4.stdout and "baseline: up to date" in r4.stdout
     assert "train: up to date" not in r4.stdout and "fine-tuned: up to date" not in r4.stdout
 
+    # any list of stages with a judged one writes its report: without the forge and the baseline here (the
+    # comparison's baseline is the earlier run's), and a baseline alone gets its Markdown report
+    (ws / "configs/pipeline_config.yaml").write_text("stages: [train, fine-tuned]\n")
+    r5 = run_cli("run", "-w", str(ws))
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    last = sorted((ws / "runs").iterdir())[-1]
+    html5 = (last / "report.html").read_text()
+    assert "Per question" in html5 and "data:image/png;base64," in html5 and "<h2>Forge</h2>" not in html5
+    assert "(an earlier run)" in html5 and (last / "report.md").exists()
+    (ws / "configs/pipeline_config.yaml").write_text("stages: [baseline]\n")
+    r6 = run_cli("run", "-w", str(ws))
+    assert r6.returncode == 0, r6.stderr[-3000:]
+    last = sorted((ws / "runs").iterdir())[-1]
+    assert "Baseline" in (last / "report.md").read_text() and not (last / "report.html").exists()
+
 
 def test_an_interrupted_stage_keeps_what_it_recorded_and_nothing_else(tmp_path):
     from rich.console import Console

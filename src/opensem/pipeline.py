@@ -6,8 +6,8 @@ what its inputs are and returns a typed result (artifacts with content hashes, a
 skipped when its inputs hash to the same key as its last success and its artifacts are unchanged
 (``--force`` redoes all); an interrupted stage keeps what it recorded (the training run to resume), and a
 failed one is recorded as failed. Every run writes ``runs/{run_id}/`` with run_manifest.json (every
-stage's summary and artifacts, tied together by content hash), and, when the baseline and fine-tuned
-stages ran, report.html and report.md.
+stage's summary and artifacts, tied together by content hash), and, when a judge stage ran, report.md
+(and report.html when a fine-tuned model was compared with a baseline, in this run or an earlier one).
 """
 
 from __future__ import annotations
@@ -142,22 +142,34 @@ def run_manifest(ws: Workspace, run_id: str, p: Pipeline, stages: list[Stage]) -
 
 
 def write_reports(ws: Workspace, run_dir: Path, manifest: dict, results: dict[str, StageResult], stages: dict) -> list[str]:
-    """The Baseline vs Fine-Tuned report (Markdown and HTML), when the run has the stages it reads."""
-    needed = ("forge", "train", "baseline", "fine-tuned")
-    if not all(n in results and hasattr(stages[n], "details") for n in needed):
-        return []
+    """The judge report (Markdown and HTML) for any run with a judged stage: the last stage whose details hold judged
+    items is the page's model; its comparison's baseline is this run's, or the one it was compared with on disk.
+    Stages that did not run in this pipeline leave their sections out (no loss curve without training)."""
     from opensem.judge import report as jreport
     from opensem.report_html import write_html_report
 
-    forge, train = (stages[n].details(ws, results[n]) for n in ("forge", "train"))
-    base_res, ft_res = (stages[n].details(ws, results[n]) for n in ("baseline", "fine-tuned"))
-    write_html_report(run_dir / "report.html", manifest, forge, train["log"], base_res, ft_res)
+    details = {n: stages[n].details(ws, r) for n, r in results.items() if hasattr(stages.get(n), "details")}
+    judged = [n for n, d in details.items() if isinstance(d, dict) and isinstance(d.get("items"), list) and "summary" in d]
+    if not judged:
+        return []
+    tuned_name = next((n for n in reversed(judged) if details[n].get("comparison")), None)
+    ft_res = details[tuned_name] if tuned_name else None
+    base_res = next((details[n] for n in judged if details[n].get("mode") == "baseline"), None)
+    if base_res is None and ft_res and ft_res.get("baseline_run"):
+        base_res = read_json(ws.path(ft_res["baseline_run"]) / "results.json", None)
+    shown = ft_res or base_res
+    train = next((d for d in reversed(list(details.values())) if isinstance(d, dict) and isinstance(d.get("log"), list)), {})
+    forge = details.get("forge") or {}
+    written = ["report.md"]
     (run_dir / "report.md").write_text(
-        jreport.markdown(ft_res.get("judge", ""), base_res, ft_res, ft_res.get("comparison"), ft_res.get("lineage", {}),
-                         ft_res.get("forgetting"), ft_res.get("retrieval_comparisons")),
+        jreport.markdown(shown.get("judge", ""), base_res, ft_res, (ft_res or {}).get("comparison"), shown.get("lineage", {}),
+                         (ft_res or {}).get("forgetting"), (ft_res or {}).get("retrieval_comparisons")),
         encoding="utf-8",
     )
-    return ["report.html", "report.md"]
+    if ft_res and base_res:
+        write_html_report(run_dir / "report.html", manifest, forge, train.get("log", []), base_res, ft_res)
+        written.insert(0, "report.html")
+    return written
 
 
 def _rel(ws: Workspace, path: Path) -> str:

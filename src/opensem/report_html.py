@@ -156,8 +156,9 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
             f"<td>{escape(it['output'])}<div class='reason'>{escape(it.get('reason') or it.get('error') or '')}</div></td>"
             f"<td class='num'>{_f(b.get('score'))}</td><td class='num'>{_f(it['score'])}</td><td class='num'>{_f(d, '+.2f')}</td></tr>"
         )
-    counts = (forge or {}).get("counts", {})
-    cost = (forge or {}).get("cost", {})
+    forge = forge or {}
+    counts = forge.get("counts", {})
+    cost = forge.get("cost", {})
     forge_rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
                   ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
                   ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
@@ -167,20 +168,29 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
                        ("split", cov.get("split_by"))]
     forge_rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
     forge_rows += [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
-    lineage = ft_res.get("lineage", {}) | {
-        "forge manifest": manifest["forge"].get("manifest_sha256"),
-        "train.jsonl": manifest["forge"].get("train_sha256"),
-        "adapter": f"{manifest['train']['adapter']} {manifest['train']['adapter_sha256']}",
-        "adapter manifest": manifest["train"].get("manifest_sha256"),
-        "baseline results": f"{manifest['baseline']['results']} {manifest['baseline']['results_sha256']}",
-        "fine-tuned results": f"{manifest['fine_tuned']['results']} {manifest['fine_tuned']['results_sha256']}",
-    }
+    m_forge, m_train = manifest.get("forge") or {}, manifest.get("train") or {}
+    m_base, m_tuned = manifest.get("baseline") or {}, manifest.get("fine_tuned") or {}
+    lineage = ft_res.get("lineage", {}) | {k: v for k, v in {
+        "forge manifest": m_forge.get("manifest_sha256"),
+        "train.jsonl": m_forge.get("train_sha256"),
+        "adapter": m_train.get("adapter") and f"{m_train['adapter']} {m_train.get('adapter_sha256')}",
+        "adapter manifest": m_train.get("manifest_sha256"),
+        "baseline results": (f"{m_base['results']} {m_base.get('results_sha256')}" if m_base.get("results")
+                             else ft_res.get("baseline_run") and f"{ft_res['baseline_run']} (an earlier run)"),
+        "fine-tuned results": m_tuned.get("results") and f"{m_tuned['results']} {m_tuned.get('results_sha256')}",
+    }.items() if v}
     if manifest.get("cpt"):  # continued pre-training ran first: its corpus, adapter and what it did to perplexity
         c = manifest["cpt"]
         lineage |= {"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
                     "cpt perplexity": f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"}
     stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
                          for k, v in manifest["stages"].items())
+    forge_section = ("<h2>Forge</h2><table>" + "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in forge_rows)
+                     + "</table>") if forge else ""
+    train_section = (f"""<h2>Training</h2><table>
+<tr><td>engine</td><td>{escape(str(m_train.get('engine')))}</td></tr>
+<tr><td>final train loss / eval loss</td><td>{_f(m_train.get('final_train_loss'), '.3f')} / {_f(m_train.get('eval_loss'), '.3f')}</td></tr>
+<tr><td>tokens/s</td><td>{escape(str(m_train.get('tokens_per_s')))}</td></tr></table>""") if m_train else ""
     forgetting = ft_res.get("forgetting") or {}
     retrieval = _retrieval_section(base_res, ft_res) + _steps_section(manifest)
     html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OpenSEM run {escape(manifest['run_id'])}</title>
@@ -197,11 +207,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
 <p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>
 <table><thead><tr><th>id</th><th>question</th><th>golden answer</th><th>baseline answer</th><th>fine-tuned answer</th>
 <th>base</th><th>tuned</th><th>Δ</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
-<h2>Forge</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in forge_rows)}</table>
-<h2>Training</h2><table>
-<tr><td>engine</td><td>{escape(str(manifest['train'].get('engine')))}</td></tr>
-<tr><td>final train loss / eval loss</td><td>{_f(manifest['train'].get('final_train_loss'), '.3f')} / {_f(manifest['train'].get('eval_loss'), '.3f')}</td></tr>
-<tr><td>tokens/s</td><td>{escape(str(manifest['train'].get('tokens_per_s')))}</td></tr></table>
+{forge_section}{train_section}
 <h2>Stage times</h2><table>{stage_rows}</table>
 <h2>Lineage</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>" for k, v in lineage.items())}</table>
 </body></html>"""
