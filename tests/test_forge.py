@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child, default_sigint, read_jsonl, run_cli, scaled, set_config
+from conftest import REPO, child, default_sigint, read_jsonl, run_cli, scaled, set_config
 
 from opensem.errors import OpenSEMError
 from opensem.forge import run_forge
@@ -577,3 +577,27 @@ def test_the_dry_run_prints_facts_wordings_steps_and_the_estimated_time(workspac
     out = " ".join(run_cli("forge", "--dry-run", "-w", str(workspace)).stderr.split())
     assert "86 examples, 24 facts x 3.0 wordings, 30 exposures per fact: 54 steps (10.0 passes), about 4.5 min" in out
     assert fake.calls["/v1/chat/completions"] == 0
+
+
+def test_a_provider_of_ones_own_forges_by_entry_point_or_by_module_path(workspace, tmp_path):
+    """A provider is one class in a module outside src/: a package registers it by name (an entry point in the
+    `opensem.providers` group), or a config names it as module:Class. Nothing in src/ lists it."""
+    (workspace / "data/raw/pump.md").write_text("# Pump\n\nThe Halden H-40 pump runs at a maximum pressure of 12 bar. "
+                                                "Its motor draws 450 watts at full load. The warranty lasts four years.\n")
+    site = tmp_path / "site"
+    dist = site / "parrot_plugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: parrot-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[opensem.providers]\nparrot = provider_fixtures:Parrot\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    doctor = run_cli("doctor", "-w", str(workspace), env=env)
+    assert doctor.returncode == 0 and "parrot" in doctor.stdout, doctor.stdout + doctor.stderr
+    for provider in ("parrot", "provider_fixtures:Parrot"):
+        r = run_cli("forge", "-w", str(workspace), "--set", f"forge.teacher.provider={provider}",
+                    "--set", "forge.generation.strategy=passage", "--set", "forge.cost.max_cost_usd=null", env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = json.loads((workspace / "data/processed/forge_manifest.json").read_text())
+        assert m["teacher"]["provider"] == provider and m["teacher"]["model"] == "parrot-1"
+        assert m["counts"]["train"] + m["counts"]["test"] > 0
+    bad = run_cli("forge", "-w", str(workspace), "--set", "forge.teacher.provider=parot", env=env)
+    assert bad.returncode == 2 and "unknown provider 'parot'" in bad.stderr and "parrot" in bad.stderr

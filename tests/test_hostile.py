@@ -357,7 +357,7 @@ def test_a_local_prompt_past_the_context_is_a_failed_call_not_a_runaway(base_mod
     from opensem.config import LLMSpec
     from opensem.inference import PromptTooLong, load_chat_model
     from opensem.llm import Call
-    from opensem.llm.base import LocalProvider
+    from opensem.llm.local_models import LocalProvider
 
     provider = LocalProvider(LLMSpec(provider="local"), base_models_dir)
     calls = [Call([{"role": "user", "content": "word " * 9000}], max_tokens=8),

@@ -5,7 +5,6 @@ the one thing no test here can reach."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import yaml
 
 from conftest import make_workspace, run_cli, set_config
-from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
 
 PLANTED = "sk-planted-7d1e0c9b5a"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,7 +40,7 @@ class Strict(BaseModel):
 class LLMSpec(Strict):
     """A chat model the tool talks to: a hosted API, an OpenAI-compatible server, or an in-process model."""
 
-    provider: Literal["local", "openai", "anthropic", "openai-compatible"] = "local"
+    provider: str = Field("local", description="openai, openai-compatible, anthropic, local, a plugin's name, or package.module:Class")
     model: Optional[str] = Field(None, description="Model name; defaults per provider")
     base_url: Optional[str] = Field(None, description="For openai-compatible (Ollama, vLLM, LM Studio...)")
     api_key_env: Optional[str] = Field(None, description="Name of the environment variable with the key")
@@ -52,26 +52,31 @@ class LLMSpec(Strict):
     requests_per_minute: Optional[int] = Field(None, ge=1)
     tokens_per_minute: Optional[int] = Field(None, ge=1)
 
+    NOT_PROVIDERS: ClassVar[tuple[str, ...]] = ()  # names a subclass handles itself (the judge's offline scorer)
+
     @model_validator(mode="after")
     def _check(self) -> "LLMSpec":
-        if self.provider == "openai-compatible" and not self.base_url:
-            raise ValueError("provider 'openai-compatible' needs base_url (e.g. http://localhost:11434/v1)")
+        if self.provider in self.NOT_PROVIDERS:
+            return self
+        cls = self.provider_class()  # ValueError: unknown provider, listing the known ones
+        if cls.needs_base_url and not self.base_url:
+            raise ValueError(f"provider '{self.provider}' needs base_url (e.g. http://localhost:11434/v1)")
         return self
 
+    def provider_class(self):
+        from opensem.llm.registry import provider_class
+
+        return provider_class(self.provider)
+
+    def in_process(self) -> bool:
+        """A model in this process: free, and its own tokenizer counts the prompts."""
+        return self.provider not in self.NOT_PROVIDERS and self.provider_class().in_process
+
     def resolved_model(self) -> str:
-        if self.model:
-            return self.model
-        return {
-            "openai": "gpt-4o-mini",
-            "anthropic": "claude-3-5-haiku-latest",
-            "openai-compatible": "default",
-            "local": EMBEDDED_MODEL,
-        }[self.provider]
+        return self.model or self.provider_class().default_model
 
     def resolved_key_env(self) -> Optional[str]:
-        if self.api_key_env:
-            return self.api_key_env
-        return {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(self.provider)
+        return self.api_key_env or self.provider_class().key_env
 
 
 class Price(Strict):
@@ -367,7 +372,8 @@ class AnswerConfig(Strict):
 
 
 class JudgeSpec(LLMSpec):
-    provider: Literal["offline", "local", "openai", "anthropic", "openai-compatible"] = "offline"  # type: ignore[assignment]
+    provider: str = Field("offline", description="offline (the reference scorer), or any teacher provider")
+    NOT_PROVIDERS: ClassVar[tuple[str, ...]] = ("offline",)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(400, ge=16)
     concurrency: int = Field(4, ge=1, le=256, description="Items graded at once (promptfoo's maxConcurrency)")
@@ -377,6 +383,9 @@ class JudgeSpec(LLMSpec):
         if self.provider == "offline":
             return "reference-scorer-v1"
         return super().resolved_model()
+
+    def resolved_key_env(self) -> Optional[str]:
+        return None if self.provider == "offline" else super().resolved_key_env()
 
 
 class RetrievalConfig(Strict):

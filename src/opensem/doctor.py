@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -64,13 +63,9 @@ def run_doctor(workspace: Path, console: Console) -> dict:
         facts["promptfoo"] = f"missing: {e}"
     ok, why = unsloth_available()
     facts["training engines"] = "hf" + (", unsloth" if ok else f" (unsloth: {why})")
-    from opensem.models import EMBEDDED_PACKAGE
+    from opensem.llm.registry import PROVIDERS, names
 
-    embedded = importlib.util.find_spec(EMBEDDED_PACKAGE) is not None
-    providers = ["local (embedded smollm2-135m-instruct)" if embedded else "local (embedded model missing)"]
-    providers.append("openai" + ("" if os.environ.get("OPENAI_API_KEY") else " (needs OPENAI_API_KEY)"))
-    providers.append("anthropic" + ("" if os.environ.get("ANTHROPIC_API_KEY") else " (needs ANTHROPIC_API_KEY)"))
-    providers.append("openai-compatible (any base_url)")
+    providers = [PROVIDERS[n].status() for n in names()]
     facts["teacher / judge providers"] = ", ".join(providers)
     from opensem.text import embedder_path
 

@@ -148,7 +148,7 @@ def _print_plan(console: Console, ws: Workspace, fcfg: ForgeConfig, chunk_list: 
     tin = sum(count(c.messages) for c in calls)
     tout = sum(c.max_tokens or 0 for c in calls)
     price = costs.price
-    est = f"at most ${usd(price, tin, tout):.4f}" if price else ("free (local teacher)" if fcfg.teacher.provider == "local"
+    est = f"at most ${usd(price, tin, tout):.4f}" if price else ("free (local teacher)" if fcfg.teacher.in_process()
                                                                  else "unknown price")
     console.print(f"rewrites: {len(calls)} teacher calls to {fcfg.teacher.provider}/{fcfg.teacher.resolved_model()}, "
                   f"about {tin} prompt tokens, at most {tout} reply tokens: {est} "

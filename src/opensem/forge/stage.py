@@ -58,7 +58,7 @@ class Request:
 def _strategy(cfg: ForgeConfig) -> str:
     if cfg.generation.strategy != "auto":
         return cfg.generation.strategy
-    return "sentence" if cfg.teacher.provider == "local" else "passage"
+    return "sentence" if cfg.teacher.in_process() else "passage"
 
 
 def plan_requests(chunks: list[Chunk], cfg: ForgeConfig) -> list[Request]:
@@ -334,7 +334,7 @@ def ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, lis
 
 def _price(cfg: ForgeConfig):
     """The teacher's price; a budget with no known price is refused before any call."""
-    if cfg.teacher.provider == "local":
+    if cfg.teacher.in_process():
         return None
     model = cfg.teacher.resolved_model()
     price = cfg.cost.price_for(model)
@@ -381,7 +381,7 @@ def _cost_record(costs: Costs, cfg: ForgeConfig, model: str) -> dict:
         "calls_made": costs.calls,
         "calls_from_cache": costs.cached,
         "calls_without_usage": costs.estimated,  # the server sent no token counts: counted here, with a margin
-        "price_known": cfg.teacher.provider == "local" or cfg.cost.price_for(model) is not None,
+        "price_known": cfg.teacher.in_process() or cfg.cost.price_for(model) is not None,
     }
 
 
@@ -391,7 +391,7 @@ MESSAGE_OVERHEAD = 4  # role markers and separators per message, as chat APIs co
 def prompt_counter(ws: Workspace, cfg: ForgeConfig):
     """Tokens of one request's messages: the teacher's own tokenizer and chat template where the teacher is
     local, else the character-based estimate."""
-    if cfg.teacher.provider == "local":
+    if cfg.teacher.in_process():
         from opensem.models import resolve_base_model
 
         from opensem.inference import PromptChecker
@@ -406,7 +406,7 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
     tout = sum(min(r.max_tokens, 120 if r.schema is None else 360) for r in reqs)  # a question; or a JSON list of pairs
     price = cfg.cost.price_for(cfg.teacher.resolved_model())
     usd = None if price is None else tin / 1e6 * price.input_per_mtok + tout / 1e6 * price.output_per_mtok
-    if cfg.teacher.provider == "local":
+    if cfg.teacher.in_process():
         usd = 0.0
     table = Table(title=f"forge plan (dry run, nothing called) - teacher {teacher_id}, strategy {strategy}")
     table.add_column("item")

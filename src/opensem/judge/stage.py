@@ -36,7 +36,7 @@ from opensem.workspace import Workspace
 
 def _judge_with_fallback(ws: Workspace, ecfg, console: Console):
     judge = make_judge(ecfg.judge, ws)
-    if isinstance(judge, ReferenceScorer) or ecfg.judge.provider == "local":
+    if isinstance(judge, ReferenceScorer) or ecfg.judge.in_process():
         return judge
     why = judge.unreachable()
     if why:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from rich.markup import escape
 
 from opensem.errors import OpenSEMError

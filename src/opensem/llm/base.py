@@ -1,4 +1,9 @@
-"""The Provider interface and the four providers: openai, anthropic, openai-compatible, local."""
+"""The Provider interface: what every provider shares (retries, deadlines, rate limits, batches, reply parsing).
+
+A provider subclass says its name, default model, key variable and capabilities, implements ``_call`` (one
+request) or ``complete_many`` (a batch), and registers itself (opensem.llm.registry). The built-in ones live
+in openai_models.py, anthropic_models.py and local_models.py.
+"""
 
 from __future__ import annotations
 
@@ -135,14 +140,34 @@ class RateLimiter:
 class Provider:
     """A chat model. Subclasses implement ``_call``; retries, rate limits and parsing live here."""
 
-    name = "base"
+    name = "base"  # what `provider:` says in a config
+    default_model = "default"  # when the config names no model
+    key_env: Optional[str] = None  # the environment variable with its key (a config's api_key_env overrides it)
+    key_required = False  # refuse to start without a key
+    needs_base_url = False  # a server of the user's: `base_url` is required
+    in_process = False  # a model in this process: no price, its own tokenizer counts prompts
     remote = True  # a call over the network: under a wall-clock deadline, in a thread Ctrl-C does not wait for
 
-    def __init__(self, spec: LLMSpec):
+    def __init__(self, spec: LLMSpec, models_dir=None):
         self.spec = spec
         self.model = spec.resolved_model()
         self.limiter = RateLimiter(spec.requests_per_minute, spec.tokens_per_minute)
         self.cancelled = threading.Event()  # set on Ctrl-C: calls in flight give up within POLL_S
+
+    @classmethod
+    def status(cls) -> str:
+        """One line for `opensem doctor`: the provider and what it still needs here."""
+        if cls.key_required and cls.key_env and not os.environ.get(cls.key_env):
+            return f"{cls.name} (needs {cls.key_env})"
+        return cls.name + (" (any base_url)" if cls.needs_base_url else "")
+
+    def api_key(self) -> Optional[str]:
+        env = self.spec.resolved_key_env()
+        key = os.environ.get(env) if env else None
+        if not key and self.key_required:
+            raise OpenSEMError(f"provider '{self.spec.provider}' needs an API key in the environment variable {env} "
+                               f"(set it, or use provider: local / openai-compatible)")
+        return key
 
     def max_reply_chars(self, max_tokens: int) -> int:
         """A reply longer than this is a failed call (never parsed, never cached): no token is 32 characters."""
@@ -311,7 +336,7 @@ def backoff_delay(attempt: int, retry_after: Optional[float], base: float = 0.5,
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
-def _retry_after(exc: Exception) -> Optional[float]:
+def retry_after_of(exc: Exception) -> Optional[float]:
     resp = getattr(exc, "response", None)
     headers = getattr(resp, "headers", None) or {}
     for key in ("retry-after-ms", "retry-after"):
@@ -326,205 +351,10 @@ def _retry_after(exc: Exception) -> Optional[float]:
     return None
 
 
-def _api_key(spec: LLMSpec) -> Optional[str]:
-    env = spec.resolved_key_env()
-    if env is None:
-        return None
-    key = os.environ.get(env)
-    if not key and spec.provider in ("openai", "anthropic"):
-        raise OpenSEMError(
-            f"provider '{spec.provider}' needs an API key in the environment variable {env} "
-            f"(set it, or use provider: local / openai-compatible)"
-        )
-    return key
-
-
-class OpenAIProvider(Provider):
-    """OpenAI and any OpenAI-compatible server (Ollama, vLLM, llama.cpp server, LM Studio, OpenRouter)."""
-
-    def __init__(self, spec: LLMSpec):
-        super().__init__(spec)
-        import openai
-
-        self._openai = openai
-        key = _api_key(spec) or "not-needed"
-        base = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self.base_url = base
-        self.client = openai.OpenAI(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0,
-                                    http_client=http_client(openai, spec.timeout_s + 1))
-        self.schema_supported = True
-
-    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
-        o = self._openai
-        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
-        if schema is not None and self.schema_supported:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": schema, "strict": True},
-            }
-        try:
-            resp = self.client.chat.completions.create(**kwargs)
-        except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
-            raise RetryableError(_describe(e), _retry_after(e)) from None
-        except (ValueError, o.APIResponseValidationError) as e:  # a 200 whose body is truncated or not JSON
-            raise RetryableError(f"the reply's body is not valid JSON ({type(e).__name__})") from None
-        except o.BadRequestError as e:
-            if "response_format" in kwargs and self.spec.provider == "openai-compatible":
-                self.schema_supported = False  # old servers: ask in the prompt, parse leniently
-                return self._call(messages, schema, temperature, max_tokens)
-            raise LLMError(f"{self.spec.provider}/{self.model}: request rejected: {_describe(e)}") from None
-        except o.AuthenticationError:
-            raise OpenSEMError(
-                f"{self.spec.provider}: the API key in {self.spec.resolved_key_env()} was rejected (401)"
-            ) from None
-        except o.APIStatusError as e:
-            if e.status_code >= 500 or e.status_code == 408:
-                raise RetryableError(_describe(e), _retry_after(e)) from None
-            raise LLMError(f"{self.spec.provider}/{self.model}: {_describe(e)}") from None
-        if not getattr(resp, "choices", None):
-            raise RetryableError("reply had no choices")
-        msg = resp.choices[0].message
-        usage = getattr(resp, "usage", None)
-        return LLMReply(
-            text=msg.content or "",
-            input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            output_tokens=getattr(usage, "completion_tokens", 0) or 0,
-        )
-
-
-class AnthropicProvider(Provider):
-    def __init__(self, spec: LLMSpec):
-        super().__init__(spec)
-        import anthropic
-
-        self._anthropic = anthropic
-        key = _api_key(spec)
-        base = spec.base_url or os.environ.get("ANTHROPIC_BASE_URL") or None
-        self.base_url = base
-        self.client = anthropic.Anthropic(api_key=key, base_url=base, timeout=spec.timeout_s, max_retries=0,
-                                          http_client=http_client(anthropic, spec.timeout_s + 1))
-        # The 2.x SDK has no sampling parameters; older models still accept `temperature` on the wire,
-        # newer ones refuse it with a 400, after which it is no longer sent.
-        self.send_temperature = True
-
-    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
-        a = self._anthropic
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        chat = [m for m in messages if m["role"] != "system"]
-        kwargs: dict[str, Any] = dict(model=self.model, messages=chat, max_tokens=max_tokens)
-        if self.send_temperature:
-            kwargs["extra_body"] = {"temperature": temperature}
-        if system:
-            kwargs["system"] = system
-        if schema is not None:
-            kwargs["tools"] = [{"name": "output", "description": "Return the result", "input_schema": schema}]
-            kwargs["tool_choice"] = {"type": "tool", "name": "output"}
-        try:
-            resp = self.client.messages.create(**kwargs)
-        except (a.RateLimitError, a.InternalServerError, a.APITimeoutError, a.APIConnectionError) as e:
-            raise RetryableError(_describe(e), _retry_after(e)) from None
-        except (ValueError, a.APIResponseValidationError) as e:  # a 200 whose body is truncated or not JSON
-            raise RetryableError(f"the reply's body is not valid JSON ({type(e).__name__})") from None
-        except a.BadRequestError as e:
-            if self.send_temperature and "temperature" in str(e).lower():
-                self.send_temperature = False
-                return self._call(messages, schema, temperature, max_tokens)
-            raise LLMError(f"anthropic/{self.model}: request rejected: {_describe(e)}") from None
-        except a.AuthenticationError:
-            raise OpenSEMError(
-                f"anthropic: the API key in {self.spec.resolved_key_env()} was rejected (401)"
-            ) from None
-        except a.APIStatusError as e:
-            if e.status_code >= 500 or e.status_code in (408, 529):
-                raise RetryableError(_describe(e), _retry_after(e)) from None
-            raise LLMError(f"anthropic/{self.model}: {_describe(e)}") from None
-        text, data = "", None
-        for block in resp.content or []:
-            if getattr(block, "type", "") == "tool_use":
-                data = block.input
-                text = json.dumps(block.input)
-            elif getattr(block, "type", "") == "text":
-                text += block.text
-        usage = getattr(resp, "usage", None)
-        return LLMReply(
-            text=text,
-            data=data,
-            input_tokens=getattr(usage, "input_tokens", 0) or 0,
-            output_tokens=getattr(usage, "output_tokens", 0) or 0,
-        )
-
-
-class LocalProvider(Provider):
-    """An in-process model through opensem.inference (the embedded model by default)."""
-
-    remote = False
-
-    def __init__(self, spec: LLMSpec, models_dir=None):
-        super().__init__(spec)
-        from pathlib import Path
-
-        from opensem.models import resolve_base_model
-
-        self.resolved = resolve_base_model(self.model, Path(models_dir or "models/base"))
-
-    def identity(self) -> dict:
-        return {"provider": "local", "model": self.model, "fingerprint": self.resolved.fingerprint}
-
-    @property
-    def chat_model(self):
-        from opensem.inference import load_chat_model
-
-        return load_chat_model(self.resolved.path)
-
-    def complete_batch(self, conversations: list[list[dict]], temperature: float, max_tokens: int, seed: int = 0,
-                       stop_after: tuple[str, ...] = ()):
-        outs = self.chat_model.generate(conversations, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                                        stop_after=stop_after, batch_size=self.decode_batch_size)
-        return [LLMReply(o.text, o.prompt_tokens, o.completion_tokens) for o in outs]
-
-    def _call(self, messages, schema, temperature, max_tokens) -> LLMReply:
-        return self.complete_batch([messages], temperature, max_tokens)[0]
-
-    batch_size = 64  # calls per batch (a batch's seed is its offset in its group: changing this changes samples)
-    decode_batch_size = 64  # rows decoded together: a whole batch, so its other variants reuse its prompts' pass
-
-    def complete_many(self, calls, on_done=None, may_start=None) -> Optional[str]:
-        """One model in this process: calls with the same decoding settings are generated in batches. The groups
-        take turns batch by batch, so the same prompts asked in several variants (the forge's wordings of one
-        sentence) follow each other and share their prompts' forward pass (ChatModel._prefill)."""
-        on_done = on_done or (lambda c: None)
-        groups: dict[tuple, list[Call]] = {}
-        for c in calls:
-            t = self.spec.temperature if c.temperature is None else c.temperature
-            groups.setdefault((t, c.max_tokens or self.spec.max_tokens, c.variant, tuple(c.stop_after)), []).append(c)
-        longest = max((len(g) for g in groups.values()), default=0)
-        for i in range(0, longest, self.batch_size):
-            for (temperature, max_tokens, variant, stop_after), group in groups.items():
-                part = group[i : i + self.batch_size]
-                if not part:
-                    continue
-                for c in part:
-                    stop = may_start(c) if may_start else None
-                    if stop:
-                        return stop
-                fits = []
-                for c in part:  # a prompt past the context window is a failed call, never a runaway batch
-                    n = self.chat_model.prompt_tokens(c.messages)
-                    context = self.chat_model.context_len
-                    if context and n + max_tokens > context:
-                        c.error = f"local/{self.model}: a prompt of {n} tokens plus {max_tokens} new tokens exceeds the context of {context}"
-                        on_done(c)
-                    else:
-                        fits.append(c)
-                part = fits
-                if not part:
-                    continue
-                replies = self.complete_batch([c.messages for c in part], temperature, max_tokens, seed=variant * 1000 + i,
-                                              stop_after=stop_after)
-                for c, reply in zip(part, replies):
-                    c.reply = finish_reply(reply, c.schema)
-                    on_done(c)
-        return None
+def describe_error(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    return f"{name} (HTTP {status})" if status else name
 
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
@@ -581,19 +411,3 @@ def public_url(url: Optional[str]) -> Optional[str]:
     if ":" in host:
         host = f"[{host}]"
     return urlunsplit((u.scheme, host + (f":{u.port}" if u.port else ""), u.path.rstrip("/"), "", ""))
-
-
-def _describe(exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    return f"{name} (HTTP {status})" if status else name
-
-
-def get_provider(spec: LLMSpec, models_dir=None) -> Provider:
-    if spec.provider in ("openai", "openai-compatible"):
-        return OpenAIProvider(spec)
-    if spec.provider == "anthropic":
-        return AnthropicProvider(spec)
-    if spec.provider == "local":
-        return LocalProvider(spec, models_dir)
-    raise OpenSEMError(f"unknown provider {spec.provider!r}")
