@@ -69,14 +69,14 @@ class Workspace:
         """Hold the workspace for this process: a second command that writes here exits with who holds it. An
         advisory lock on .opensem/lock (released by the system when the holder ends, however it ends: a stale
         lock cannot outlive its process), with the holder's pid, command and start time written inside."""
-        global _HELD
-        if _HELD.get(self.root) is not None:
-            return
         import fcntl
         import json
         import os
         import socket
         import time
+
+        if _HELD.get(self.root) is not None or os.environ.get("RANK", "0") != "0":
+            return  # held already, or another rank of a torchrun job whose rank 0 holds it
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "lock"
