@@ -127,6 +127,38 @@ def child(args: list[str], **kwargs):
             proc.wait(timeout=60)
 
 
+def interrupt_midway(args: list[str], progress: str, wait_s: float = 300) -> tuple[int, str]:
+    """Start the console command ``args``, press Ctrl-C once its progress bar matches the regex ``progress``, and
+    return its exit code and stderr. The child dies with the test, however the test ends."""
+    import re
+    import signal
+    import threading
+
+    exe = Path(sys.executable).parent / "opensem"
+    with child([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint) as proc:
+        err_parts: list[str] = []
+        reached = threading.Event()
+
+        def read() -> None:
+            buf = ""
+            while True:
+                ch = proc.stderr.read(1)
+                if not ch:
+                    return
+                buf += ch
+                err_parts.append(ch)
+                if re.search(progress, buf[-200:]):
+                    reached.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert reached.wait(scaled(wait_s)), "".join(err_parts)[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=scaled(240))
+        reader.join(timeout=10)
+    return proc.returncode, "".join(err_parts)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
     exe = Path(sys.executable).parent / "opensem"

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import child, default_sigint, make_workspace, read_jsonl, run_cli, scaled, set_config
+from conftest import interrupt_midway, make_workspace, read_jsonl, run_cli, set_config
 from rich.console import Console
 
 from opensem.workspace import Workspace
@@ -83,31 +81,8 @@ def test_cpt_lowers_the_loss_on_its_text_and_leaves_a_loadable_adapter(tmp_path,
 
 def test_cpt_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_dir):
     ws = _cpt_workspace(tmp_path, base_models_dir, max_steps=6, sequence_len=64, micro_batch_size=2, run_name="res")
-    exe = Path(sys.executable).parent / "opensem"
-    with child([str(exe), "cpt", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-               preexec_fn=default_sigint) as proc:
-        err_parts: list[str] = []
-        reached = threading.Event()
-
-        def read():
-            buf = ""
-            while True:
-                ch = proc.stderr.read(1)
-                if not ch:
-                    return
-                buf += ch
-                err_parts.append(ch)
-                if re.search(r"\b[2-4]/6 \[", buf[-200:]):
-                    reached.set()
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        assert reached.wait(scaled(300)), "".join(err_parts)[-2000:]
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=scaled(240))
-        t.join(timeout=10)
-    err = "".join(err_parts)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = interrupt_midway(["cpt", "-w", str(ws)], r"\b[2-4]/6 \[")
+    assert code == 130, err[-2000:]
     assert "opensem cpt --resume" in err
     ckpts = list((ws / "models/cpt/res/checkpoints").glob("checkpoint-*"))
     assert ckpts, "Ctrl-C must save a checkpoint"

@@ -304,9 +304,11 @@ def test_near_duplicates_and_ungrounded_pairs_are_rejected(workspace, fake, monk
         {"question": "What fuel does the H-40 pump burn?", "answer": "It burns premium diesel from Norwegian refineries."},
         {"question": "According to the text, what is the H-40 made of?", "answer": "The H-40 is made of marine-grade bronze."},
     ]
+    set_config(workspace, "forge", generation__pairs_per_chunk=len(pairs))  # every pair is asked for: the gates decide
     fake.behaviour.reply = lambda body: json.dumps({"pairs": pairs})
     m = run_forge(Workspace(workspace))
     rej = m["counts"]["rejected"]
+    assert rej["beyond_pairs_per_chunk"] == 0
     assert rej["near_duplicate"] >= 1 and rej["exact_duplicate"] >= 1
     assert rej["ungrounded"] >= 1 and rej["not_standalone"] >= 1
 

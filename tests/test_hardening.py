@@ -158,11 +158,10 @@ def test_an_injected_stage_name_runs_nothing_and_a_failed_remote_run_fails_the_l
 # --- 3. a deadline per call that holds on a trickling server; Ctrl-C within a second or two -------------------
 def test_a_trickling_server_is_cut_at_the_deadline(fake):
     from opensem.config import LLMSpec
-    from opensem.llm.base import LLMError
-    from opensem.llm.openai_models import OpenAIProvider
+    from opensem.llm import LLMError, get_provider
 
     fake.behaviour.default = "trickle"
-    p = OpenAIProvider(LLMSpec(provider="openai-compatible", base_url=fake.openai_url, model="m", timeout_s=2, max_retries=0))
+    p = get_provider(LLMSpec(provider="openai-compatible", base_url=fake.openai_url, model="m", timeout_s=2, max_retries=0))
     t = time.monotonic()
     with pytest.raises(LLMError, match="no complete reply within timeout_s 2"):
         p.complete([{"role": "user", "content": "hi"}])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child, default_sigint, make_workspace, run_cli, scaled, set_config
+from conftest import REPO, interrupt_midway, make_workspace, run_cli, set_config
 
 from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError
@@ -183,39 +182,13 @@ def test_existing_run_name_is_never_overwritten(tmp_path, base_models_dir):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_dir):
-    import re
-    import threading
-
     ws = make_workspace(tmp_path / "ws", base_models_dir)
     long = " ".join(f"word{k}" for k in range(40))
     rows = [{"conversations": [{"from": "human", "value": f"Describe item {i}?"}, {"from": "gpt", "value": f"Item {i}: {long}."}]} for i in range(48)]
     (ws / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     set_config(ws, "train", max_steps=6, micro_batch_size=16, save_steps=100, logging_steps=1, run_name="res")
-    exe = Path(sys.executable).parent / "opensem"
-    with child([str(exe), "train", "-w", str(ws)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-               preexec_fn=default_sigint) as proc:
-        err_parts: list[str] = []
-        reached = threading.Event()
-
-        def read():
-            buf = ""
-            while True:
-                ch = proc.stderr.read(1)
-                if not ch:
-                    return
-                buf += ch
-                err_parts.append(ch)
-                if re.search(r"\b[2-4]/6 \[", buf[-200:]):
-                    reached.set()
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        assert reached.wait(scaled(300)), "".join(err_parts)[-2000:]
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=scaled(240))
-        t.join(timeout=10)
-    err = "".join(err_parts)
-    assert proc.returncode == 130, err[-2000:]
+    code, err = interrupt_midway(["train", "-w", str(ws)], r"\b[2-4]/6 \[")
+    assert code == 130, err[-2000:]
     assert "opensem train --resume" in err
     ckpts = list((ws / "models/adapters/res/checkpoints").glob("checkpoint-*"))
     assert ckpts, "Ctrl-C must save a checkpoint"
