@@ -42,7 +42,7 @@ def upload_tree(src: Path, dst: Path, workspace: Path) -> list[tuple[str, str]]:
             left.append((rel, "not a regular file: not uploaded"))
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(path, target)
+        link_or_copy(path, target)
 
     if not src.is_dir() or src.is_symlink():
         one(src, dst)
@@ -124,7 +124,8 @@ def bring_home(src: Path, dst: Path, workspace: Path) -> list[str]:
     return refused
 
 
-def _link_or_copy(src, dst) -> None:
+def link_or_copy(src, dst) -> None:
+    """A hard link where the file system allows it (no bytes copied), else a copy."""
     try:
         os.link(src, dst)
     except OSError:

@@ -27,7 +27,7 @@ import yaml
 
 from opensem import __version__
 from opensem.errors import ConfigError, OpenSEMError
-from opensem.launch.files import upload_tree
+from opensem.launch.files import link_or_copy, upload_tree
 from opensem.workspace import Workspace
 
 REMOTE_WORKDIR = "~/sky_workdir"
@@ -290,8 +290,8 @@ def stage(ws: Workspace, plan: Plan) -> tuple[Path, dict]:
                            "install OpenSEM with `pip install -e` from its repository")
     for name in SOURCE_FILES:
         if (root / name).exists():
-            _link_or_copy(root / name, source / name)
-    shutil.copytree(root / "src", source / "src", ignore=ignore, copy_function=_link_or_copy)
+            link_or_copy(root / name, source / name)
+    shutil.copytree(root / "src", source / "src", ignore=ignore, copy_function=link_or_copy)
     task = task_config(plan, workdir, source)
     path = d / "task.yaml"
     path.write_text(task_yaml(task), encoding="utf-8")
@@ -308,10 +308,3 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:
 def task_yaml(task: dict) -> str:
     """The task as YAML, scripts as literal blocks (readable, and what `sky launch task.yaml` reads)."""
     return yaml.dump(task, Dumper=_Dumper, sort_keys=False, width=1000)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
