@@ -175,10 +175,15 @@ def test_an_adapter_finds_the_model_under_it_on_another_machine(tmp_path, base_m
 
 def test_existing_run_name_is_never_overwritten(tmp_path, base_models_dir):
     ws = _tiny_workspace(tmp_path, base_models_dir)
-    (ws / "models/adapters/taken").mkdir(parents=True)
-    (ws / "models/adapters/taken/adapter_config.json").write_text("{}")
+    taken = ws / "models/adapters/taken"
+    taken.mkdir(parents=True)
+    (taken / "adapter_config.json").write_text('{"r": 8}')
+    (taken / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (taken / "manifest.json").write_text('{"stage": "train", "steps": 7}')
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in taken.iterdir()}
     r = run_cli("train", "-w", str(ws), "--run-name", "taken")
     assert r.returncode == 2 and "already exists" in r.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in taken.iterdir()} == before  # not a byte, not a file more
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_dir):
