@@ -115,7 +115,7 @@ def cap_child(cap_gb: float) -> None:
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
-    from opensem.train.hardware import Profile, apply_vram_cap
+    from opensem.kernel.hardware import Profile, apply_vram_cap
 
     apply_vram_cap(Profile({}, "consumer-gpu", "bf16", 1, 1, False, cap_gb))
     blocks = []

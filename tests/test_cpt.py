@@ -114,7 +114,7 @@ def test_cpt_two_process_data_parallel_on_cpu(tmp_path, base_models_dir):
 def test_the_pipeline_chains_cpt_into_instruction_tuning_and_the_judge_answers_with_the_chain(tmp_path, base_models_dir):
     from opensem.judge.stage import setup_judge
     from opensem.pipeline import run_pipeline
-    from opensem.train.stage import chain_text
+    from opensem.adapters import chain_text
 
     ws = _cpt_workspace(tmp_path, base_models_dir, max_steps=2, run_name="c")
     rows = [{"conversations": [{"from": "human", "value": f"What colour is lantern {i}?"},
@@ -197,7 +197,7 @@ def test_embedding_learning_rate_is_its_own_optimizer_group(base_models_dir, tmp
     from trl import SFTConfig
 
     from opensem.config import TrainConfig
-    from opensem.train import engines
+    from opensem.kernel import engines
 
     cfg = TrainConfig(lora_modules_to_save=["embed_tokens", "lm_head"], learning_rate=1e-3, embedding_learning_rate=2e-5,
                       peft_use_rslora=True, lora_r=8, lora_alpha=8)

@@ -41,14 +41,15 @@ def exported(tmp_path_factory, base_models_dir, memorised_adapter):
 
     from opensem.export.stage import ExportStage
     from opensem.stages import Context
-    from opensem.train.stage import adapter_result
+    from opensem.adapters import adapter_result
+    from opensem.train.stage import train_summary
     from opensem.workspace import Workspace
 
     ws = _ws_with_run(tmp_path_factory.mktemp("export") / "ws", base_models_dir, memorised_adapter)
     (ws / "configs/export_config.yaml").write_text(
         "formats: [merged, gguf, ollama, lora-gguf]\ngguf_types: [f16, q4_k_m]\nverify: {questions: 6}\n")
     w = Workspace(ws)
-    ctx = Context(w, Console(stderr=True), {"train": adapter_result(w, ws / "models/adapters/mem")})
+    ctx = Context(w, Console(stderr=True), {"train": adapter_result(w, ws / "models/adapters/mem", "train", train_summary)})
     result = ExportStage().run(ctx)
     return ws, result
 
@@ -209,7 +210,7 @@ def test_the_space_an_export_needs_is_known_before_it_starts(exported, monkeypat
     from collections import namedtuple
 
     from opensem.export.stage import export_run, space_needed
-    from opensem.train.stage import base_model_dir
+    from opensem.adapters import base_model_dir
     from opensem.workspace import Workspace
 
     ws, _ = exported

@@ -120,7 +120,7 @@ def test_openai_compatible_happy_path_output_loads_and_keeps_provenance(workspac
     ds = load_dataset("json", data_files=str(workspace / "data/processed/train.jsonl"), split="train")
     assert ds[0]["conversations"][0]["from"] == "human"
     # and the training floor consumes it
-    from opensem.train.data import load_conversations, tokenize_conversations
+    from opensem.kernel.data import load_conversations, tokenize_conversations
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(workspace / "models/base/smollm2-135m-instruct")

@@ -238,7 +238,8 @@ def test_template_configs_state_the_schema_defaults():
 
     from opensem.config import SECTIONS
 
-    for section, (rel, model) in SECTIONS.items():
+    for section in SECTIONS.values():
+        rel, model = section.file, section.schema
         template = yaml.safe_load((REPO / "src/opensem/assets/workspace" / rel).read_text())
         assert template, rel
         for key, value in _leaves(template):

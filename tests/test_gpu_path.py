@@ -11,7 +11,7 @@ from rich.console import Console
 
 from opensem.config import TrainConfig
 from opensem.errors import OpenSEMError
-from opensem.train import engines, hardware
+from opensem.kernel import engines, hardware
 
 
 def test_engine_choice(monkeypatch):
@@ -109,8 +109,8 @@ def test_unsloth_trainer_gets_the_embedding_learning_rate(monkeypatch, base_mode
 
     from trl import SFTConfig, SFTTrainer
 
-    from opensem.train import recipe
-    from opensem.train.data import TokenizedSet
+    from opensem.kernel import run as recipe
+    from opensem.kernel.data import TokenizedSet
 
     @dataclass
     class UnslothTrainingArguments(SFTConfig):
@@ -158,7 +158,7 @@ def test_unsloth_preference_tuning_patches_trl_before_the_model_loads(monkeypatc
     monkeypatch.setattr(engines, "unsloth_available", lambda: (True, "ok"))
     monkeypatch.setattr(engines, "import_unsloth_first", lambda: order.append("import"))
     monkeypatch.setattr(prefs_recipe, "detect_hardware", lambda: hardware.Hardware("cuda", "NVIDIA H100", 80, True, "x", 16, 1))
-    from opensem.train import recipe
+    from opensem.kernel import run as recipe
 
     monkeypatch.setattr(recipe, "apply_vram_cap", lambda p: None)
     ws = make_workspace(tmp_path / "ws", base_models_dir)

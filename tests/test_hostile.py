@@ -372,7 +372,7 @@ def test_a_local_prompt_past_the_context_is_a_failed_call_not_a_runaway(base_mod
 def test_replay_skips_prompts_longer_than_the_context(workspace, base_models_dir):
     from opensem.config import TrainConfig
     from opensem.models import resolve_base_model
-    from opensem.train.data import build_replay
+    from opensem.kernel.data import build_replay
 
     prompts = ["Name a colour.", "Describe " + "very " * 9000 + "much."]
     (workspace / "replay.json").write_text(json.dumps(prompts))

@@ -158,7 +158,7 @@ def test_unknown_stage_is_a_one_line_error(tmp_path):
     init_workspace(tmp_path)
     (tmp_path / "configs/pipeline_config.yaml").write_text("stages: [forge, polish]\n")
     r = run_cli("run", "-w", str(tmp_path))
-    assert r.returncode == 2 and "unknown stage 'polish': use one of forge, baseline, cpt, train, fine-tuned, pairs, preference, preferred" in " ".join(r.stderr.split())
+    assert r.returncode == 2 and "unknown stage 'polish': use one of forge, baseline, fine-tuned, cpt, train, pairs, preference, preferred, export" in " ".join(r.stderr.split())
 
 
 def test_a_corrupt_record_is_a_one_line_error_naming_the_file(tmp_path):

@@ -64,7 +64,7 @@ def _margin(model_dir: str, adapter: Path | None, rows: list[dict]) -> float:
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_preference_tuning_raises_the_chosen_minus_rejected_margin(method, tmp_path, base_models_dir, memorised_adapter):
     from opensem.prefs import run_preference
-    from opensem.train.stage import chain_text, trained_on
+    from opensem.adapters import chain_text, trained_on
 
     ws = _ws_with_sft(tmp_path, base_models_dir, memorised_adapter)
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],

@@ -42,7 +42,7 @@ def _ws(workspace: Path, sets: Optional[list[str]], lock: Optional[str] = None):
     from opensem.config import check_overrides
     from opensem.workspace import Workspace
 
-    check_overrides(sets)
+    check_overrides(sets, Path(workspace).expanduser().resolve())
     ws = Workspace(workspace, tuple(sets or ()), allow_outside=STATE["allow_outside"])
     ws.check()
     if lock:
@@ -105,7 +105,7 @@ def ask(
     """Answer a question with the base model of the train config (and an adapter, if given)."""
     from opensem.inference import load_chat_model
     from opensem.models import resolve_base_model
-    from opensem.train.stage import find_adapter, trained_on
+    from opensem.adapters import find_adapter, trained_on
 
     ws = _ws(workspace, sets)
     cfg = ws.train_config()
@@ -181,7 +181,7 @@ def pairs(
 ):
     """Preference pairs: the tuned model's own wrong answers to training questions vs the grounded ones -> preferences.jsonl."""
     from opensem.prefs import build_pairs
-    from opensem.train.stage import find_adapter
+    from opensem.adapters import find_adapter
 
     ws = _ws(workspace, sets, lock="pairs")
     build_pairs(ws, find_adapter(ws, ws.train_config(), adapter), console)
@@ -197,7 +197,7 @@ def prefer(
 ):
     """Preference tuning (DPO or ORPO, configs/preference_config.yaml) on the pairs -> models/preference/{run_name}."""
     from opensem.prefs import run_preference
-    from opensem.train.stage import find_adapter
+    from opensem.adapters import find_adapter
 
     ws = _ws(workspace, sets, lock="prefer")
     sft = None if resume else find_adapter(ws, ws.train_config(), adapter)

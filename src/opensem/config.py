@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,12 +53,8 @@ class LLMSpec(Strict):
     requests_per_minute: Optional[int] = Field(None, ge=1)
     tokens_per_minute: Optional[int] = Field(None, ge=1)
 
-    NOT_PROVIDERS: ClassVar[tuple[str, ...]] = ()  # names a subclass handles itself (the judge's offline scorer)
-
     @model_validator(mode="after")
     def _check(self) -> "LLMSpec":
-        if self.provider in self.NOT_PROVIDERS:
-            return self
         cls = self.provider_class()  # ValueError: unknown provider, listing the known ones
         if cls.needs_base_url and not self.base_url:
             raise ValueError(f"provider '{self.provider}' needs base_url (e.g. http://localhost:11434/v1)")
@@ -70,7 +67,7 @@ class LLMSpec(Strict):
 
     def in_process(self) -> bool:
         """A model in this process: free, and its own tokenizer counts the prompts."""
-        return self.provider not in self.NOT_PROVIDERS and self.provider_class().in_process
+        return self.provider_class().in_process
 
     def resolved_model(self) -> str:
         return self.model or self.provider_class().default_model
@@ -179,23 +176,75 @@ class DatasetSpec(Strict):
 
 
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # always fullmatch: "$" lets a trailing newline through
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+TargetModules = Union[list[str], Literal["all-linear"]]
 
 
-class TrainConfig(Strict):
-    base_model: str = EMBEDDED_MODEL
-    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/train.jsonl")])
-    test_datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/test.jsonl")])
-    engine: Literal["auto", "unsloth", "hf"] = "auto"
-    adapter: Literal["lora", "qlora"] = "lora"
+# Shared pieces of the training schemas (train, cpt, preference), each stage's defaults set in its own schema.
+class LoraKeys(Strict):
+    """PEFT's LoRA keys, by Axolotl's names."""
+
     lora_r: int = Field(32, ge=1, le=1024)
     lora_alpha: int = Field(64, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    lora_target_modules: TargetModules = "all-linear"
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _modules(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("lora_target_modules must name at least one module, or be 'all-linear'")
+        return v
+
+
+class FullModuleKeys(Strict):
+    """Modules trained in full beside the LoRA, and their learning rate."""
+
     lora_modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full beside the LoRA, e.g. [embed_tokens, lm_head]")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by lora_alpha/sqrt(lora_r)")
     embedding_learning_rate: Optional[float] = Field(
         None, gt=0, le=1.0, description="Learning rate of lora_modules_to_save (Unsloth's name); default: learning_rate / 10")
+
+
+class OptimizerKeys(Strict):
+    """Batch, length and optimizer keys, by the trainer's names."""
+
+    micro_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(3.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    lr_scheduler: Scheduler = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 42
+
+
+class RunKeys(Strict):
+    """Where a run writes, how often it saves and logs, and its name."""
+
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume with --resume)")
+    logging_steps: int = Field(5, ge=1)
+    output_dir: str = "models/adapters"
+    run_name: Optional[str] = None
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not RUN_NAME_RE.fullmatch(v) or ".." in v):
+            raise ValueError(
+                f"run_name {v!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
+            )
+        return v
+
+
+class TrainConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
+    base_model: str = EMBEDDED_MODEL
+    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/train.jsonl")])
+    test_datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/test.jsonl")])
+    engine: Literal["auto", "unsloth", "hf"] = "auto"
+    adapter: Literal["lora", "qlora"] = "lora"
     lora_model_dir: Optional[str] = Field(None, description="An adapter to go on training (e.g. a continued pre-training result)")
     after_cpt: Literal["merge", "continue"] = Field(
         "merge", description="When the cpt stage ran first: merge its adapter into the base and train a fresh LoRA, "
@@ -209,8 +258,6 @@ class TrainConfig(Strict):
         "itself and mixed into training; null to turn off",
     )
     replay_ratio: float = Field(0.2, ge=0.0, le=2.0, description="Replay examples per training example")
-    micro_batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(3.0, gt=0, description="Passes over data whose examples name no fact (not the forge's)")
     max_steps: Optional[int] = Field(None, ge=1, description="Overrides exposures_per_fact and num_epochs when set")
     min_steps: Optional[int] = Field(
@@ -221,47 +268,22 @@ class TrainConfig(Strict):
         "training wordings together (wordings x passes); null: num_epochs")
     time_budget_min: Optional[float] = Field(
         None, gt=0, le=1_000_000, description="Train at most this many minutes (estimated): fewer exposures, said at the start")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
-    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
-    weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: picked by the hardware profile")
     gradient_checkpointing: Union[bool, Literal["auto"], float] = Field(
         "auto", description="auto (by hardware profile), true, false, or the share of decoder layers to checkpoint (0-1)"
     )
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on test_datasets every N steps; default: at the end")
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume with --resume)")
-    logging_steps: int = Field(5, ge=1)
     max_vram_gb: float = Field(22.0, gt=0, description="Hard VRAM cap on consumer GPUs (RTX 4090 safety)")
     wandb_project: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
-    output_dir: str = "models/adapters"
-    run_name: Optional[str] = None
-
-    @field_validator("run_name")
-    @classmethod
-    def _plain_name(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and (not RUN_NAME_RE.fullmatch(v) or ".." in v):
-            raise ValueError(
-                f"run_name {v!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
-            )
-        return v
 
     @field_validator("gradient_checkpointing")
     @classmethod
     def _share(cls, v):
         if isinstance(v, float) and not isinstance(v, bool) and not 0.0 <= v <= 1.0:
             raise ValueError("a share of layers must be between 0 and 1")
-        return v
-
-    @field_validator("lora_target_modules")
-    @classmethod
-    def _modules(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("lora_target_modules must name at least one module, or be 'all-linear'")
         return v
 
 
@@ -284,34 +306,17 @@ class AugmentConfig(Strict):
         return v
 
 
-class CptConfig(Strict):
+class CptConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
     corpus: str = Field("data/processed/cpt.jsonl", description="Where the corpus is written: one {\"text\": ...} per line")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     eval_share: float = Field(0.1, ge=0.0, lt=1.0, description="Share of packed sequences held out to measure perplexity")
-    lora_r: int = Field(32, ge=1, le=1024)
     lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
-    lora_modules_to_save: list[str] = Field(default_factory=list)
     peft_use_rslora: bool = True
-    embedding_learning_rate: Optional[float] = Field(None, gt=0, le=1.0)
     sequence_len: int = Field(512, ge=16, le=131_072)
     micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(10.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
-    weight_decay: float = Field(0.0, ge=0.0)
-    seed: int = 42
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(5, ge=1)
     output_dir: str = "models/cpt"
-    run_name: Optional[str] = None
-
-    _plain_name = field_validator("run_name")(TrainConfig._plain_name.__func__)  # type: ignore[attr-defined]
-    _modules = field_validator("lora_target_modules")(TrainConfig._modules.__func__)  # type: ignore[attr-defined]
 
     def training_keys(self) -> dict:
         """The keys that are TrainConfig's too (all but the corpus, its augmentation and the held-out share)."""
@@ -330,7 +335,7 @@ class PairsConfig(Strict):
     seed: int = 0
 
 
-class PreferenceConfig(Strict):
+class PreferenceConfig(LoraKeys, OptimizerKeys, RunKeys):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     method: Literal["dpo", "orpo"] = "dpo"
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO: strength of the pull from the reference; ORPO: the odds-ratio weight")
@@ -338,23 +343,11 @@ class PreferenceConfig(Strict):
     max_length: int = Field(512, ge=16, le=131_072, description="Prompt + answer tokens")
     lora_r: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
     micro_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(2.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
     learning_rate: float = Field(5e-5, gt=0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0.0, le=0.5)
-    seed: int = 42
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(5, ge=1)
     output_dir: str = "models/preference"
-    run_name: Optional[str] = None
-
-    _plain_name = field_validator("run_name")(TrainConfig._plain_name.__func__)  # type: ignore[attr-defined]
-    _modules = field_validator("lora_target_modules")(TrainConfig._modules.__func__)  # type: ignore[attr-defined]
 
     def training_keys(self) -> dict:
         """The keys that are TrainConfig's too."""
@@ -372,20 +365,43 @@ class AnswerConfig(Strict):
 
 
 class JudgeSpec(LLMSpec):
-    provider: str = Field("offline", description="offline (the reference scorer), or any teacher provider")
-    NOT_PROVIDERS: ClassVar[tuple[str, ...]] = ("offline",)
+    provider: str = Field("offline", description="a scorer (offline: the reference scorer; a plugin's; package.module:Class), "
+                                                  "or any teacher provider, which grades as an LLM judge")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(400, ge=16)
     concurrency: int = Field(4, ge=1, le=256, description="Items graded at once (promptfoo's maxConcurrency)")
     fallback_to_offline: bool = Field(True, description="Use the offline scorer when the judge is unreachable")
 
+    @model_validator(mode="after")
+    def _check(self) -> "JudgeSpec":
+        if self.scorer() is not None:
+            return self
+        try:
+            return LLMSpec._check(self)
+        except ValueError as e:
+            if "unknown provider" not in str(e):
+                raise
+            from opensem.judge.scorers import SCORERS
+
+            raise ValueError(f"{e}; or a scorer: {', '.join(SCORERS.names())}") from None
+
+    def scorer(self):
+        """The scorer class ``provider`` names (opensem/judge/scorers.py: SCORERS), or None for a provider."""
+        from opensem.judge.scorers import scorer_class
+
+        return scorer_class(self.provider)
+
+    def in_process(self) -> bool:
+        return self.scorer() is not None or super().in_process()
+
     def resolved_model(self) -> str:
-        if self.provider == "offline":
-            return "reference-scorer-v1"
+        cls = self.scorer()
+        if cls is not None:
+            return getattr(cls, "version", None) or getattr(cls, "short", None) or self.provider
         return super().resolved_model()
 
     def resolved_key_env(self) -> Optional[str]:
-        return None if self.provider == "offline" else super().resolved_key_env()
+        return None if self.scorer() is not None else super().resolved_key_env()
 
 
 class RetrievalConfig(Strict):
@@ -512,16 +528,36 @@ class PipelineConfig(Strict):
         return v
 
 
-SECTIONS: dict[str, tuple[str, type[Strict]]] = {
-    "forge": ("configs/forge_config.yaml", ForgeConfig),
-    "train": ("configs/train_config.yaml", TrainConfig),
-    "eval": ("configs/eval_config.yaml", EvalConfig),
-    "cpt": ("configs/cpt_config.yaml", CptConfig),
-    "preference": ("configs/preference_config.yaml", PreferenceConfig),
-    "export": ("configs/export_config.yaml", ExportConfig),
-    "launch": ("configs/launch_config.yaml", LaunchConfig),
-    "pipeline": ("configs/pipeline_config.yaml", PipelineConfig),
-}
+@dataclass(frozen=True)
+class Section:
+    """One config file: its name (the first part of a ``--set`` key), its file in the workspace, its schema."""
+
+    name: str
+    file: str
+    schema: type[BaseModel]
+
+
+SECTIONS: dict[str, Section] = {s.name: s for s in (
+    Section("forge", "configs/forge_config.yaml", ForgeConfig),
+    Section("train", "configs/train_config.yaml", TrainConfig),
+    Section("eval", "configs/eval_config.yaml", EvalConfig),
+    Section("cpt", "configs/cpt_config.yaml", CptConfig),
+    Section("preference", "configs/preference_config.yaml", PreferenceConfig),
+    Section("export", "configs/export_config.yaml", ExportConfig),
+    Section("launch", "configs/launch_config.yaml", LaunchConfig),
+    Section("pipeline", "configs/pipeline_config.yaml", PipelineConfig),
+)}
+
+
+def register_section(section: Section) -> None:
+    """A stage's own config section (stages.py: ``config_section``): its file and ``--set`` keys become known."""
+    known = SECTIONS.get(section.name)
+    if known is not None and known != section:
+        raise ConfigError(f"config section {section.name!r} is already {known.file} ({known.schema.__name__}): "
+                          f"give the stage's section another name")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", section.name):
+        raise ConfigError(f"config section {section.name!r}: use lower-case letters, digits and _ (it is a --set prefix)")
+    SECTIONS[section.name] = section
 
 
 # --------------------------------------------------------------------------------------------------
@@ -639,7 +675,10 @@ def read_yaml(path: Path) -> dict:
 
 
 def load_section(section: str, root: Path, overrides: list[str] | None = None, path: Path | None = None):
-    rel, model = SECTIONS[section]
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}: use one of {', '.join(SECTIONS)}, or a stage's own section "
+                          f"(its stage in configs/pipeline_config.yaml)")
+    rel, model = SECTIONS[section].file, SECTIONS[section].schema
     file = path or (root / rel)
     data = read_yaml(file)
     applied: dict[tuple, str] = {}
@@ -657,6 +696,23 @@ def load_section(section: str, root: Path, overrides: list[str] | None = None, p
         raise ConfigError(format_validation_error(e, str(shown), model, applied)) from None
 
 
-def check_overrides(overrides: list[str] | None) -> None:
+def check_overrides(overrides: list[str] | None, root: Path | None = None) -> None:
+    """Every ``--set`` well formed and naming a known section. A section no built-in has may be a stage's own: the
+    workspace's pipeline stages are loaded first (which registers their sections) when ``root`` is given."""
+    def section_of(text: str) -> str:
+        return text.split("=", 1)[0].strip().split(".", 1)[0]
+
+    if root is not None and any(section_of(t) not in SECTIONS for t in overrides or []):
+        from opensem.stages import load_stage
+
+        try:
+            names = load_section("pipeline", root, [t for t in overrides or [] if section_of(t) == "pipeline"]).stages
+        except ConfigError:
+            names = []  # the pipeline config's own error comes when it is used
+        for name in names:
+            try:
+                load_stage(name)
+            except ConfigError:
+                pass
     for text in overrides or []:
         parse_override(text)

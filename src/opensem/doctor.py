@@ -37,8 +37,8 @@ def _cmd_version(cmd: list[str]) -> str:
 def run_doctor(workspace: Path, console: Console) -> dict:
     import torch
 
-    from opensem.train.engines import unsloth_available
-    from opensem.train.hardware import detect_hardware
+    from opensem.kernel.engines import unsloth_available
+    from opensem.kernel.hardware import detect_hardware
 
     hw = detect_hardware()
     facts: dict[str, str] = {}
@@ -63,10 +63,14 @@ def run_doctor(workspace: Path, console: Console) -> dict:
         facts["promptfoo"] = f"missing: {e}"
     ok, why = unsloth_available()
     facts["training engines"] = "hf" + (", unsloth" if ok else f" (unsloth: {why})")
-    from opensem.llm.registry import PROVIDERS, names
+    from opensem.llm.registry import PROVIDERS
 
-    providers = [PROVIDERS[n].status() for n in names()]
-    facts["teacher / judge providers"] = ", ".join(providers)
+    facts["teacher / judge providers"] = ", ".join(PROVIDERS.get(n).status() for n in PROVIDERS.names())
+    from opensem.judge.scorers import SCORERS
+    from opensem.stages import STAGES
+
+    facts["judge scorers"] = ", ".join(SCORERS.names())
+    facts["stages"] = ", ".join(STAGES.names())
     from opensem.text import embedder_path
 
     facts["offline judge"] = "ready (all-MiniLM-L6-v2 packaged)" if embedder_path() else "embedding model missing: token overlap only"

@@ -161,15 +161,7 @@ class ChatModel:
                         {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
                     ).to(self.device)
                     lcp = 0
-                kwargs = dict(
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-                if temperature > 0:
-                    kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                kwargs = self._generation_kwargs(max_new_tokens, temperature)
                 width = batch["input_ids"].shape[1]
                 seeds = [seed + start + k for k in range(0, len(idx), self.SEED_BLOCK)]
                 if self.reference_decoding:
@@ -179,18 +171,28 @@ class ChatModel:
                 else:
                     rows = self._decode(batch, lcp, kwargs, tuple(stop_after), seeds)
                 for row, i in enumerate(idx):
-                    gen = rows[row]
-                    n = len(gen)
-                    for k, t in enumerate(gen):
-                        if t in self.stop_ids:
-                            n = k + 1
-                            break
-                    text = self.tokenizer.decode(gen[:n], skip_special_tokens=True).strip()
-                    results[i] = Completion(text, len(encoded[i]), n)
+                    results[i] = self._completion(rows[row], len(encoded[i]))
                 if progress:
                     progress(len(idx))
         return results  # type: ignore[return-value]
 
+
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float) -> dict:
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _completion(self, gen: list[int], prompt_tokens: int) -> Completion:
+        """A row's tokens up to and including its first stop token, as text."""
+        n = len(gen)
+        for k, t in enumerate(gen):
+            if t in self.stop_ids:
+                n = k + 1
+                break
+        return Completion(self.tokenizer.decode(gen[:n], skip_special_tokens=True).strip(), prompt_tokens, n)
 
     def _decode(self, batch: dict, lcp: int, kwargs: dict, stop_after: tuple[str, ...],
                 seeds: list[int]) -> list[list[int]]:
@@ -208,9 +210,7 @@ class ChatModel:
         processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=width, encoder_input_ids=ids,
                                                  prefix_allowed_tokens_fn=None, logits_processor=None, device=ids.device,
                                                  model_kwargs={})
-        sample = bool(config.do_sample)
-        block = self.SEED_BLOCK
-        generators = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds] if sample else []
+        generators = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds] if config.do_sample else []
         pad = self.tokenizer.pad_token_id
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache, logits = self._prefill(ids, mask, positions, lcp)
@@ -221,19 +221,7 @@ class ChatModel:
         for _ in range(config.max_new_tokens):
             # the processors (temperature, top-k, top-p) work row by row: only the rows still running need them
             scores = processors(seqs[active], logits.to(dtype=torch.float32))
-            if sample:  # per seed block still running, one draw per row of the block, as generate() makes
-                probs = torch.zeros((n, scores.shape[-1]), dtype=torch.float32, device=ids.device)
-                probs[:, pad] = 1.0
-                probs[active] = torch.nn.functional.softmax(scores, dim=-1)
-                step = torch.full((n,), pad, dtype=torch.long, device=ids.device)
-                for b, g in enumerate(generators):
-                    rows = slice(b * block, min(n, (b + 1) * block))
-                    if not all(done[rows]):
-                        step[rows] = torch.multinomial(probs[rows], num_samples=1, generator=g).squeeze(1)
-            else:
-                step = torch.full((n,), pad, dtype=torch.long, device=ids.device)
-                step[active] = torch.argmax(scores, dim=-1)
-            step[torch.tensor(done, device=ids.device)] = pad
+            step = self._next_tokens(scores, active, done, generators, n, pad)
             seqs = torch.cat([seqs, step[:, None]], dim=-1)
             for r in active.tolist():
                 t = int(step[r])
@@ -254,6 +242,25 @@ class ChatModel:
                         use_cache=True, **{self._cache_arg: cache})
             logits = out.logits[:, -1]
         return gen
+
+    def _next_tokens(self, scores, active, done: list[bool], generators: list, n: int, pad: int):
+        """One token per row: greedy, or (sampling) per seed block still running one draw per row of the block, as
+        generate() makes; pad for the rows that have stopped."""
+        import torch
+
+        step = torch.full((n,), pad, dtype=torch.long, device=scores.device)
+        if generators:
+            probs = torch.zeros((n, scores.shape[-1]), dtype=torch.float32, device=scores.device)
+            probs[:, pad] = 1.0
+            probs[active] = torch.nn.functional.softmax(scores, dim=-1)
+            for b, g in enumerate(generators):
+                rows = slice(b * self.SEED_BLOCK, min(n, (b + 1) * self.SEED_BLOCK))
+                if not all(done[rows]):
+                    step[rows] = torch.multinomial(probs[rows], num_samples=1, generator=g).squeeze(1)
+        else:
+            step[active] = torch.argmax(scores, dim=-1)
+        step[torch.tensor(done, device=scores.device)] = pad
+        return step
 
     def _prefill(self, ids, mask, positions, lcp: int):
         """The prompts' forward pass: (cache, last-position logits). The state of the last batch is kept (its

@@ -10,7 +10,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from opensem.errors import OpenSEMError
 
@@ -82,3 +82,19 @@ def read_json(path: Path, default: Any = _REQUIRED) -> Any:
     except json.JSONDecodeError as e:
         raise OpenSEMError(f"{path}: corrupt JSON (line {e.lineno}: {e.msg}): restore it from a backup or delete it "
                            f"to redo what wrote it") from None
+
+
+def written_by(data_file: Path) -> Optional[Path]:
+    """The manifest beside ``data_file`` that records it among its ``outputs`` by content hash (the stage run that
+    wrote exactly this file), or None: a file edited since, or one that no stage wrote."""
+    data_file = Path(data_file)
+    if not data_file.is_file():
+        return None
+    sha = None
+    for path in sorted(data_file.parent.glob("*manifest.json")):
+        outputs = read_json(path, {}).get("outputs") if path.is_file() else None
+        if isinstance(outputs, dict):
+            sha = sha or file_sha256(data_file)
+            if any(isinstance(o, dict) and o.get("sha256") == sha for o in outputs.values()):
+                return path
+    return None

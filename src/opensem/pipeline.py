@@ -20,7 +20,7 @@ from rich.table import Table
 
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
-from opensem.stages import Artifact, Context, Stage, StageResult, load_stage
+from opensem.stages import Artifact, Context, Stage, StageResult, load_stage, stage_configs
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
@@ -88,9 +88,11 @@ class Pipeline:
 def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] = None) -> dict:
     console = console or Console()
     t_start = time.time()
-    # every config valid, and every stage loadable, before any work
-    ws.forge_config(), ws.train_config(), ws.eval_config()
+    # every stage loadable, every config a stage reads valid, and every stage's own checks passed, before any work
     stages = [load_stage(name) for name in ws.pipeline_config().stages]
+    for stage in stages:
+        for section in stage_configs(stage):
+            ws.config(section)
     for stage in stages:
         if hasattr(stage, "check"):
             stage.check(ws)

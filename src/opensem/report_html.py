@@ -126,67 +126,21 @@ def banner(cmp: dict) -> tuple[str, str]:
 
 def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
     cmp = ft_res.get("comparison") or {}
-    bitems = {it["id"]: it for it in base_res.get("items", [])}
     titems = ft_res.get("items", [])
     cls, headline = banner(cmp)  # this page's table: the fine-tuned stage's model
     judge = ft_res.get("judge", "")
     offline = "offline" in judge
-    bs, fs = base_res.get("summary", {}), ft_res.get("summary", {})
-    ci = cmp.get("mean_diff_ci") or [None, None]
-    cards = [
-        ("mean score", f"{_f(bs.get('mean_score'))} → {_f(fs.get('mean_score'))}"),
-        ("difference [95% CI]", f"{_f(cmp.get('mean_diff'), '+.2f')} [{_f(ci[0])}, {_f(ci[1])}]"),
-        ("p-value (paired)", _f(cmp.get("p_value"), ".4f")),
-        ("win / tie / loss", f"{cmp.get('wins', '-')} / {cmp.get('ties', '-')} / {cmp.get('losses', '-')}"),
-        ("accuracy", f"{_f((bs.get('accuracy') or 0) * 100, '.1f')}% → {_f((fs.get('accuracy') or 0) * 100, '.1f')}%"),
-        ("token F1", f"{_f(bs.get('token_f1'), '.3f')} → {_f(fs.get('token_f1'), '.3f')}"),
-    ]
+    cards = _cards(base_res.get("summary", {}), ft_res.get("summary", {}), cmp)
     plots = [p for p in (loss_plot(training_log), score_plot(
         [it["score"] for it in base_res.get("items", []) if it["score"] is not None],
         [it["score"] for it in titems if it["score"] is not None], judge)) if p]
-    rows = []
-    for it in sorted(titems, key=lambda t: (t["score"] or 0) - (bitems.get(t["id"], {}).get("score") or 0)):
-        b = bitems.get(it["id"], {})
-        d = None if it["score"] is None or b.get("score") is None else it["score"] - b["score"]
-        rc = "regression" if d is not None and d < 0 else "improved" if d is not None and d > 0 else ""
-        rows.append(
-            f"<tr class='{rc}'><td class='id'><code>{escape(it['id'])}</code></td><td>{escape(it['question'])}</td>"
-            f"<td>{escape(it['golden'])}</td>"
-            f"<td>{escape(b.get('output', ''))}<div class='reason'>{escape(b.get('reason') or b.get('error') or '')}</div></td>"
-            f"<td>{escape(it['output'])}<div class='reason'>{escape(it.get('reason') or it.get('error') or '')}</div></td>"
-            f"<td class='num'>{_f(b.get('score'))}</td><td class='num'>{_f(it['score'])}</td><td class='num'>{_f(d, '+.2f')}</td></tr>"
-        )
-    forge = forge or {}
-    counts = forge.get("counts", {})
-    cost = forge.get("cost", {})
-    forge_rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
-                  ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
-                  ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
-    cov = (forge or {}).get("coverage")
-    if cov:
-        forge_rows += [("facts trained", f"{cov.get('trained')} of {cov.get('facts')} ({cov.get('train_wordings_per_fact')} wordings each)"),
-                       ("split", cov.get("split_by"))]
-    forge_rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
-    forge_rows += [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
-    m_forge, m_train = manifest.get("forge") or {}, manifest.get("train") or {}
-    m_base, m_tuned = manifest.get("baseline") or {}, manifest.get("fine_tuned") or {}
-    lineage = ft_res.get("lineage", {}) | {k: v for k, v in {
-        "forge manifest": m_forge.get("manifest_sha256"),
-        "train.jsonl": m_forge.get("train_sha256"),
-        "adapter": m_train.get("adapter") and f"{m_train['adapter']} {m_train.get('adapter_sha256')}",
-        "adapter manifest": m_train.get("manifest_sha256"),
-        "baseline results": (f"{m_base['results']} {m_base.get('results_sha256')}" if m_base.get("results")
-                             else ft_res.get("baseline_run") and f"{ft_res['baseline_run']} (an earlier run)"),
-        "fine-tuned results": m_tuned.get("results") and f"{m_tuned['results']} {m_tuned.get('results_sha256')}",
-    }.items() if v}
-    if manifest.get("cpt"):  # continued pre-training ran first: its corpus, adapter and what it did to perplexity
-        c = manifest["cpt"]
-        lineage |= {"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
-                    "cpt perplexity": f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"}
+    rows = _question_rows(base_res, titems)
+    m_train = manifest.get("train") or {}
+    lineage = _lineage(manifest, ft_res)
     stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
                          for k, v in manifest["stages"].items())
-    forge_section = ("<h2>Forge</h2><table>" + "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in forge_rows)
-                     + "</table>") if forge else ""
+    forge_section = ("<h2>Forge</h2><table>" + "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
+                                                       for k, v in _forge_rows(forge)) + "</table>") if forge else ""
     train_section = (f"""<h2>Training</h2><table>
 <tr><td>engine</td><td>{escape(str(m_train.get('engine')))}</td></tr>
 <tr><td>final train loss / eval loss</td><td>{_f(m_train.get('final_train_loss'), '.3f')} / {_f(m_train.get('eval_loss'), '.3f')}</td></tr>
@@ -212,3 +166,68 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
 <h2>Lineage</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>" for k, v in lineage.items())}</table>
 </body></html>"""
     path.write_text(html, encoding="utf-8")
+
+
+def _cards(bs: dict, fs: dict, cmp: dict) -> list[tuple[str, str]]:
+    ci = cmp.get("mean_diff_ci") or [None, None]
+    return [
+        ("mean score", f"{_f(bs.get('mean_score'))} → {_f(fs.get('mean_score'))}"),
+        ("difference [95% CI]", f"{_f(cmp.get('mean_diff'), '+.2f')} [{_f(ci[0])}, {_f(ci[1])}]"),
+        ("p-value (paired)", _f(cmp.get("p_value"), ".4f")),
+        ("win / tie / loss", f"{cmp.get('wins', '-')} / {cmp.get('ties', '-')} / {cmp.get('losses', '-')}"),
+        ("accuracy", f"{_f((bs.get('accuracy') or 0) * 100, '.1f')}% → {_f((fs.get('accuracy') or 0) * 100, '.1f')}%"),
+        ("token F1", f"{_f(bs.get('token_f1'), '.3f')} → {_f(fs.get('token_f1'), '.3f')}"),
+    ]
+
+
+def _question_rows(base_res: dict, titems: list[dict]) -> list[str]:
+    """One row per golden question, regressions first."""
+    bitems = {it["id"]: it for it in base_res.get("items", [])}
+    rows = []
+    for it in sorted(titems, key=lambda t: (t["score"] or 0) - (bitems.get(t["id"], {}).get("score") or 0)):
+        b = bitems.get(it["id"], {})
+        d = None if it["score"] is None or b.get("score") is None else it["score"] - b["score"]
+        rc = "regression" if d is not None and d < 0 else "improved" if d is not None and d > 0 else ""
+        rows.append(
+            f"<tr class='{rc}'><td class='id'><code>{escape(it['id'])}</code></td><td>{escape(it['question'])}</td>"
+            f"<td>{escape(it['golden'])}</td>"
+            f"<td>{escape(b.get('output', ''))}<div class='reason'>{escape(b.get('reason') or b.get('error') or '')}</div></td>"
+            f"<td>{escape(it['output'])}<div class='reason'>{escape(it.get('reason') or it.get('error') or '')}</div></td>"
+            f"<td class='num'>{_f(b.get('score'))}</td><td class='num'>{_f(it['score'])}</td><td class='num'>{_f(d, '+.2f')}</td></tr>"
+        )
+    return rows
+
+
+def _forge_rows(forge: dict) -> list[tuple[str, object]]:
+    forge = forge or {}
+    counts = forge.get("counts", {})
+    cost = forge.get("cost", {})
+    rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
+            ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
+            ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
+    cov = forge.get("coverage")
+    if cov:
+        rows += [("facts trained", f"{cov.get('trained')} of {cov.get('facts')} ({cov.get('train_wordings_per_fact')} wordings each)"),
+                 ("split", cov.get("split_by"))]
+    rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
+    return rows + [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
+
+
+def _lineage(manifest: dict, ft_res: dict) -> dict:
+    """What the page's numbers came from, by content hash: the judge's own lineage and the run's stages."""
+    m_forge, m_train = manifest.get("forge") or {}, manifest.get("train") or {}
+    m_base, m_tuned = manifest.get("baseline") or {}, manifest.get("fine_tuned") or {}
+    lineage = ft_res.get("lineage", {}) | {k: v for k, v in {
+        "forge manifest": m_forge.get("manifest_sha256"),
+        "train.jsonl": m_forge.get("train_sha256"),
+        "adapter": m_train.get("adapter") and f"{m_train['adapter']} {m_train.get('adapter_sha256')}",
+        "adapter manifest": m_train.get("manifest_sha256"),
+        "baseline results": (f"{m_base['results']} {m_base.get('results_sha256')}" if m_base.get("results")
+                             else ft_res.get("baseline_run") and f"{ft_res['baseline_run']} (an earlier run)"),
+        "fine-tuned results": m_tuned.get("results") and f"{m_tuned['results']} {m_tuned.get('results_sha256')}",
+    }.items() if v}
+    if manifest.get("cpt"):  # continued pre-training ran first: its corpus, adapter and what it did to perplexity
+        c = manifest["cpt"]
+        lineage |= {"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
+                    "cpt perplexity": f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"}
+    return lineage

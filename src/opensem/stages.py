@@ -7,39 +7,41 @@ A stage is one object with a ``name`` and two methods:
     run(ctx)     -> StageResult   does the work; returns the artifacts it wrote (path + content hash)
                                   and a small JSON summary for the run manifest.
 
-and, optionally, ``check(ws)``: raise a one-line error for a bad input before any stage of the run does
-work (the judge checks the golden set and promptfoo before the forge pays for a teacher), and
-``details(ws, result) -> dict``: the full record it wrote (its manifest or results file), for reports. Only the stage knows its folders, file names and manifest keys; the pipeline passes typed
-results along (``ctx.results["train"]``) and never opens another stage's files.
+and, optionally:
 
-The stages of a workspace are listed in configs/pipeline_config.yaml (``stages:``), by name from
-``REGISTRY`` or as ``package.module:attribute`` for a stage of your own. See "Adding a stage" in the README.
+    configs                       the config sections it reads (("train", "eval")): every one is loaded and
+                                  checked before the first stage of a run does any work
+    config_section                a section of its own: ``Section("hello", "configs/hello_config.yaml", Schema)``;
+                                  then ``ctx.ws.config("hello")`` and ``--set hello.key=value`` work as for any other
+    check(ws)                     a one-line error for a bad input before any stage of the run does work (the judge
+                                  checks the golden set and promptfoo before the forge pays for a teacher)
+    details(ws, result) -> dict   the full record it wrote (its manifest or results file), for reports
+
+Only the stage knows its folders, file names and manifest keys; the pipeline passes typed results along
+(``ctx.results["train"]``) and never opens another stage's files.
+
+Stages register by name in ``STAGES`` (opensem/plugins.py): the built-ins with ``@STAGES.register`` in their own
+module, a package of yours through an ``opensem.stages`` entry point. configs/pipeline_config.yaml lists a
+workspace's stages (``stages:``) by name, or as ``package.module:attribute``. See "Adding a stage" in the README.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 
+from opensem.config import Section, register_section
 from opensem.errors import ConfigError
 from opensem.lineage import file_sha256
+from opensem.plugins import Registry
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
-REGISTRY: dict[str, str] = {
-    "forge": "opensem.forge.stage:ForgeStage",
-    "baseline": "opensem.judge.stage:BaselineStage",
-    "cpt": "opensem.cpt.stage:CptStage",
-    "train": "opensem.train.stage:TrainStage",
-    "fine-tuned": "opensem.judge.stage:FineTunedStage",
-    "pairs": "opensem.prefs.stage:PairsStage",
-    "preference": "opensem.prefs.stage:PreferenceStage",
-    "preferred": "opensem.prefs.stage:PreferredStage",
-    "export": "opensem.export.stage:ExportStage",
-}
+STAGES = Registry("stage", "opensem.stages", ("opensem.forge.stage", "opensem.judge.stage", "opensem.cpt.stage",
+                                              "opensem.train.stage", "opensem.prefs.stage", "opensem.export.stage"),
+                  lambda obj: all(hasattr(obj, a) for a in ("name", "inputs", "run")))
 
 
 @dataclass(frozen=True)
@@ -108,20 +110,26 @@ class Stage(Protocol):
 
 
 def load_stage(spec: str) -> Stage:
-    """A stage by its registered name, or ``package.module:attribute`` (a class or an instance)."""
-    target = REGISTRY.get(spec, spec)
-    if ":" not in target:
-        raise ConfigError(
-            f"configs/pipeline_config.yaml: key 'stages': unknown stage {spec!r}: use one of {', '.join(REGISTRY)} "
-            f"or package.module:attribute for a stage of your own"
-        )
-    module, _, attr = target.partition(":")
+    """A stage by its registered name, or ``package.module:attribute`` (a class or an instance). A stage with a
+    config section of its own registers it, so its file and ``--set`` keys are known from here on."""
     try:
-        obj: Any = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"configs/pipeline_config.yaml: key 'stages': cannot load {spec!r} ({e})") from None
+        obj: Any = STAGES.get(spec)
+    except ValueError as e:
+        raise ConfigError(f"configs/pipeline_config.yaml: key 'stages': {e}") from None
     stage = obj() if isinstance(obj, type) else obj
     for needed in ("name", "inputs", "run"):
         if not hasattr(stage, needed):
             raise ConfigError(f"configs/pipeline_config.yaml: key 'stages': {spec!r} is not a stage (it has no {needed!r})")
+    own = getattr(stage, "config_section", None)
+    if own is not None:
+        register_section(own)
     return stage
+
+
+def stage_configs(stage: Stage) -> list[str]:
+    """The config sections a stage reads: those it declares, and its own."""
+    own = getattr(stage, "config_section", None)
+    return list(getattr(stage, "configs", ())) + ([own.name] if own is not None else [])
+
+
+__all__ = ["STAGES", "Artifact", "Context", "Section", "Stage", "StageResult", "load_stage", "stage_configs"]

@@ -103,6 +103,10 @@ class Workspace:
         return self.root / "models" / "base"
 
     # --- configs -----------------------------------------------------------------------------------
+    def config(self, section: str):
+        """Any config section by name (config.py: SECTIONS, and stages' own), with this workspace's --set values."""
+        return load_section(section, self.root, list(self.overrides))
+
     def forge_config(self) -> ForgeConfig:
         return load_section("forge", self.root, list(self.overrides))
 

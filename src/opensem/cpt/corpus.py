@@ -59,7 +59,7 @@ class Corpus:
 
 
 def chunks(ws: Workspace, fcfg: ForgeConfig, console: Console) -> tuple[list, list[Chunk]]:
-    from opensem.forge.stage import ingest
+    from opensem.forge.documents import ingest
 
     docs, _, _ = ingest(ws, fcfg, console)
     return docs, [c for d in docs for c in chunk_document(d, fcfg.chunking.chunk_tokens, 0)]
@@ -83,14 +83,14 @@ def build_corpus(ws: Workspace, cfg: CptConfig, console: Console, dry_run: bool 
                  cache_only: bool = False) -> Optional[Corpus]:
     """Write the corpus (atomically) and return it; with ``dry_run`` print the teacher calls it would make.
     ``cache_only`` (each rank of a data-parallel job): every rewrite must already be in the reply cache."""
-    from opensem.forge.stage import _price, prompt_counter
+    from opensem.forge.teacher import prompt_counter, teacher_price
 
     fcfg = ws.forge_config()
     out = ws.output_path(cfg.corpus, "cpt.corpus")
     docs, chunk_list = chunks(ws, fcfg, console)
     records = [{"text": raw_text(c), "source": c.id, "kind": "raw"} for c in chunk_list]
     calls = rewrite_calls(chunk_list, cfg, fcfg) if cfg.augment.enabled else []
-    costs = Costs(price=_price(fcfg) if calls else None)
+    costs = Costs(price=teacher_price(fcfg) if calls else None)
     if dry_run:
         _print_plan(console, ws, fcfg, chunk_list, calls, costs)
         return None
@@ -137,7 +137,7 @@ def build_corpus(ws: Workspace, cfg: CptConfig, console: Console, dry_run: bool 
 
 def _print_plan(console: Console, ws: Workspace, fcfg: ForgeConfig, chunk_list: list[Chunk], calls: list[Call],
                 costs: Costs) -> None:
-    from opensem.forge.stage import prompt_counter
+    from opensem.forge.teacher import prompt_counter
     from opensem.llm.cost import usd
 
     console.print(f"cpt corpus: {len(chunk_list)} raw chunks from {fcfg.input_dir}")

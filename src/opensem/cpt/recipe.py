@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 
+from opensem.adapters import base_record, find_resumable
 from opensem.config import CptConfig, TrainConfig
 from opensem.cpt.corpus import Corpus, build_corpus
 from opensem.errors import OpenSEMError
+from opensem.kernel import engines
+from opensem.kernel import run as kernel
+from opensem.kernel.data import TokenizedSet
+from opensem.kernel.hardware import check_adapter, detect_hardware
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.terminal import Console
-from opensem.train import engines, recipe
-from opensem.train.data import TokenizedSet
-from opensem.train.hardware import check_adapter, detect_hardware
-from opensem.train.stage import base_record
 from opensem.workspace import Workspace
 
 
@@ -46,12 +47,12 @@ def run_cpt(ws: Workspace, resume: bool = False, run_name: Optional[str] = None,
             raise OpenSEMError("multi-GPU data-parallel training uses the hf engine: set engine: hf in train_config.yaml")
         engines.import_unsloth_first()
     corpus = build_corpus(ws, ccfg, console if run.main else Console(quiet=True), cache_only=run.world_size > 1)
-    base, profile, n_params = recipe.load_profile(ws, run, hw)
-    recipe._seed(run.cfg.seed)
-    model, tok = recipe.load_model(run, base, profile, engine, hw)
+    base, profile, n_params = kernel.load_profile(ws, run, hw)
+    kernel.seed_everything(run.cfg.seed)
+    model, tok = kernel.load_model(run, base, profile, engine, hw)
     data = pack(corpus, tok, run.cfg.sequence_len, ccfg.eval_share, run)
     status = read_json(run.run_dir / "run.json", {}) if resume else {}
-    trainer = recipe.make_trainer(ws, run, profile, hw, model, tok, data)
+    trainer = kernel.make_trainer(ws, run, profile, hw, model, tok, data)
     before = status.get("eval_loss_before")
     if before is None and data.test:
         before = trainer.evaluate().get("eval_loss")
@@ -60,28 +61,28 @@ def run_cpt(ws: Workspace, resume: bool = False, run_name: Optional[str] = None,
         write_json(run.run_dir / "run.json", status | {"status": "running", "started": status.get("started", now()),
                                                        "config": run.cfg.model_dump(mode="json"), "engine": engine,
                                                        "stage": "cpt", "eval_loss_before": before})
-    wall, after = recipe.train(run, trainer, data)
+    wall, after = kernel.train(run, trainer, data)
     if run.main:
         save(ws, run, ccfg, trainer, tok, corpus, data, base, n_params, profile, wall, before, after)
     return run.run_dir
 
 
 # 1. the run: cpt_config.yaml's training keys over train_config.yaml ---------------------------------------------
-def setup(ws: Workspace, ccfg: CptConfig, resume: bool, run_name: Optional[str], console: Console) -> recipe.Run:
+def setup(ws: Workspace, ccfg: CptConfig, resume: bool, run_name: Optional[str], console: Console) -> kernel.Run:
     rank, world_size = engines.world()
     main = rank == 0
     say = console.print if main else (lambda *a, **k: None)
     out = ws.output_path(ccfg.output_dir, "cpt.output_dir")
     if resume:
-        run_dir = recipe.find_resumable(out, run_name or ccfg.run_name)
+        run_dir = find_resumable(out, run_name or ccfg.run_name)
         cfg = TrainConfig.model_validate(read_json(run_dir / "run.json")["config"])
-        return recipe.Run(cfg, run_dir, main, world_size, say, resume=True, resume_command="opensem cpt --resume")
+        return kernel.Run(cfg, run_dir, main, world_size, say, resume=True, resume_command="opensem cpt --resume")
     cfg = training_config(ws, ccfg, run_name)
     run_dir = out / cfg.run_name
     if main and run_dir.exists() and any(run_dir.iterdir()):
         raise OpenSEMError(f"{ccfg.output_dir}/{cfg.run_name} already exists: choose another run_name, delete it, "
                            f"or use `opensem cpt --resume` to continue it")
-    return recipe.Run(cfg, run_dir, main, world_size, say, resume_command="opensem cpt --resume")
+    return kernel.Run(cfg, run_dir, main, world_size, say, resume_command="opensem cpt --resume")
 
 
 def training_config(ws: Workspace, ccfg: CptConfig, run_name: Optional[str] = None) -> TrainConfig:
@@ -89,11 +90,11 @@ def training_config(ws: Workspace, ccfg: CptConfig, run_name: Optional[str] = No
     keys = ccfg.training_keys() | {"datasets": [], "test_datasets": [], "replay": None, "train_on_inputs": True}
     if run_name:
         keys["run_name"] = run_name
-    return recipe.derived_config(ws, keys, "configs/cpt_config.yaml", "cpt")
+    return kernel.derived_config(ws, keys, "configs/cpt_config.yaml", "cpt")
 
 
 # 4. the corpus, packed ---------------------------------------------------------------------------------------------
-def pack(corpus: Corpus, tok, sequence_len: int, eval_share: float, run: recipe.Run) -> recipe.Data:
+def pack(corpus: Corpus, tok, sequence_len: int, eval_share: float, run: kernel.Run) -> kernel.Data:
     """Every record's tokens and an end-of-text token, end to end, cut into sequences of ``sequence_len``.
 
     Held out for perplexity: evenly spaced sequences, ``eval_share`` of them (none when there are fewer than 5:
@@ -115,14 +116,14 @@ def pack(corpus: Corpus, tok, sequence_len: int, eval_share: float, run: recipe.
     files = [{"path": str(corpus.path), "sha256": file_sha256(corpus.path), "examples": len(corpus.records)}]
     run.say(f"corpus: {len(corpus.records)} records ({_kinds(corpus)}), {len(stream)} tokens -> {len(train.rows)} "
             f"sequences of {sequence_len} tokens to train on, {len(held)} held out")
-    return recipe.Data(train, test, 0, files, [])
+    return kernel.Data(train, test, 0, files, [])
 
 
 # 6. adapter + manifest -> models/cpt/{run} -----------------------------------------------------------------------------
-def save(ws: Workspace, run: recipe.Run, ccfg: CptConfig, trainer, tok, corpus: Corpus, data: recipe.Data, base,
+def save(ws: Workspace, run: kernel.Run, ccfg: CptConfig, trainer, tok, corpus: Corpus, data: kernel.Data, base,
          n_params: int, profile, wall: float, before: Optional[float], after: Optional[float]) -> None:
     cfg = run.cfg
-    log = recipe.write_adapter(run, trainer, tok)
+    log = kernel.write_adapter(run, trainer, tok)
     losses = [r["loss"] for r in log if "loss" in r]
     real_tokens = trainer.real_tokens * run.world_size
     manifest = {
@@ -155,15 +156,15 @@ def save(ws: Workspace, run: recipe.Run, ccfg: CptConfig, trainer, tok, corpus: 
         "versions": versions(),
         "resumed_from": run.resumed_from,
     }
-    recipe.finish(run, manifest)
+    kernel.finish(run, manifest)
     ppl = (f", {'held-out' if _held_out(data) else 'training-text'} perplexity {manifest['perplexity_before']} -> "
            f"{manifest['perplexity_after']}" if after is not None else "")
     run.say(f"cpt adapter saved to {ccfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, train loss "
-            f"{recipe._fmt(manifest['first_train_loss'])} -> {recipe._fmt(manifest['final_train_loss'])}{ppl}, "
+            f"{kernel.fmt(manifest['first_train_loss'])} -> {kernel.fmt(manifest['final_train_loss'])}{ppl}, "
             f"{manifest['tokens_per_s']} tokens/s, {manifest['wall_time_s']} s)")
 
 
-def _held_out(data: recipe.Data) -> int:
+def _held_out(data: kernel.Data) -> int:
     return 0 if data.test is data.train else len(data.test.rows)
 
 

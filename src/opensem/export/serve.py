@@ -22,7 +22,7 @@ from typing import Optional
 from opensem.errors import OpenSEMError
 from opensem.lineage import read_json
 from opensem.terminal import Console
-from opensem.train.stage import MANIFEST, base_model_dir
+from opensem.adapters import MANIFEST, base_model_dir
 
 
 def _port_free(port: int) -> None:

@@ -26,9 +26,9 @@ from typing import Optional
 from opensem.errors import OpenSEMError
 from opensem.export import converter, llamacpp, verify
 from opensem.lineage import file_sha256, now, read_json, versions, write_json
-from opensem.stages import Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.terminal import Console
-from opensem.train.stage import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
+from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
 from opensem.workspace import Workspace
 
 EXPORT_MANIFEST = "export_manifest.json"
@@ -278,10 +278,12 @@ def export_result(ws: Workspace, out: Path) -> StageResult:
                                         "folder": str(out), "agreement": checks})
 
 
+@STAGES.register
 class ExportStage:
     """The final adapter (preference-tuned if that stage ran, else instruction-tuned) -> export_config.yaml's formats."""
 
     name = "export"
+    configs = ("export", "eval", "train", "preference", "cpt")
 
     @staticmethod
     def _source(ctx: Context) -> Path:

@@ -10,7 +10,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
+
+from opensem.config import ForgeConfig
 from opensem.encoding import NotText, decode_text
+from opensem.errors import OpenSEMError
+from opensem.lineage import file_sha256
+from opensem.terminal import Console
+from opensem.workspace import Workspace
 
 SUFFIXES = {".txt", ".md", ".markdown", ".pdf"}
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -320,3 +327,22 @@ def chunk_document(doc: Document, chunk_tokens: int, overlap_tokens: int) -> lis
         if current:
             emit()
     return chunks
+
+
+# -- what the forge, continued pre-training and retrieval read: data/raw, read and chunked once -------------
+def ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, list, list[Chunk]]:
+    docs, skipped = read_documents(ws.path(cfg.input_dir))
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] {escape(cfg.input_dir)}/{escape(s.path)}: {escape(s.reason)}")
+    if not docs:
+        raise OpenSEMError(
+            f"{cfg.input_dir}: no readable .txt, .md or .pdf documents: put your documents there "
+            f"(or run `opensem init --example product-manual` for the example)"
+        )
+    chunks = [c for d in docs for c in chunk_document(d, cfg.chunking.chunk_tokens, cfg.chunking.overlap_tokens)]
+    return docs, skipped, chunks
+
+
+def raw_inputs(ws: Workspace, cfg: ForgeConfig) -> list:
+    files, skipped = list_inputs(ws.path(cfg.input_dir))
+    return sorted((rel, file_sha256(p)) for rel, p in files) + [(s.path, "skipped: " + s.reason) for s in skipped]

@@ -18,8 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from opensem.config import ForgeConfig
-from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
-from opensem.forge.documents import Chunk, chunk_document, count_tokens, list_inputs, read_documents
+from opensem.errors import OpenSEMError, StageInterrupted
+from opensem.forge.documents import Chunk, ingest, raw_inputs
+from opensem.forge.teacher import prompt_counter, teacher_price
 from opensem.forge.quality import REASONS, Gate, Pair, coverage, held_out, split_by_chunk, split_by_wording
 from opensem.forge.synthesis import (
     PAIRS_SCHEMA,
@@ -36,7 +37,7 @@ from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, re
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
-from opensem.stages import Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.terminal import Console
 from opensem.text import normalize
 from opensem.workspace import Workspace
@@ -205,95 +206,27 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
         return _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id)
 
     # 2. the teacher, through the reply cache, within the budget ---------------------------------------------
-    costs = Costs(price=_price(cfg))
-    budget = Budget(costs, cfg.cost.max_cost_usd, prompt_counter(ws, cfg))
-    provider = get_provider(cfg.teacher, models_dir=ws.base_models_dir)
-    cached = CachedProvider(provider, ws.state_dir / "cache" / "teacher")
-    with stage_progress(console, f"forge ({teacher_id})", len(reqs)) as advance:
-        try:
-            stop = _execute(reqs, cached, budget, advance)
-        except KeyboardInterrupt:
-            done = sum(r.reply is not None for r in reqs)
-            raise StageInterrupted(
-                f"forge interrupted: {done} of {len(reqs)} teacher replies are saved in the cache; "
-                f"run `opensem forge` again to continue without paying for them twice"
-            ) from None
+    costs = Costs(price=teacher_price(cfg))
+    teacher = Teacher(CachedProvider(get_provider(cfg.teacher, models_dir=ws.base_models_dir), ws.state_dir / "cache" / "teacher"),
+                      Budget(costs, cfg.cost.max_cost_usd, prompt_counter(ws, cfg)), console)
+    stop = teacher.ask(reqs, f"forge ({teacher_id})", f"forge interrupted: {{done}} of {len(reqs)} teacher replies are saved "
+                       f"in the cache; run `opensem forge` again to continue without paying for them twice")
 
     # 3. parse, quality gates; new wordings for the facts the gates left short; split -------------------------
-    cap = cfg.generation.pairs_per_chunk
-    pairs, malformed, failed, extra = _parse(reqs, strategy, teacher_id, cap)
-    gate = Gate(cfg.quality, [g.question for g in golden])
-    gate.rejected["malformed"] += malformed
-    gate.rejected["beyond_pairs_per_chunk"] += extra
-    chunk_text, headings = {c.id: c.text for c in chunks}, {c.id: c.heading for c in chunks}
-    kept = gate.filter(pairs, chunk_text, headings)
-    replaced = 0
-    for _ in range(cfg.generation.replacement_rounds if strategy == "sentence" else 0):
-        more = [] if stop else replacement_requests(reqs, kept, cfg.teacher.temperature)
-        if not more:
-            break
-        with stage_progress(console, f"forge: new wordings for {len({r.sentence.fact for r in more})} fact(s)", len(more)) as advance:
-            try:
-                stop = _execute(more, cached, budget, advance)
-            except KeyboardInterrupt:
-                raise StageInterrupted("forge interrupted while asking for new wordings: every reply so far is saved in "
-                                       "the cache; run `opensem forge` again to continue") from None
-        reqs += more
-        new_pairs, new_malformed, new_failed, new_extra = _parse(more, strategy, teacher_id, cap)
-        failed += new_failed
-        gate.rejected["malformed"] += new_malformed
-        gate.rejected["beyond_pairs_per_chunk"] += new_extra
-        new_kept = gate.filter(new_pairs, chunk_text, headings)
-        replaced += len(new_kept)
-        kept += new_kept
-    if cfg.output.split_by == "wording":
-        train, test = split_by_wording(kept, cfg.output.test_ratio, cfg.output.seed)
-    else:
-        train, test = split_by_chunk(kept, cfg.output.test_ratio, cfg.output.seed)
+    made = keep_pairs(cfg, reqs, chunks, golden, strategy, teacher_id, teacher, stop)
+    split = split_by_wording if cfg.output.split_by == "wording" else split_by_chunk
+    train, test = split(made.kept, cfg.output.test_ratio, cfg.output.seed)
     facts = ({s.fact: s.text for c in chunks for s in source_sentences(c)} if strategy == "sentence"
-             else {p.meta["fact"]: p.answer for p in pairs})
-    cover = coverage(facts, train, test) | {"replacement_wordings_kept": replaced, "split_by": cfg.output.split_by}
-    errors = Counter(r.error for r in reqs if r.error)
-    answered = sum(r.reply is not None for r in reqs)
-    manifest = {
-        "stage": "forge",
-        "created": now(),
-        "status": _status(stop, failed, train),
-        "config": cfg.model_dump(mode="json"),
-        "config_sha": json_sha256(cfg.model_dump(mode="json")),
-        "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": provider.identity().get("base_url")},
-        "strategy": strategy,
-        "prompt_version": PROMPT_VERSION,
-        "inputs": [{"path": d.path, "sha256": d.sha} for d in docs],
-        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
-        "golden_set": {"path": cfg.golden_set, "questions": len(golden)},
-        "counts": {
-            "files": len(docs),
-            "chunks": len(chunks),
-            "requests": len(reqs),
-            "answered": answered,
-            "pairs_made": len(pairs) + malformed,
-            "kept": len(kept),
-            "skipped_files": len(skipped),
-            "train": len(train),
-            "test": len(test),
-            "failed_requests": failed,
-            "rejected": {r: gate.rejected.get(r, 0) for r in REASONS},
-        },
-        "coverage": cover,
-        "failures": dict(errors.most_common()),
-        "rejected_examples": dict(gate.examples),
-        "failed_chunks": sorted({r.chunk.id for r in reqs if r.error}),
-        "cost": _cost_record(costs, cfg, provider.model),
-        "versions": versions("opensem", "openai", "anthropic", "transformers"),
-        "wall_time_s": round(time.time() - t0, 1),
-    }
+             else {p.meta["fact"]: p.answer for p in made.pairs})
+    cover = coverage(facts, train, test) | {"replacement_wordings_kept": made.replaced, "split_by": cfg.output.split_by}
+    manifest = forge_manifest(cfg, made, train, test, cover, docs, skipped, chunks, golden, strategy, teacher.cached.provider,
+                              costs) | {"wall_time_s": round(time.time() - t0, 1)}
 
     # 4. a run that kept nothing changes nothing ------------------------------------------------------------
     if not train:
         write_json(out_dir / FAILURE_FILE, manifest)
         _print_summary(console, manifest)
-        raise OpenSEMError(f"forge failed: {_why_nothing(manifest, stop)}; {cfg.output_dir}/train.jsonl and its manifest "
+        raise OpenSEMError(f"forge failed: {_why_nothing(manifest, made.stop)}; {cfg.output_dir}/train.jsonl and its manifest "
                            f"are unchanged (details: {cfg.output_dir}/{FAILURE_FILE})")
 
     # 5. outputs, each replaced atomically, the manifest last ------------------------------------------------
@@ -307,44 +240,122 @@ def run_forge(ws: Workspace, dry_run: bool = False, console: Optional[Console] =
     write_json(out_dir / MANIFEST, manifest)
     (out_dir / FAILURE_FILE).unlink(missing_ok=True)
     _print_summary(console, manifest)
+    _print_warnings(console, cfg, manifest, made)
+    return manifest
+
+
+@dataclass
+class Teacher:
+    """The teacher as the forge calls it: through the reply cache, within the budget, with a progress bar."""
+
+    cached: CachedProvider
+    budget: Budget
+    console: Console
+
+    def ask(self, reqs: list[Request], title: str, interrupted: str) -> Optional[str]:
+        """Every request answered (or failed); why the calls stopped early, or None. Ctrl-C: ``interrupted`` (with
+        ``{done}``, the replies saved) as a StageInterrupted."""
+        with stage_progress(self.console, title, len(reqs)) as advance:
+            try:
+                return _execute(reqs, self.cached, self.budget, advance)
+            except KeyboardInterrupt:
+                raise StageInterrupted(interrupted.format(done=sum(r.reply is not None for r in reqs))) from None
+
+
+@dataclass
+class Made:
+    """What the teacher's replies gave, after the gates: every pair parsed, those kept, and the counts."""
+
+    reqs: list[Request]
+    pairs: list[Pair]
+    kept: list[Pair]
+    gate: Gate
+    malformed: int  # replies of the first round that were not pairs
+    failed: int
+    replaced: int
+    stop: Optional[str]
+
+
+def keep_pairs(cfg: ForgeConfig, reqs: list[Request], chunks: list[Chunk], golden: list, strategy: str, teacher_id: str,
+               teacher: Teacher, stop: Optional[str]) -> Made:
+    """Parse the replies and pass them through the gates; then, for the facts the gates left short of wordings, ask
+    for new ones (``replacement_rounds``, sentence strategy) and gate those too."""
+    cap = cfg.generation.pairs_per_chunk
+    pairs, malformed, failed, extra = _parse(reqs, strategy, teacher_id, cap)
+    gate = Gate(cfg.quality, [g.question for g in golden])
+    gate.rejected["malformed"] += malformed
+    gate.rejected["beyond_pairs_per_chunk"] += extra
+    chunk_text, headings = {c.id: c.text for c in chunks}, {c.id: c.heading for c in chunks}
+    kept = gate.filter(pairs, chunk_text, headings)
+    replaced = 0
+    for _ in range(cfg.generation.replacement_rounds if strategy == "sentence" else 0):
+        more = [] if stop else replacement_requests(reqs, kept, cfg.teacher.temperature)
+        if not more:
+            break
+        stop = teacher.ask(more, f"forge: new wordings for {len({r.sentence.fact for r in more})} fact(s)",
+                           "forge interrupted while asking for new wordings: every reply so far is saved in the cache; "
+                           "run `opensem forge` again to continue")
+        reqs += more
+        new_pairs, new_malformed, new_failed, new_extra = _parse(more, strategy, teacher_id, cap)
+        failed += new_failed
+        gate.rejected["malformed"] += new_malformed
+        gate.rejected["beyond_pairs_per_chunk"] += new_extra
+        new_kept = gate.filter(new_pairs, chunk_text, headings)
+        replaced += len(new_kept)
+        kept += new_kept
+    return Made(reqs, pairs, kept, gate, malformed, failed, replaced, stop)
+
+
+def forge_manifest(cfg: ForgeConfig, made: Made, train: list, test: list, cover: dict, docs: list, skipped: list,
+                   chunks: list[Chunk], golden: list, strategy: str, provider, costs: Costs) -> dict:
+    """What went in (config, teacher, documents, golden set) and what came out (counts, coverage, cost)."""
+    reqs = made.reqs
+    return {
+        "stage": "forge",
+        "created": now(),
+        "status": _status(made.stop, made.failed, train),
+        "config": cfg.model_dump(mode="json"),
+        "config_sha": json_sha256(cfg.model_dump(mode="json")),
+        "teacher": {"provider": cfg.teacher.provider, "model": provider.model, "base_url": provider.identity().get("base_url")},
+        "strategy": strategy,
+        "prompt_version": PROMPT_VERSION,
+        "inputs": [{"path": d.path, "sha256": d.sha} for d in docs],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "golden_set": {"path": cfg.golden_set, "questions": len(golden)},
+        "counts": {
+            "files": len(docs),
+            "chunks": len(chunks),
+            "requests": len(reqs),
+            "answered": sum(r.reply is not None for r in reqs),
+            "pairs_made": len(made.pairs) + made.malformed,
+            "kept": len(made.kept),
+            "skipped_files": len(skipped),
+            "train": len(train),
+            "test": len(test),
+            "failed_requests": made.failed,
+            "rejected": {r: made.gate.rejected.get(r, 0) for r in REASONS},
+        },
+        "coverage": cover,
+        "failures": dict(Counter(r.error for r in reqs if r.error).most_common()),
+        "rejected_examples": dict(made.gate.examples),
+        "failed_chunks": sorted({r.chunk.id for r in reqs if r.error}),
+        "cost": _cost_record(costs, cfg, provider.model),
+        "versions": versions("opensem", "openai", "anthropic", "transformers"),
+    }
+
+
+def _print_warnings(console: Console, cfg: ForgeConfig, manifest: dict, made: Made) -> None:
+    cover = manifest["coverage"]
     if manifest["failed_chunks"]:
-        console.print(f"[yellow]{failed} teacher call(s) failed[/] ({_top_failure(manifest)}) in {len(manifest['failed_chunks'])} "
-                      f"chunk(s); rerun to retry them")
+        console.print(f"[yellow]{made.failed} teacher call(s) failed[/] ({_top_failure(manifest)}) in "
+                      f"{len(manifest['failed_chunks'])} chunk(s); rerun to retry them")
     if cover["trained"] < cover["facts"]:
         console.print(f"[yellow]{cover['facts'] - cover['trained']} of {cover['facts']} fact(s) have no training wording[/] "
                       f"(rejected by the gates, or beyond generation.pairs_per_chunk); listed under coverage.untrained in "
                       f"{cfg.output_dir}/{MANIFEST}")
-    if stop:
-        console.print(f"[yellow]stopped early[/]: {stop}; everything made so far is kept; fix the cause and rerun to continue")
-    return manifest
-
-
-def ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, list, list[Chunk]]:
-    docs, skipped = read_documents(ws.path(cfg.input_dir))
-    for s in skipped:
-        console.print(f"[yellow]skipped[/] {escape(cfg.input_dir)}/{escape(s.path)}: {escape(s.reason)}")
-    if not docs:
-        raise OpenSEMError(
-            f"{cfg.input_dir}: no readable .txt, .md or .pdf documents: put your documents there "
-            f"(or run `opensem init --example product-manual` for the example)"
-        )
-    chunks = [c for d in docs for c in chunk_document(d, cfg.chunking.chunk_tokens, cfg.chunking.overlap_tokens)]
-    return docs, skipped, chunks
-
-
-def _price(cfg: ForgeConfig):
-    """The teacher's price; a budget with no known price is refused before any call."""
-    if cfg.teacher.in_process():
-        return None
-    model = cfg.teacher.resolved_model()
-    price = cfg.cost.price_for(model)
-    if price is None and cfg.cost.max_cost_usd is not None:
-        raise ConfigError(
-            f"configs/forge_config.yaml: key 'cost.max_cost_usd' is set but no price is known for model {model!r}, so the "
-            f"budget cannot be enforced: add cost.prices.{model}: {{input_per_mtok: ..., output_per_mtok: ...}} "
-            f"(0 and 0 for a free local server), or set cost.max_cost_usd: null"
-        )
-    return price
+    if made.stop:
+        console.print(f"[yellow]stopped early[/]: {made.stop}; everything made so far is kept; fix the cause and rerun to "
+                      f"continue")
 
 
 def _status(stop: Optional[str], failed: int, train: list) -> str:
@@ -383,21 +394,6 @@ def _cost_record(costs: Costs, cfg: ForgeConfig, model: str) -> dict:
         "calls_without_usage": costs.estimated,  # the server sent no token counts: counted here, with a margin
         "price_known": cfg.teacher.in_process() or cfg.cost.price_for(model) is not None,
     }
-
-
-MESSAGE_OVERHEAD = 4  # role markers and separators per message, as chat APIs count them
-
-
-def prompt_counter(ws: Workspace, cfg: ForgeConfig):
-    """Tokens of one request's messages: the teacher's own tokenizer and chat template where the teacher is
-    local, else the character-based estimate."""
-    if cfg.teacher.in_process():
-        from opensem.models import resolve_base_model
-
-        from opensem.inference import PromptChecker
-
-        return PromptChecker(resolve_base_model(cfg.teacher.resolved_model(), ws.base_models_dir).path).tokens
-    return lambda msgs: sum(count_tokens(m["content"]) + MESSAGE_OVERHEAD for m in msgs)
 
 
 def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> dict:
@@ -439,8 +435,8 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
 
 def _print_training_estimate(console: Console, ws: Workspace, facts: int, wordings: int) -> None:
     """What train_config.yaml will make of these facts if every wording passes the gates: steps and time."""
-    from opensem.train.hardware import detect_hardware, make_profile
-    from opensem.train.plan import gave_up_line, measured_speed, plan_steps
+    from opensem.kernel.hardware import detect_hardware, make_profile
+    from opensem.kernel.plan import gave_up_line, measured_speed, plan_steps
 
     try:
         tcfg = ws.train_config()
@@ -491,11 +487,6 @@ def _print_summary(console: Console, m: dict) -> None:
 MANIFEST = "forge_manifest.json"
 
 
-def raw_inputs(ws: Workspace, cfg: ForgeConfig) -> list:
-    files, skipped = list_inputs(ws.path(cfg.input_dir))
-    return sorted((rel, file_sha256(p)) for rel, p in files) + [(s.path, "skipped: " + s.reason) for s in skipped]
-
-
 def forge_result(ws: Workspace, cfg: ForgeConfig) -> StageResult:
     out_dir = ws.output_path(cfg.output_dir, "forge.output_dir")
     m = read_json(out_dir / MANIFEST)
@@ -507,20 +498,12 @@ def forge_result(ws: Workspace, cfg: ForgeConfig) -> StageResult:
     })
 
 
-def manifest_for(ws: Workspace, data_file: Path) -> Optional[Artifact]:
-    """The forge manifest that wrote ``data_file`` (it lies beside it and records its hash), or None."""
-    path = Path(data_file).parent / MANIFEST
-    if not path.exists() or not Path(data_file).exists():
-        return None
-    outputs = (read_json(path).get("outputs") or {}).values()
-    sha = file_sha256(data_file)
-    return Artifact.of(ws, path) if any(o.get("sha256") == sha for o in outputs) else None
-
-
+@STAGES.register
 class ForgeStage:
     """data/raw -> train.jsonl, test.jsonl, forge_manifest.json."""
 
     name = "forge"
+    configs = ("forge", "train")
 
     def inputs(self, ctx: Context) -> dict:
         cfg = ctx.ws.forge_config()

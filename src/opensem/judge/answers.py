@@ -7,7 +7,7 @@ from typing import Optional
 
 from opensem.config import AnswerConfig
 from opensem.inference import answer_cache_dir, answer_key, cached_answers
-from opensem.train.stage import adapter_hash
+from opensem.adapters import adapter_hash
 from opensem.workspace import Workspace
 
 

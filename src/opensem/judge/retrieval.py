@@ -51,7 +51,7 @@ class Index:
         from opensem.terminal import Console
 
         from opensem.forge.documents import chunk_document
-        from opensem.forge.stage import ingest
+        from opensem.forge.documents import ingest
         from opensem.text import EMBEDDER_PACKAGE, embed
 
         fcfg = ws.forge_config()
@@ -84,15 +84,15 @@ class Index:
 
 def holds_answer(question: str, golden: str, passages: list[Passage]) -> bool:
     """The golden answer's key facts are in the passages: all its numbers and most of its new content words."""
-    from opensem.judge.scorers import _numbers, _stem
+    from opensem.judge.scorers import numbers, stem
     from opensem.text import content_words, normalize
 
     text = " ".join(f"{p.heading} {p.text}" for p in passages)
-    have = {_stem(w) for w in normalize(text.replace(",", "")).split()} | _numbers(text)
-    if not _numbers(golden) <= have:
+    have = {stem(w) for w in normalize(text.replace(",", "")).split()} | numbers(text)
+    if not numbers(golden) <= have:
         return False
-    qwords = {_stem(w) for w in content_words(question)}
-    words = [w for w in (_stem(x) for x in content_words(golden)) if w not in qwords]
+    qwords = {stem(w) for w in content_words(question)}
+    words = [w for w in (stem(x) for x in content_words(golden)) if w not in qwords]
     return not words or sum(w in have for w in words) / len(words) >= FACT_SHARE
 
 

@@ -1,5 +1,10 @@
 """Judges: score a candidate answer 1-5 against the golden answer.
 
+A scorer is any object with ``name`` (how reports label it), ``short`` and ``score_many(items) -> [Verdict]``
+(the ``Scorer`` protocol below). Scorers register by name in ``SCORERS`` (opensem/plugins.py); eval_config.yaml's
+``judge.provider`` names a registered scorer, a ``package.module:Class`` scorer, or else a provider, which
+grades through ``LLMJudge``. Built in:
+
 - ReferenceScorer ("offline"): no model call. Meaning (MiniLM embedding cosine), coverage of the golden
   answer's content words, and its key facts (numbers, names, yes/no), with a penalty when the candidate
   states a different number. Labelled as an offline reference scorer wherever it appears.
@@ -12,8 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
+from opensem.plugins import Registry
 from opensem.text import STOPWORDS, content_words, embed, normalize, token_f1
 
 NUMBER_WORDS = {
@@ -31,7 +37,20 @@ class Verdict:
     error: Optional[str] = None
 
 
-def _numbers(text: str) -> set[str]:
+class Scorer(Protocol):
+    name: str  # the label reports print: what graded the answers
+    short: str  # the same, short (tables, file names)
+
+    def score_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
+        """items: (question, golden answer, candidate answer); one Verdict each, in order."""
+        ...
+
+
+SCORERS = Registry("scorer", "opensem.scorers", ("opensem.judge.scorers",),
+                   lambda obj: callable(getattr(obj, "score_many", None)))
+
+
+def numbers(text: str) -> set[str]:
     t = normalize(text.replace(",", ""))
     nums = set(re.findall(r"\d+(?:\.\d+)?", t))
     nums |= {NUMBER_WORDS[w] for w in t.split() if w in NUMBER_WORDS}
@@ -44,7 +63,7 @@ def _names(text: str) -> set[str]:
     return {normalize(w) for w in words if normalize(w) not in STOPWORDS}
 
 
-def _stem(word: str) -> str:
+def stem(word: str) -> str:
     """Plural and simple verb endings only: 'bears' -> 'bear', 'monitors' -> 'monitor'."""
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
@@ -64,9 +83,11 @@ def _polarity(text: str) -> Optional[bool]:
     return None
 
 
+@SCORERS.register(name="offline")
 class ReferenceScorer:
     name = "offline reference scorer (embedding + key facts; not an LLM judge)"
     short = "offline-reference"
+    version = "reference-scorer-v1"
 
     def score_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
         """items: (question, golden, candidate)."""
@@ -84,14 +105,14 @@ class ReferenceScorer:
     def _score(self, question: str, gold: str, cand: str, cos: Optional[float]) -> Verdict:
         if not cand.strip():
             return Verdict(1.0, "empty answer")
-        qwords = {_stem(w) for w in content_words(question)}
-        gold_words = [_stem(w) for w in content_words(gold)]
+        qwords = {stem(w) for w in content_words(question)}
+        gold_words = [stem(w) for w in content_words(gold)]
         gold_words = [w for w in gold_words if w not in qwords] or gold_words
-        cand_words = {_stem(w) for w in content_words(cand)}
+        cand_words = {stem(w) for w in content_words(cand)}
         coverage = sum(w in cand_words for w in gold_words) / len(gold_words) if gold_words else 0.0
-        g_nums, c_nums = _numbers(gold), _numbers(cand)
-        g_names = {_stem(n) for n in _names(gold)} - qwords - {_stem(normalize(w)) for w in re.findall(r"\b[A-Z][A-Za-z0-9-]*\b", question)}
-        c_norm = {_stem(w) for w in normalize(cand).split()} | c_nums
+        g_nums, c_nums = numbers(gold), numbers(cand)
+        g_names = {stem(n) for n in _names(gold)} - qwords - {stem(normalize(w)) for w in re.findall(r"\b[A-Z][A-Za-z0-9-]*\b", question)}
+        c_norm = {stem(w) for w in normalize(cand).split()} | c_nums
         gp, cp = _polarity(gold), _polarity(cand)
         # key facts: numbers count twice, names once, a yes/no answer once
         weights = [(k in c_norm, 2.0) for k in g_nums] + [(k in c_norm, 1.0) for k in g_names]
@@ -180,11 +201,37 @@ class LLMJudge:
         return None
 
 
-def make_judge(spec, ws):
-    """The configured judge; the offline scorer when none is configured (or, with fallback, reachable)."""
-    if spec.provider == "offline":
-        return ReferenceScorer()
+def scorer_class(provider: str):
+    """The registered (or ``module:Class``) scorer that ``judge.provider`` names, or None when it names a provider."""
+    return SCORERS.get(provider) if provider in SCORERS else None
+
+
+def make_judge(spec, ws) -> Scorer:
+    """The configured judge: a scorer by name, or an LLM judge through the configured provider. A scorer class
+    with ``from_config(spec, ws)`` is built by it, any other with no arguments."""
+    cls = scorer_class(spec.provider)
+    if cls is not None:
+        return cls.from_config(spec, ws) if hasattr(cls, "from_config") else (cls() if isinstance(cls, type) else cls)
     from opensem.llm import CachedProvider, get_provider
 
     provider = get_provider(spec, models_dir=ws.base_models_dir)
     return LLMJudge(provider, CachedProvider(provider, ws.state_dir / "cache" / "judge"))
+
+
+def reachable_judge(ws, ecfg, console) -> Scorer:
+    """The configured judge, checked before any grading: an unreachable LLM judge is the offline scorer instead
+    (``fallback_to_offline``) or a one-line error."""
+    from rich.markup import escape
+
+    from opensem.errors import OpenSEMError
+
+    judge = make_judge(ecfg.judge, ws)
+    if not isinstance(judge, LLMJudge) or ecfg.judge.in_process():
+        return judge
+    why = judge.unreachable()
+    if why:
+        if ecfg.judge.fallback_to_offline:
+            console.print(f"[yellow]judge {escape(judge.short)} is unreachable ({escape(why[:80])}); using the offline reference scorer[/]")
+            return ReferenceScorer()
+        raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {why[:120]}")
+    return judge

@@ -23,28 +23,15 @@ from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
 from opensem.judge import promptfoo, report
 from opensem.judge.answers import conversation, generate_answers
-from opensem.judge.scorers import ReferenceScorer, make_judge
+from opensem.judge.scorers import ReferenceScorer, make_judge, reachable_judge
 from opensem.judge.stats import paired_compare
 from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
 from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
-from opensem.stages import Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.terminal import Console
-from opensem.train.stage import adapter_hash, chain_text, find_adapter, trained_on
+from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.workspace import Workspace
-
-
-def _judge_with_fallback(ws: Workspace, ecfg, console: Console):
-    judge = make_judge(ecfg.judge, ws)
-    if isinstance(judge, ReferenceScorer) or ecfg.judge.in_process():
-        return judge
-    why = judge.unreachable()
-    if why:
-        if ecfg.judge.fallback_to_offline:
-            console.print(f"[yellow]judge {escape(judge.short)} is unreachable ({escape(why[:80])}); using the offline reference scorer[/]")
-            return ReferenceScorer()
-        raise OpenSEMError(f"configs/eval_config.yaml: judge {judge.short} is unreachable: {why[:120]}")
-    return judge
 
 
 def _forgetting_items(ecfg, ws: Workspace) -> list[GoldenItem]:
@@ -147,7 +134,7 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
     weights = (trained_on(adapter_dir) if adapter_dir else None) or base
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
-    judge = _judge_with_fallback(ws, ecfg, console)
+    judge = reachable_judge(ws, ecfg, console)
     return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights, store=ws.state_dir / "promptfoo")
 
 
@@ -394,10 +381,12 @@ def judge_result(ws: Workspace, stage: str, result: dict) -> StageResult:
     return StageResult(stage, {"results": art}, summary)
 
 
+@STAGES.register
 class BaselineStage:
     """The untouched base model answers the golden set; the judge scores it."""
 
     name = "baseline"
+    configs = ("eval", "train")
     mode = "baseline"
 
     def inputs(self, ctx: Context) -> dict:
@@ -423,6 +412,7 @@ class BaselineStage:
         return read_json(result.path(ws, "results"))
 
 
+@STAGES.register
 class FineTunedStage(BaselineStage):
     """Base + the adapter of the train stage (or the latest adapter) answers the golden set; compared with the baseline."""
 

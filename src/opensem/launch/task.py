@@ -163,14 +163,14 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     if nodes > 1 and cloud in NO_MULTI_NODE:
         raise ConfigError(f"--nodes {nodes}: SkyPilot's {cloud} has no multi-node clusters: use 1 node, or kubernetes/aws/gcp/lambda")
     stages = stages or cfg.stages or ws.pipeline_config().stages
-    from opensem.stages import REGISTRY
+    from opensem.stages import STAGES
 
     odd = [s for s in stages if not isinstance(s, str) or not STAGE_RE.fullmatch(s)]
     if odd:
-        raise ConfigError(f"--stages: {odd[0]!r} is not a stage name: use {', '.join(REGISTRY)}, or module.path:Class for your own")
-    unknown = [s for s in stages if s not in REGISTRY and ":" not in s]
+        raise ConfigError(f"--stages: {odd[0]!r} is not a stage name: use {', '.join(STAGES.names())}, or module.path:Class for your own")
+    unknown = [s for s in stages if s not in STAGES.names() and ":" not in s]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}: use {', '.join(REGISTRY)}")
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}: use {', '.join(STAGES.names())}")
     if nodes > 1 and stages != ["train"]:
         raise ConfigError(f"--nodes {nodes}: multi-node runs the train stage alone (torchrun across nodes): "
                           f"forge first (here or in a single-node launch), then --stages train")

@@ -20,20 +20,19 @@ from pathlib import Path
 from typing import Optional
 
 
+from opensem.adapters import Chain, base_record, find_adapter, find_resumable
 from opensem.config import PreferenceConfig, TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.terminal import Console
-from opensem.train import engines, recipe
-from opensem.train.hardware import check_adapter, detect_hardware
-from opensem.train.stage import MANIFEST, adapter_hash, base_record, merged_model
+from opensem.kernel import engines
+from opensem.kernel import run as kernel
+from opensem.kernel.hardware import check_adapter, detect_hardware
 from opensem.workspace import Workspace
 
 def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool = False, run_name: Optional[str] = None,
                    console: Optional[Console] = None) -> Path:
     """The whole run on top of ``sft_dir`` (default: the latest instruction-tuned adapter). Returns the adapter folder."""
-    from opensem.train.stage import find_adapter
-
     console = console or Console(stderr=True)
     pcfg = ws.preference_config()
     run = setup(ws, pcfg, resume, run_name, console, sft_dir or find_adapter(ws, ws.train_config(), None))
@@ -47,11 +46,11 @@ def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool =
         from unsloth import PatchDPOTrainer
 
         PatchDPOTrainer()
-    base, profile, n_params = recipe.load_profile(ws, run, hw)
-    recipe._seed(run.cfg.seed)
+    base, profile, n_params = kernel.load_profile(ws, run, hw)
+    kernel.seed_everything(run.cfg.seed)
     peft_config = None
     if engine == "unsloth":  # Unsloth's LoRA model goes to the trainer as it is
-        model, tok = recipe.load_model(run, base, profile, engine, hw)
+        model, tok = kernel.load_model(run, base, profile, engine, hw)
     else:  # the trainer puts the LoRA on, and uses the model with it switched off as the reference
         model, tok = engines.load_hf(base.path, run.cfg, profile.precision, hw.device, wrap=False)
         engines.apply_checkpointing(model, profile.checkpoint_layers)
@@ -66,8 +65,8 @@ def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool =
                                                        "stage": "preference", "chain": run.chain,
                                                        "preference": pcfg.model_dump(mode="json")})
     trainer = make_trainer(run, pcfg, profile, hw, model, tok, rows, peft_config)
-    data = recipe.Data(None, None, 0, [{"path": pcfg.pairs.output, "sha256": file_sha256(pairs_path), "examples": len(rows)}], [])
-    wall, _ = recipe.train(run, trainer, data)
+    data = kernel.Data(None, None, 0, [{"path": pcfg.pairs.output, "sha256": file_sha256(pairs_path), "examples": len(rows)}], [])
+    wall, _ = kernel.train(run, trainer, data)
     if run.main:
         save(ws, run, pcfg, trainer, tok, data, base, n_params, profile, wall)
     return run.run_dir
@@ -75,30 +74,24 @@ def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool =
 
 # 1-2. the run, starting from the merged instruction-tuned model ---------------------------------------------------------
 def setup(ws: Workspace, pcfg: PreferenceConfig, resume: bool, run_name: Optional[str], console: Console,
-          sft_dir: Path) -> recipe.Run:
+          sft_dir: Path) -> kernel.Run:
     rank, world_size = engines.world()
     main = rank == 0
     say = console.print if main else (lambda *a, **k: None)
     out = ws.output_path(pcfg.output_dir, "preference.output_dir")
     if resume:
-        run_dir = recipe.find_resumable(out, run_name or pcfg.run_name)
+        run_dir = find_resumable(out, run_name or pcfg.run_name)
         rec = read_json(run_dir / "run.json")
-        return recipe.Run(TrainConfig.model_validate(rec["config"]), run_dir, main, world_size, say, resume=True,
+        return kernel.Run(TrainConfig.model_validate(rec["config"]), run_dir, main, world_size, say, resume=True,
                           chain=rec.get("chain"), resume_command="opensem prefer --resume")
-    sft = read_json(sft_dir / MANIFEST, {})
-    if not sft:
-        raise OpenSEMError(f"{sft_dir}: not a finished training run (no {MANIFEST}): train first, or pass another adapter")
-    chain = {"stage": "train", "mode": "merge", "run_name": sft.get("run_name"), "adapter": str(sft_dir),
-             "adapter_sha256": adapter_hash(sft_dir), "manifest_sha256": file_sha256(sft_dir / MANIFEST),
-             "base_model": (sft.get("chain") or {}).get("base_model") or sft.get("base_model"),
-             "before": sft.get("chain")}  # what the instruction-tuned run itself started from (a cpt run, say)
-    cfg = training_config(ws, pcfg, run_name, base_model=str(merged_model(sft_dir)))
+    chain = Chain.from_run(sft_dir, "merge")
+    cfg = training_config(ws, pcfg, run_name, base_model=chain.overrides["base_model"])
     run_dir = out / cfg.run_name
     if main and run_dir.exists() and any(run_dir.iterdir()):
         raise OpenSEMError(f"{pcfg.output_dir}/{cfg.run_name} already exists: choose another run_name, delete it, "
                            f"or use `opensem prefer --resume` to continue it")
-    say(f"preference tuning ({pcfg.method}) on top of {sft.get('run_name')}")
-    return recipe.Run(cfg, run_dir, main, world_size, say, chain=chain, resume_command="opensem prefer --resume")
+    say(f"preference tuning ({pcfg.method}) on top of {chain.record['run_name']}")
+    return kernel.Run(cfg, run_dir, main, world_size, say, chain=chain.record, resume_command="opensem prefer --resume")
 
 
 def training_config(ws: Workspace, pcfg: PreferenceConfig, run_name: Optional[str] = None, base_model: Optional[str] = None) -> TrainConfig:
@@ -108,7 +101,7 @@ def training_config(ws: Workspace, pcfg: PreferenceConfig, run_name: Optional[st
         keys["base_model"] = base_model
     if run_name:
         keys["run_name"] = run_name
-    return recipe.derived_config(ws, keys, "configs/preference_config.yaml", pcfg.method)
+    return kernel.derived_config(ws, keys, "configs/preference_config.yaml", pcfg.method)
 
 
 # 3. data ------------------------------------------------------------------------------------------------------------
@@ -132,7 +125,7 @@ def load_pairs(path: Path) -> list[dict]:
 
 
 # 4. trainer: TRL's DPO or ORPO, their key names -----------------------------------------------------------------------
-def make_trainer(run: recipe.Run, pcfg: PreferenceConfig, profile, hw, model, tok, rows: list[dict], peft_config=None):
+def make_trainer(run: kernel.Run, pcfg: PreferenceConfig, profile, hw, model, tok, rows: list[dict], peft_config=None):
     from datasets import Dataset
 
     cfg = run.cfg
@@ -159,10 +152,10 @@ def make_trainer(run: recipe.Run, pcfg: PreferenceConfig, profile, hw, model, to
 
 
 # 6. adapter + manifest ------------------------------------------------------------------------------------------------
-def save(ws: Workspace, run: recipe.Run, pcfg: PreferenceConfig, trainer, tok, data: recipe.Data, base, n_params: int,
+def save(ws: Workspace, run: kernel.Run, pcfg: PreferenceConfig, trainer, tok, data: kernel.Data, base, n_params: int,
          profile, wall: float) -> None:
     cfg = run.cfg
-    log = recipe.write_adapter(run, trainer, tok)
+    log = kernel.write_adapter(run, trainer, tok)
     margins = [r[k] for r in log for k in ("rewards/margins", "log_odds_ratio") if k in r]
     losses = [r["loss"] for r in log if "loss" in r]
     manifest = {
@@ -177,9 +170,9 @@ def save(ws: Workspace, run: recipe.Run, pcfg: PreferenceConfig, trainer, tok, d
         "first_margin": margins[0] if margins else None, "final_margin": margins[-1] if margins else None,
         "wall_time_s": round(wall, 1), "versions": versions(), "resumed_from": run.resumed_from,
     }
-    recipe.finish(run, manifest)
+    kernel.finish(run, manifest)
     run.say(f"{pcfg.method} adapter saved to {pcfg.output_dir}/{cfg.run_name}  (steps {manifest['steps']}, loss "
-            f"{recipe._fmt(manifest['first_train_loss'])} -> {recipe._fmt(manifest['final_train_loss'])}, "
+            f"{kernel.fmt(manifest['first_train_loss'])} -> {kernel.fmt(manifest['final_train_loss'])}, "
             f"{round(wall, 1)} s)")
 
 

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
+from opensem.adapters import adapter_details, adapter_hash, adapter_result, find_adapter, is_resumable
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
-from opensem.stages import Artifact, Context, StageResult
-from opensem.train.stage import ADAPTER_WEIGHTS, MANIFEST, adapter_hash, find_adapter, is_resumable
+from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.workspace import Workspace
 
 
@@ -23,10 +22,12 @@ def _sft_adapter(ctx: Context) -> Path:
     return trained.path(ctx.ws, "adapter").parent if trained else find_adapter(ctx.ws, ctx.ws.train_config(), None)
 
 
+@STAGES.register
 class PairsStage:
     """train.jsonl + the instruction-tuned adapter -> preferences.jsonl (its own wrong answers vs the grounded ones)."""
 
     name = "pairs"
+    configs = ("preference", "train", "eval")
 
     def inputs(self, ctx: Context) -> dict:
         tcfg = ctx.ws.train_config()
@@ -49,20 +50,17 @@ class PairsStage:
         return read_json(result.path(ws, "manifest"))
 
 
-def preference_result(ws: Workspace, run_dir: Path) -> StageResult:
-    m = read_json(run_dir / MANIFEST)
-    weights, manifest = Artifact.of(ws, run_dir / ADAPTER_WEIGHTS), Artifact.of(ws, run_dir / MANIFEST)
-    return StageResult("preference", {"adapter": weights, "manifest": manifest}, {
-        "adapter": str(Path(weights.path).parent), "adapter_sha256": weights.sha256, "run_name": m.get("run_name"),
-        "manifest_sha256": manifest.sha256, "method": m.get("method"), "chain": m.get("chain"),
-        "first_margin": m.get("first_margin"), "final_margin": m.get("final_margin"),
-    })
+def preference_summary(m: dict) -> dict:
+    return {"method": m.get("method"), "chain": m.get("chain"), "first_margin": m.get("first_margin"),
+            "final_margin": m.get("final_margin")}
 
 
+@STAGES.register
 class PreferenceStage:
     """preferences.jsonl -> a DPO or ORPO adapter on top of the instruction-tuned model. Resumed when interrupted."""
 
     name = "preference"
+    configs = ("preference", "train")
 
     def inputs(self, ctx: Context) -> dict:
         from opensem.prefs.recipe import training_config
@@ -85,14 +83,13 @@ class PreferenceStage:
             name = training_config(ctx.ws, pcfg).run_name
             ctx.mark(run_name=name)
             run_dir = run_preference(ctx.ws, _sft_adapter(ctx), run_name=name, console=ctx.console)
-        return preference_result(ctx.ws, run_dir)
+        return adapter_result(ctx.ws, run_dir, "preference", preference_summary)
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
-        log = result.path(ws, "adapter").parent / "training_log.jsonl"
-        rows = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines() if x.strip()] if log.exists() else []
-        return {"manifest": read_json(result.path(ws, "manifest")), "log": rows}
+        return adapter_details(ws, result)
 
 
+@STAGES.register
 class PreferredStage:
     """The judge of the preference-tuned model: base -> SFT -> SFT + preference, each step compared on the golden set.
 
@@ -101,6 +98,7 @@ class PreferredStage:
     took. The run's headline becomes baseline vs this final model."""
 
     name = "preferred"
+    configs = ("eval", "preference", "train")
 
     def _judge(self):
         from opensem.judge.stage import FineTunedStage

@@ -173,7 +173,6 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
     rate: Unsloth's UnslothTrainer does it on the unsloth engine (``embedding_learning_rate`` in its training
     arguments); on the hf engine an optimizer parameter group does the same.
     """
-    import torch.nn.functional as F
     from trl import SFTTrainer
 
     base = SFTTrainer
@@ -189,15 +188,8 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
             if embedding_learning_rate is None or base is not SFTTrainer or self.optimizer is not None:
                 return super().create_optimizer(model)
             opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            groups: dict[tuple[bool, bool], list] = {}
-            for n, p in opt_model.named_parameters():
-                if p.requires_grad:
-                    groups.setdefault(("modules_to_save" in n, n in decay), []).append(p)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = cls([{"params": ps, "weight_decay": self.args.weight_decay if wd else 0.0,
-                                   **({"lr": embedding_learning_rate} if emb else {})}
-                                  for (emb, wd), ps in sorted(groups.items())], **kwargs)
+            self.optimizer = cls(param_groups(self, opt_model, embedding_learning_rate), **kwargs)
             return self.optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -214,35 +206,43 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
                 if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                     loss = loss * self.accelerator.num_processes
                 return (loss, {"loss": loss}) if return_outputs else loss
-            shift = labels[:, 1:]
-            keep = (shift != -100).any(dim=0).nonzero().squeeze(-1)
-            out = model(**fed, logits_to_keep=keep, use_cache=False)
-            logits = out.logits  # [batch, len(keep), vocab]
-            if logits.size(1) != keep.numel():  # a forward that keeps every position whatever it is asked
-                logits = logits[:, keep]
-            targets = shift[:, keep]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-            else:
-                loss = loss / (targets != -100).sum().clamp(min=1)
+            loss = answer_only_loss(self, model, fed, labels, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return AnswerOnlySFTTrainer
 
 
+def param_groups(trainer, model, embedding_learning_rate: float) -> list[dict]:
+    """The optimizer's groups: modules trained in full (``modules_to_save``) at the embedding learning rate, the
+    rest at the trainer's; weight decay where the trainer decays."""
+    decay = set(trainer.get_decay_parameter_names(model))
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("modules_to_save" in n, n in decay), []).append(p)
+    return [{"params": ps, "weight_decay": trainer.args.weight_decay if wd else 0.0,
+             **({"lr": embedding_learning_rate} if emb else {})} for (emb, wd), ps in sorted(groups.items())]
+
+
+def answer_only_loss(trainer, model, fed: dict, labels, num_items_in_batch):
+    """Cross-entropy on the answer positions alone: logits only where some row predicts an answer token."""
+    import torch.nn.functional as F
+
+    shift = labels[:, 1:]
+    keep = (shift != -100).any(dim=0).nonzero().squeeze(-1)
+    out = model(**fed, logits_to_keep=keep, use_cache=False)
+    logits = out.logits  # [batch, len(keep), vocab]
+    if logits.size(1) != keep.numel():  # a forward that keeps every position whatever it is asked
+        logits = logits[:, keep]
+    targets = shift[:, keep]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+        if trainer.args.average_tokens_across_devices:
+            loss = loss * trainer.accelerator.num_processes
+        return loss
+    return loss / (targets != -100).sum().clamp(min=1)
+
+
 def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def last_checkpoint(folder) -> Optional[str]:
-    """The latest complete checkpoint. The trainer writes trainer_state.json last: a folder without it is a save cut
-    short (the process killed, the disk full) and is passed over, so a resume starts from the one before it, which
-    the trainer deletes only after a newer one is complete."""
-    from pathlib import Path
-
-    ckpts = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None

@@ -1,0 +1,48 @@
+"""Extensions of one's own, outside src/: a judge scorer and a pipeline stage with a config section of its own.
+Registered by name through entry points (a dist-info folder put on PYTHONPATH by the test), or named in a config
+as ``plugin_fixtures:Attribute``. Nothing in src/ lists them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from opensem.config import Section, Strict
+from opensem.judge.scorers import Verdict
+from opensem.lineage import json_sha256, read_json, write_json
+from opensem.stages import Artifact, Context, StageResult
+from opensem.text import normalize
+
+
+class ExactScorer:
+    """5 when the candidate holds the golden answer's words in order, 1 otherwise."""
+
+    name = "exact-match scorer (test plugin)"
+    short = "exact-match"
+
+    def score_many(self, items):
+        return [Verdict(5.0 if normalize(gold) in normalize(cand) else 1.0, "exact match" if normalize(gold) in normalize(cand)
+                        else "no exact match") for _, gold, cand in items]
+
+
+class HelloConfig(Strict):
+    greeting: str = Field("hello", description="What the stage writes")
+    times: int = Field(1, ge=1, le=10)
+
+
+class HelloStage:
+    """Writes its greeting (configs/hello_config.yaml) to data/hello.txt, as many times as it is told."""
+
+    name = "hello"
+    config_section = Section("hello", "configs/hello_config.yaml", HelloConfig)
+
+    def inputs(self, ctx: Context) -> dict:
+        return {"config": ctx.ws.config("hello").model_dump()}
+
+    def run(self, ctx: Context) -> StageResult:
+        cfg = ctx.ws.config("hello")
+        out = ctx.ws.path("data/hello.txt")
+        out.write_text(" ".join([cfg.greeting] * cfg.times) + "\n", encoding="utf-8")
+        count = read_json(ctx.ws.path("data/hello_runs.json"), {"runs": 0})["runs"] + 1
+        write_json(ctx.ws.path("data/hello_runs.json"), {"runs": count})
+        return StageResult(self.name, {"greeting": Artifact.of(ctx.ws, out)},
+                           {"greeting": cfg.greeting, "times": cfg.times, "config_sha": json_sha256(cfg.model_dump())})

@@ -1,0 +1,103 @@
+"""Extensions of one's own: a judge scorer and a pipeline stage with its own config section, from a module in
+tests/ (plugin_fixtures.py), registered through entry points as a separate package would, or named by module path.
+Each works end to end, and nothing in src/ names them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import REPO, make_workspace, run_cli, set_config
+
+from opensem.text import normalize
+
+
+def plugin_env(tmp_path: Path, groups: dict[str, dict[str, str]]) -> dict:
+    """A package's entry points, as pip would install them: a dist-info folder on PYTHONPATH."""
+    site = tmp_path / "site"
+    dist = site / "opensem_test_plugins-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: opensem-test-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
+                                                   for g, eps in groups.items()))
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def latest_run(ws: Path) -> dict:
+    return json.loads(sorted((ws / "runs").glob("*/run_manifest.json"))[-1].read_text())
+
+
+def test_a_stage_of_ones_own_runs_with_its_own_config_section_and_set(workspace, tmp_path):
+    env = plugin_env(tmp_path, {"opensem.stages": {"hello": "plugin_fixtures:HelloStage"}})
+    (workspace / "configs/hello_config.yaml").write_text("greeting: hi\n")
+    doctor = run_cli("doctor", "-w", str(workspace), env=env)
+    assert doctor.returncode == 0 and "hello" in doctor.stdout, doctor.stdout + doctor.stderr
+
+    r = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[hello]", "--set", "hello.times=3", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (workspace / "data/hello.txt").read_text() == "hi hi hi\n"
+    m = latest_run(workspace)
+    assert m["pipeline"] == ["hello"] and m["hello"]["greeting"] == "hi" and m["hello"]["times"] == 3
+    assert m["hello"]["artifacts"]["greeting"]["path"] == "data/hello.txt"
+
+    again = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[hello]", "--set", "hello.times=3", env=env)
+    assert again.returncode == 0 and "hello: up to date" in again.stdout + again.stderr
+    assert json.loads((workspace / "data/hello_runs.json").read_text())["runs"] == 1
+
+    # the same stage named by module path; a --set of its own section is a new input, so it runs again
+    r = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[plugin_fixtures:HelloStage]",
+                "--set", "hello.greeting=hey", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (workspace / "data/hello.txt").read_text() == "hey\n"
+    assert json.loads((workspace / "data/hello_runs.json").read_text())["runs"] == 2
+
+    # a bad value in its section: one line naming the flag and key, before any stage (the forge, first) does work
+    bad = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[forge,hello]", "--set", "hello.times=0", env=env)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    line = bad.stderr.strip().splitlines()[-1]
+    assert "--set hello.times=0" in line and "'times'" in line and "greater than or equal to 1" in line, line
+    assert not (workspace / "data/processed/forge_manifest.json").exists()
+    (workspace / "configs/hello_config.yaml").write_text("greting: hi\n")
+    bad = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[hello]", env=env)
+    assert bad.returncode == 2 and "configs/hello_config.yaml: unknown key 'greting'" in bad.stderr, bad.stderr[-2000:]
+
+    # a section that no stage of this workspace declares
+    bad = run_cli("run", "-w", str(workspace), "--set", "nosuch.key=1", env=env)
+    assert bad.returncode == 2 and "--set 'nosuch.key=1': the key must start with one of" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_every_config_a_stage_reads_is_checked_before_the_first_stage_works(workspace):
+    """A bad export_config.yaml used to fail after training; now it fails before the forge starts."""
+    (workspace / "data/raw/pump.md").write_text("# Pump\n\nThe Halden H-40 pump runs at a maximum pressure of 12 bar.\n")
+    (workspace / "configs/export_config.yaml").write_text("formats: [zip]\n")
+    r = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[forge,train,export]")
+    assert r.returncode == 2 and "configs/export_config.yaml: key 'formats" in r.stderr, r.stderr[-2000:]
+    assert not (workspace / "data/processed/forge_manifest.json").exists()
+
+
+def test_a_scorer_of_ones_own_grades_in_the_judge_table_and_calibration(tmp_path, base_models_dir, promptfoo_available):
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    golden = [{"question": "What is the capital of France?", "answer": "Paris"},
+              {"question": "What colour is the Tessaly lantern?", "answer": "The Tessaly lantern is teal."},
+              {"question": "How many legs does a spider have?", "answer": "eight"}]
+    (ws / "evals/golden_set.json").write_text(json.dumps(golden))
+    set_config(ws, "eval", answers={"max_new_tokens": 16, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200)
+    env = plugin_env(tmp_path, {"opensem.scorers": {"exact": "plugin_fixtures:ExactScorer"}})
+
+    r = run_cli("judge", "--mode", "baseline", "-w", str(ws), "--set", "eval.judge.provider=exact", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(next((ws / "evals/reports").rglob("results.json")).read_text())
+    assert results["judge"] == "exact-match scorer (test plugin)" and results["lineage"]["judge"] == results["judge"]
+    for item in results["items"]:  # graded through promptfoo by the plugin: 5 exactly when the answer holds the golden one
+        assert item["score"] == (5.0 if normalize(item["golden"]) in normalize(item["output"]) else 1.0), item
+    report = next((ws / "evals/reports").rglob("report.md")).read_text()
+    assert "exact-match scorer (test plugin)" in report
+
+    cal = run_cli("judge", "--calibrate", "-w", str(ws), "--set", "eval.judge.provider=plugin_fixtures:ExactScorer", env=env)
+    assert cal.returncode == 0, cal.stderr[-2000:]
+    flat = " ".join(cal.stdout.split())
+    assert "exact-match scorer (test plugin)" in flat and "offline reference scorer" in flat, cal.stdout
+
+    bad = run_cli("judge", "--mode", "baseline", "-w", str(ws), "--set", "eval.judge.provider=exactt", env=env)
+    assert bad.returncode == 2 and "unknown provider 'exactt'" in bad.stderr and "or a scorer: offline, exact" in bad.stderr, bad.stderr
