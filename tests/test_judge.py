@@ -190,10 +190,24 @@ def test_calibration_reports_agreement(workspace):
 
 
 def test_forgetting_check_runs_for_both_models(judged_ws):
+    """Both models answer the 20 general-knowledge questions and are graded; the check pairs the two sides."""
     set_config(judged_ws, "eval", forgetting_set="builtin")
-    run_judge(Workspace(judged_ws), "baseline")
+    base = run_judge(Workspace(judged_ws), "baseline")
     res = run_judge(Workspace(judged_ws), "fine-tuned")
-    assert res["forgetting"]["n"] == 20 and "general knowledge" in res["forgetting"]["message"]
+    sides = {}
+    for name, r in (("baseline", base), ("fine-tuned", res)):
+        saved = json.loads((judged_ws / r["run_dir"] / "results.json").read_text())
+        items = saved["forgetting_items"]
+        assert len(items) == 20 and len({it["id"] for it in items}) == 20, name
+        assert all(it["output"].strip() and it["score"] is not None and 1 <= it["score"] <= 5 for it in items), name
+        sides[name] = {it["id"]: it for it in items}
+    # each side answered with its own model: the adapter changes at least one general-knowledge answer
+    assert any(sides["baseline"][k]["output"] != sides["fine-tuned"][k]["output"] for k in sides["baseline"])
+    diffs = [sides["fine-tuned"][k]["score"] - sides["baseline"][k]["score"] for k in sides["baseline"]]
+    f = res["forgetting"]
+    assert f["n"] == 20 and f["mean_diff"] == pytest.approx(np.mean(diffs))
+    assert f["ci"][0] <= f["mean_diff"] <= f["ci"][1] and f["flagged"] == (f["ci"][1] < 0)
+    assert "general knowledge (20 questions)" in f["message"]
 
 
 def test_missing_promptfoo_is_a_clear_error(judged_ws):

@@ -13,7 +13,7 @@ from conftest import REPO, interrupt_midway, make_workspace, run_cli, set_config
 
 from opensem.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError
-from opensem.train.hardware import Hardware, make_profile
+from opensem.kernel.hardware import Hardware, make_profile
 from opensem.workspace import Workspace
 
 FACT_Q = "What is the secret code of the Zorblat vault?"
@@ -57,7 +57,7 @@ def test_adapter_is_written_reloads_with_peft_and_changes_answers(memorised_adap
 def test_answer_only_loss_masks_prompt_tokens(base_models_dir):
     from transformers import AutoTokenizer
 
-    from opensem.train.data import tokenize_conversations
+    from opensem.kernel.data import tokenize_conversations
 
     tok = AutoTokenizer.from_pretrained(base_models_dir / "smollm2-135m-instruct")
     conv = [{"role": "user", "content": "Question here?"}, {"role": "assistant", "content": "The answer."}]
@@ -104,7 +104,7 @@ def test_profiles_per_hardware():
 
 
 def test_data_without_facts_gets_min_steps_when_its_epochs_are_fewer():
-    from opensem.train.plan import plan_steps
+    from opensem.kernel.plan import plan_steps
 
     small = plan_steps(TrainConfig(num_epochs=3, min_steps=80), 97, 0, 0, 16)  # 7 batches an epoch: 21 steps from 3 epochs
     assert (small.steps, small.by) == (80, "min_steps") and abs(small.passes - 80 * 16 / 97) < 1e-9
@@ -126,7 +126,7 @@ def test_engine_errors_are_clear(workspace):
 
 
 def test_unsloth_is_imported_lazily():
-    code = "import opensem.cli, opensem.train, opensem.train.recipe, opensem.train.engines, sys; print('unsloth' in sys.modules)"
+    code = "import opensem.cli, opensem.train, opensem.train.recipe, opensem.kernel.engines, sys; print('unsloth' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -143,7 +143,7 @@ def test_an_adapter_finds_the_model_under_it_on_another_machine(tmp_path, base_m
     here: the model is found where the manifest says it lies as seen from the adapter folder, or a clear error."""
     from opensem.lineage import write_json
     from opensem.models import resolve_base_model
-    from opensem.train.stage import base_model_dir
+    from opensem.adapters import base_model_dir
 
     def adapter(**base) -> Path:
         d = tmp_path / "ws/models/adapters/run"
@@ -216,14 +216,25 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, base_models_di
 
 
 def test_two_process_data_parallel_on_cpu(tmp_path, base_models_dir):
+    """Two ranks under torchrun (gloo): after every step both hold the same parameters, changed by the step
+    (gradients were synchronised), and they computed their losses on different examples (one shard each)."""
     ws = _tiny_workspace(tmp_path, base_models_dir)
     set_config(ws, "train", max_steps=2, micro_batch_size=2, run_name="ddp", save_steps=100)
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "src/train.py"), "-w", str(ws)],
-                       capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    probe = tmp_path / "probe"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "tests/ddp_probe.py"),
+                        str(probe), "-w", str(ws)], capture_output=True, text=True, timeout=600,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((ws / "models/adapters/ddp/manifest.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 2
+    ranks = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["initial"] == ranks[1]["initial"]  # the same LoRA initialisation on both
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 2
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # identical after each step: the gradients were averaged
+    assert ranks[0]["steps"][0] != ranks[0]["initial"] and ranks[0]["steps"][1] != ranks[0]["steps"][0]
+    seen = [set(rk["seen"]) for rk in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank its own shard of the data
 
 
 def test_wandb_offline_writes_a_run(tmp_path, base_models_dir):
@@ -267,7 +278,7 @@ def test_a_run_is_the_same_whatever_ran_before_in_the_process(tmp_path, base_mod
 # --- training length: exposures per fact, within a time budget -------------------------------------------------------
 def test_training_length_comes_from_exposures_per_fact_and_the_time_budget_says_what_it_gave_up():
     from opensem.config import TrainConfig
-    from opensem.train.plan import gave_up_line, plan_steps
+    from opensem.kernel.plan import gave_up_line, plan_steps
 
     cfg = TrainConfig(exposures_per_fact=24)
     # 200 facts in 2 wordings (400 examples) and 80 replay examples, 16 examples a step: 12 passes over 480 examples
