@@ -33,20 +33,23 @@ def to_messages(record: dict, field: str, where: str) -> list[dict]:
     return msgs
 
 
-def load_conversations(path: Path, field: str) -> list[list[dict]]:
-    if not path.exists():
-        raise OpenSEMError(f"{path}: training data not found: run `opensem forge` first, or fix datasets[].path in train_config.yaml")
-    convs = []
+def jsonl_records(path: Path):
+    """(line number, record) for every non-blank line of a JSONL file; a line that is not JSON is a one-line error
+    naming the file and line."""
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise OpenSEMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            convs.append(to_messages(rec, field, f"{path}:{n}"))
-    return convs
+
+
+def load_conversations(path: Path, field: str) -> list[list[dict]]:
+    if not path.exists():
+        raise OpenSEMError(f"{path}: training data not found: run `opensem forge` first, or fix datasets[].path in train_config.yaml")
+    return [to_messages(rec, field, f"{path}:{n}") for n, rec in jsonl_records(path)]
 
 
 def load_facts(path: Path) -> list:

@@ -15,7 +15,6 @@ The judge then answers with the merged instruction-tuned model under this adapte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,11 +22,12 @@ from typing import Optional
 from opensem.adapters import Chain, base_record, find_adapter, find_resumable
 from opensem.config import PreferenceConfig, TrainConfig
 from opensem.errors import OpenSEMError
-from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
-from opensem.terminal import Console
 from opensem.kernel import engines
 from opensem.kernel import run as kernel
+from opensem.kernel.data import jsonl_records
 from opensem.kernel.hardware import check_adapter, detect_hardware
+from opensem.lineage import file_sha256, json_sha256, now, read_json, versions, write_json
+from opensem.terminal import Console
 from opensem.workspace import Workspace
 
 def run_preference(ws: Workspace, sft_dir: Optional[Path] = None, resume: bool = False, run_name: Optional[str] = None,
@@ -109,13 +109,7 @@ def load_pairs(path: Path) -> list[dict]:
     if not path.exists():
         raise OpenSEMError(f"{path}: no preference pairs: run `opensem pairs` first")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise OpenSEMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in jsonl_records(path):
         if not all(isinstance(rec.get(k), list) and rec[k] for k in ("prompt", "chosen", "rejected")):
             raise OpenSEMError(f"{path}:{n}: a pair needs 'prompt', 'chosen' and 'rejected' lists of messages (TRL's format)")
         rows.append({k: rec[k] for k in ("prompt", "chosen", "rejected")})
