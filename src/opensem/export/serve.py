@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 
+from opensem.adapters import MANIFEST, base_model_dir
 from opensem.errors import OpenSEMError
 from opensem.lineage import read_json
 from opensem.terminal import Console
-from opensem.adapters import MANIFEST, base_model_dir
 
 
 def _port_free(port: int) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 
+from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
 from opensem.errors import OpenSEMError
 from opensem.export import converter, llamacpp, verify
 from opensem.lineage import file_sha256, now, read_json, versions, write_json
 from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.terminal import Console
-from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
 from opensem.workspace import Workspace
 
 EXPORT_MANIFEST = "export_manifest.json"

@@ -20,7 +20,6 @@ from rich.table import Table
 from opensem.config import ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.forge.documents import Chunk, ingest, raw_inputs
-from opensem.forge.teacher import prompt_counter, teacher_price
 from opensem.forge.quality import REASONS, Gate, Pair, coverage, held_out, split_by_chunk, split_by_wording
 from opensem.forge.synthesis import (
     PAIRS_SCHEMA,
@@ -32,6 +31,7 @@ from opensem.forge.synthesis import (
     sentence_messages,
     source_sentences,
 )
+from opensem.forge.teacher import prompt_counter, teacher_price
 from opensem.golden import load_golden
 from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, read_json, versions, write_json
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider

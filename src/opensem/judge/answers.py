@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from opensem.adapters import adapter_hash
 from opensem.config import AnswerConfig
 from opensem.inference import answer_cache_dir, answer_key, cached_answers
-from opensem.adapters import adapter_hash
 from opensem.workspace import Workspace
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from rich.markup import escape
 
+from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.config import EvalConfig
 from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
@@ -30,7 +31,6 @@ from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
 from opensem.stages import STAGES, Artifact, Context, StageResult
 from opensem.terminal import Console
-from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.workspace import Workspace
 
 
