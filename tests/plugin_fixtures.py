@@ -35,6 +35,9 @@ class HelloStage:
     name = "hello"
     config_section = Section("hello", "configs/hello_config.yaml", HelloConfig)
 
+    def outputs(self, ws) -> list[str]:
+        return ["data/hello.txt"]
+
     def inputs(self, ctx: Context) -> dict:
         return {"config": ctx.ws.config("hello").model_dump()}
 

@@ -269,7 +269,7 @@ def test_the_reply_cache_misses_when_the_base_url_changes(workspace, fake, monke
 # --- 7. fetch brings home regular files only, and only under the workspace -----------------------------------------
 def test_fetch_of_a_crafted_remote_writes_nothing_outside(workspace, tmp_path):
     from opensem.launch import fetch
-    from opensem.launch.task import FETCH, launch_dir
+    from opensem.launch.task import fetch_list, launch_dir
     from opensem.lineage import write_json
     from opensem.terminal import Console
 
@@ -292,7 +292,8 @@ def test_fetch_of_a_crafted_remote_writes_nothing_outside(workspace, tmp_path):
     (node / "runs/r2").mkdir()
     (node / "runs/r2/run_manifest.json").write_text('{"headline": "remote"}')
     write_json(d / "launch.json", {"cluster": "opensem-x", "launched": "now", "launched_ts": time.time(), "status": "finished",
-                                   "plan": {"cloud": "local", "gpu": None, "nodes": 1, "price_per_hour": 0.0, "fetch": FETCH}})
+                                   "plan": {"cloud": "local", "gpu": None, "nodes": 1, "price_per_hour": 0.0,
+                                            "fetch": fetch_list(ws, ["forge", "baseline", "train", "fine-tuned"])}})
     before = tree(outside)
     got = fetch(ws, "opensem-x", Console(quiet=True))
     assert "runs" in got and "models/adapters" in got

@@ -89,7 +89,8 @@ def test_dry_run_prints_the_plan_without_credentials_or_network(tmp_path, base_m
     r = run_cli("launch", "--cloud", "runpod", "--gpu", "A100-80GB:1", "--max-hours", "3", "--dry-run", "-w", str(ws), env=env)
     assert r.returncode == 0, r.stderr
     for line in ("cluster     opensem-ws on runpod, 1 node(s), GPU A100-80GB:1", "stages      forge -> baseline -> train -> fine-tuned",
-                 "comes back  data/processed, models/adapters", "deadline", "SkyPilot    opensem-ws: 1 node(s)", "# task.yaml"):
+                 "comes back  data/processed, evals/reports, models/adapters, runs, .opensem/pipeline_state.json",
+                 "deadline", "SkyPilot    opensem-ws: 1 node(s)", "# task.yaml"):
         assert line in r.stdout, (line, r.stdout)
     task = yaml.safe_load(r.stdout.split("# task.yaml\n", 1)[1])
     assert "timeout --signal=INT --kill-after=300 10800 opensem run" in task["run"]

@@ -67,6 +67,17 @@ def test_a_stage_of_ones_own_runs_with_its_own_config_section_and_set(workspace,
     assert bad.returncode == 2 and "--set 'nosuch.key=1': the key must start with one of" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_what_comes_home_from_a_rented_gpu_is_what_the_stages_declare(workspace):
+    from opensem.launch.task import fetch_list
+    from opensem.workspace import Workspace
+
+    ws = Workspace(workspace)
+    assert fetch_list(ws, ["plugin_fixtures:HelloStage", "train"]) == ["data/hello.txt", "models/adapters", "runs",
+                                                                       ".opensem/pipeline_state.json"]
+    set_config(workspace, "train", output_dir="models/mine")  # a stage's folder as configured, not as built in
+    assert fetch_list(Workspace(workspace), ["forge", "train"])[:2] == ["data/processed", "models/mine"]
+
+
 def test_every_config_a_stage_reads_is_checked_before_the_first_stage_works(workspace):
     """A bad export_config.yaml used to fail after training; now it fails before the forge starts."""
     (workspace / "data/raw/pump.md").write_text("# Pump\n\nThe Halden H-40 pump runs at a maximum pressure of 12 bar.\n")

@@ -13,6 +13,7 @@ and, optionally:
                                   checked before the first stage of a run does any work
     config_section                a section of its own: ``Section("hello", "configs/hello_config.yaml", Schema)``;
                                   then ``ctx.ws.config("hello")`` and ``--set hello.key=value`` work as for any other
+    outputs(ws) -> [paths]        the workspace folders it writes (relative): what a run on a rented GPU brings home
     check(ws)                     a one-line error for a bad input before any stage of the run does work (the judge
                                   checks the golden set and promptfoo before the forge pays for a teacher)
     details(ws, result) -> dict   the full record it wrote (its manifest or results file), for reports
@@ -132,4 +133,14 @@ def stage_configs(stage: Stage) -> list[str]:
     return list(getattr(stage, "configs", ())) + ([own.name] if own is not None else [])
 
 
-__all__ = ["STAGES", "Artifact", "Context", "Section", "Stage", "StageResult", "load_stage", "stage_configs"]
+def stage_outputs(stage: Stage, ws: Workspace) -> list[str]:
+    """The folders a stage writes, relative to the workspace (those it configures outside are left out)."""
+    out = []
+    for p in getattr(stage, "outputs", lambda ws: [])(ws):
+        path = ws.path(p).resolve()
+        if path.is_relative_to(ws.root) and path != ws.root:
+            out.append(str(path.relative_to(ws.root)))
+    return out
+
+
+__all__ = ["STAGES", "Artifact", "Context", "Section", "Stage", "StageResult", "load_stage", "stage_configs", "stage_outputs"]

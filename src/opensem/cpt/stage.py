@@ -47,6 +47,10 @@ class CptStage:
     name = "cpt"
     configs = ("cpt", "forge", "train")
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        ccfg = ws.cpt_config()
+        return [ccfg.output_dir, str(Path(ccfg.corpus).parent)]
+
     def inputs(self, ctx: Context) -> dict:
         from opensem.cpt.recipe import training_config
         from opensem.forge.documents import raw_inputs

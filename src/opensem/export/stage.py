@@ -285,6 +285,9 @@ class ExportStage:
     name = "export"
     configs = ("export", "eval", "train", "preference", "cpt")
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.export_config().output_dir]
+
     @staticmethod
     def _source(ctx: Context) -> Path:
         for stage in ("preference", "train"):

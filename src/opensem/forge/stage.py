@@ -505,6 +505,9 @@ class ForgeStage:
     name = "forge"
     configs = ("forge", "train")
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.forge_config().output_dir]
+
     def inputs(self, ctx: Context) -> dict:
         cfg = ctx.ws.forge_config()
         golden = ctx.ws.path(cfg.golden_set)

@@ -389,6 +389,9 @@ class BaselineStage:
     configs = ("eval", "train")
     mode = "baseline"
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.eval_config().reports_dir]
+
     def inputs(self, ctx: Context) -> dict:
         ecfg, tcfg = ctx.ws.eval_config(), ctx.ws.train_config()
         base = resolve_base_model(tcfg.base_model, ctx.ws.base_models_dir)

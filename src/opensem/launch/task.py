@@ -34,9 +34,8 @@ REMOTE_WORKDIR = "~/sky_workdir"
 REMOTE_SRC = "~/opensem-src"
 # uploaded from the workspace; models/ and .opensem/cache only when asked
 SYNC = ["configs", "data/raw", "data/processed", "evals/golden_set.json", "evals/forgetting_set.json"]
-# brought home by `opensem launch fetch`
-FETCH = ["data/processed", "models/adapters", "models/cpt", "models/preference", "models/exports", "evals/reports", "runs",
-         ".opensem/pipeline_state.json"]
+# brought home by `opensem launch fetch`, after the folders the launched stages declare (stages.py: outputs)
+FETCH_ALWAYS = ["runs", ".opensem/pipeline_state.json"]
 NO_MULTI_NODE = {"runpod"}  # SkyPilot's RunPod has no multi-node clusters
 SOURCE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-gpu.txt", "requirements-model.txt", "package.json",
                 "package-lock.json"]
@@ -58,7 +57,7 @@ class Plan:
     secrets: list[str]                 # names set here, passed by name
     secrets_unset: list[str]
     sync: list[str]
-    fetch: list[str] = field(default_factory=lambda: list(FETCH))
+    fetch: list[str] = field(default_factory=lambda: list(FETCH_ALWAYS))
     region: Optional[str] = None
     use_spot: bool = False
     disk_size: int = 100
@@ -195,8 +194,15 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     check_cluster_name(cluster)
     return Plan(cluster, cloud, gpu, nodes, stages, engine, max_hours, cfg.idle_minutes, price, source, max_cost,
                 [n for n in names if os.environ.get(n)], [n for n in names if not os.environ.get(n)], sync,
-                region=cfg.region, use_spot=cfg.use_spot, disk_size=cfg.disk_size,
+                fetch=fetch_list(ws, stages), region=cfg.region, use_spot=cfg.use_spot, disk_size=cfg.disk_size,
                 overrides=[o for o in ws.overrides if not o.strip().startswith(("launch.", "pipeline.stages"))])
+
+
+def fetch_list(ws: Workspace, stages: list[str]) -> list[str]:
+    """What comes home: every folder the launched stages write (their declared outputs), the runs and the state."""
+    from opensem.stages import load_stage, stage_outputs
+
+    return list(dict.fromkeys([p for name in stages for p in stage_outputs(load_stage(name), ws)] + FETCH_ALWAYS))
 
 
 def check_budget(plan: Plan) -> None:

@@ -29,6 +29,9 @@ class PairsStage:
     name = "pairs"
     configs = ("preference", "train", "eval")
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [str(Path(ws.preference_config().pairs.output).parent)]
+
     def inputs(self, ctx: Context) -> dict:
         tcfg = ctx.ws.train_config()
         ecfg = ctx.ws.eval_config()
@@ -61,6 +64,9 @@ class PreferenceStage:
 
     name = "preference"
     configs = ("preference", "train")
+
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.preference_config().output_dir]
 
     def inputs(self, ctx: Context) -> dict:
         from opensem.prefs.recipe import training_config
@@ -99,6 +105,9 @@ class PreferredStage:
 
     name = "preferred"
     configs = ("eval", "preference", "train")
+
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.eval_config().reports_dir]
 
     def _judge(self):
         from opensem.judge.stage import FineTunedStage

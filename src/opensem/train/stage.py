@@ -31,6 +31,9 @@ class TrainStage:
     name = "train"
     configs = ("train",)
 
+    def outputs(self, ws: Workspace) -> list[str]:
+        return [ws.train_config().output_dir]
+
     def inputs(self, ctx: Context) -> dict:
         from opensem.models import resolve_base_model
 
