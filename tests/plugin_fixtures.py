@@ -38,6 +38,9 @@ class HelloStage:
     def outputs(self, ws) -> list[str]:
         return ["data/hello.txt"]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        return {"greeting": f"{summary['greeting']} x{summary['times']}"}
+
     def inputs(self, ctx: Context) -> dict:
         return {"config": ctx.ws.config("hello").model_dump()}
 

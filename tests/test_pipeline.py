@@ -235,3 +235,18 @@ def test_two_runs_are_compared_question_by_question(tmp_path):
     (ws / "evals/reports/A/results.json").write_text("{}")
     r = run_cli("runs", "-w", str(ws), "--compare", "A", "B")
     assert r.returncode == 2 and "runs/A: its judge results were changed or removed since the run" in r.stderr
+
+
+def test_the_runs_table_is_each_stages_own_cells_then_the_comparison():
+    from opensem.pipeline import run_row
+
+    m = {"run_id": "r1", "pipeline": ["forge", "baseline", "train", "fine-tuned"], "forge": {"counts": {"train": 12}},
+         "baseline": {"summary": {"mean_score": 1.5}}, "train": {"adapter": "models/adapters/x"},
+         "fine_tuned": {"summary": {"mean_score": 3.25}},
+         "comparison": {"mean_diff": 1.75, "mean_diff_ci": [1.0, 2.5], "accuracy_baseline": 0.1, "accuracy_fine_tuned": 0.6}}
+    assert run_row(m) == {"run": "r1", "pairs": "12", "baseline": "1.50", "adapter": "x", "fine-tuned": "3.25",
+                          "diff [95% CI]": "+1.75 [1.00, 2.50]", "accuracy": "10% -> 60%"}
+    # a stage that cannot be loaded any more (its package gone) leaves its cells out; the rest stay
+    m["pipeline"].insert(1, "gone_package.stages:Gone")
+    assert run_row(m)["fine-tuned"] == "3.25"
+

@@ -41,6 +41,9 @@ def test_a_stage_of_ones_own_runs_with_its_own_config_section_and_set(workspace,
     assert m["pipeline"] == ["hello"] and m["hello"]["greeting"] == "hi" and m["hello"]["times"] == 3
     assert m["hello"]["artifacts"]["greeting"]["path"] == "data/hello.txt"
 
+    runs = run_cli("runs", "-w", str(workspace), env=env | {"COLUMNS": "200"})
+    assert runs.returncode == 0 and "greeting" in runs.stdout and "hi x3" in runs.stdout, runs.stdout + runs.stderr
+
     again = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[hello]", "--set", "hello.times=3", env=env)
     assert again.returncode == 0 and "hello: up to date" in again.stdout + again.stderr
     assert json.loads((workspace / "data/hello_runs.json").read_text())["runs"] == 1

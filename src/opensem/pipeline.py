@@ -18,7 +18,7 @@ from typing import Optional
 
 from rich.table import Table
 
-from opensem.errors import OpenSEMError, StageInterrupted
+from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
 from opensem.stages import Artifact, Context, Stage, StageResult, load_stage, stage_configs
 from opensem.terminal import Console
@@ -193,6 +193,7 @@ def _print_timings(console: Console, timings: dict, skipped: list, total: float)
 
 
 def list_runs(ws: Workspace, console: Optional[Console] = None) -> list[dict]:
+    """Past runs, one row each: every stage's own cells (its ``columns``), then the run's comparison."""
     console = console or Console()
     runs = []
     for f in sorted((ws.root / "runs").glob("*/run_manifest.json")):
@@ -201,23 +202,36 @@ def list_runs(ws: Workspace, console: Optional[Console] = None) -> list[dict]:
             runs.append(m)
     if not runs:
         raise OpenSEMError(f"no runs in {ws.root / 'runs'}: start one with `opensem run`")
+    rows = [run_row(m) for m in runs]
+    cols = list(dict.fromkeys(k for row in rows for k in row if k not in ("diff [95% CI]", "accuracy")))
+    cols += ["diff [95% CI]", "accuracy"]
     t = Table(title="runs")
-    for col in ("run", "adapter", "pairs", "baseline", "fine-tuned", "diff [95% CI]", "accuracy"):
+    for col in cols:
         t.add_column(col)
-    for m in runs:
-        b = (m.get("baseline") or {}).get("summary") or {}
-        f = (m.get("fine_tuned") or {}).get("summary") or {}
-        c = m.get("comparison") or {}
-        ci = c.get("mean_diff_ci") or [None, None]
-        adapter = (m.get("train") or {}).get("adapter")
-        t.add_row(
-            m["run_id"], Path(adapter).name if adapter else "-", str(((m.get("forge") or {}).get("counts") or {}).get("train", "-")),
-            _n(b.get("mean_score")), _n(f.get("mean_score")),
-            f"{_n(c.get('mean_diff'), '+.2f')} [{_n(ci[0])}, {_n(ci[1])}]",
-            f"{_n((c.get('accuracy_baseline') or 0) * 100, '.0f')}% -> {_n((c.get('accuracy_fine_tuned') or 0) * 100, '.0f')}%",
-        )
+    for row in rows:
+        t.add_row(*(row.get(col, "-") for col in cols))
     console.print(t)
     return runs
+
+
+def run_row(m: dict) -> dict[str, str]:
+    """A run's cells: the run id, each stage's (a stage that cannot be loaded any more has none), the comparison."""
+    row = {"run": m["run_id"]}
+    for name in m.get("pipeline", []):
+        entry = m.get(name.replace("-", "_"))
+        try:
+            stage = load_stage(name)
+        except ConfigError:
+            continue
+        if entry and hasattr(stage, "columns"):
+            row |= stage.columns(entry)
+    c = m.get("comparison") or {}
+    ci = c.get("mean_diff_ci") or [None, None]
+    if c:
+        row["diff [95% CI]"] = f"{_n(c.get('mean_diff'), '+.2f')} [{_n(ci[0])}, {_n(ci[1])}]"
+        row["accuracy"] = (f"{_n((c.get('accuracy_baseline') or 0) * 100, '.0f')}% -> "
+                           f"{_n((c.get('accuracy_fine_tuned') or 0) * 100, '.0f')}%")
+    return row
 
 
 def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = None) -> dict:

@@ -14,6 +14,7 @@ and, optionally:
     config_section                a section of its own: ``Section("hello", "configs/hello_config.yaml", Schema)``;
                                   then ``ctx.ws.config("hello")`` and ``--set hello.key=value`` work as for any other
     outputs(ws) -> [paths]        the workspace folders it writes (relative): what a run on a rented GPU brings home
+    columns(summary) -> dict      its cells in `opensem runs` (column -> text), from the summary it returned
     check(ws)                     a one-line error for a bad input before any stage of the run does work (the judge
                                   checks the golden set and promptfoo before the forge pays for a teacher)
     details(ws, result) -> dict   the full record it wrote (its manifest or results file), for reports

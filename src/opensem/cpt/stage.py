@@ -51,6 +51,10 @@ class CptStage:
         ccfg = ws.cpt_config()
         return [ccfg.output_dir, str(Path(ccfg.corpus).parent)]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        before, after = summary.get("perplexity_before"), summary.get("perplexity_after")
+        return {"cpt perplexity": "-" if before is None or after is None else f"{before:.1f} -> {after:.1f}"}
+
     def inputs(self, ctx: Context) -> dict:
         from opensem.cpt.recipe import training_config
         from opensem.forge.documents import raw_inputs

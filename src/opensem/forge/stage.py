@@ -508,6 +508,9 @@ class ForgeStage:
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.forge_config().output_dir]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        return {"pairs": str((summary.get("counts") or {}).get("train", "-"))}
+
     def inputs(self, ctx: Context) -> dict:
         cfg = ctx.ws.forge_config()
         golden = ctx.ws.path(cfg.golden_set)

@@ -392,6 +392,10 @@ class BaselineStage:
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.eval_config().reports_dir]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        mean = (summary.get("summary") or {}).get("mean_score")
+        return {self.name: "-" if mean is None else f"{mean:.2f}"}
+
     def inputs(self, ctx: Context) -> dict:
         ecfg, tcfg = ctx.ws.eval_config(), ctx.ws.train_config()
         base = resolve_base_model(tcfg.base_model, ctx.ws.base_models_dir)

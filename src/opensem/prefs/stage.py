@@ -68,6 +68,9 @@ class PreferenceStage:
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.preference_config().output_dir]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        return {"preference": f"{summary.get('method')} {summary.get('run_name')}"}
+
     def inputs(self, ctx: Context) -> dict:
         from opensem.prefs.recipe import training_config
 
@@ -108,6 +111,9 @@ class PreferredStage:
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.eval_config().reports_dir]
+
+    def columns(self, summary: dict) -> dict[str, str]:
+        return {self.name: self._judge().columns(summary)["fine-tuned"]}
 
     def _judge(self):
         from opensem.judge.stage import FineTunedStage

@@ -34,6 +34,9 @@ class TrainStage:
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.train_config().output_dir]
 
+    def columns(self, summary: dict) -> dict[str, str]:
+        return {"adapter": Path(summary["adapter"]).name if summary.get("adapter") else "-"}
+
     def inputs(self, ctx: Context) -> dict:
         from opensem.models import resolve_base_model
 
