@@ -60,7 +60,7 @@ def main() -> None:
     a = ap.parse_args()
     scratch.use("bench-teacher-")
     from opensem.config import LLMSpec
-    from opensem.llm.base import LocalProvider
+    from opensem.llm.local_models import LocalProvider
 
     reqs = requests(a.calls)
     models = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
