@@ -98,3 +98,26 @@ def test_each_stage_package_imports_alone():
         for mod in (f"opensem.{pkg}", *(f"opensem.{pkg}.{p.stem}" for p in (SRC / pkg).glob("*.py") if p.stem != "__init__")):
             r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, f"import {mod}: {r.stderr[-1500:]}"
+
+
+def test_every_opensem_import_in_src_tests_and_bench_resolves():
+    """A name moved or renamed is caught here, in the benchmarks and tests too, not when someone runs them."""
+    import importlib
+
+    bad = []
+    for root in (SRC, REPO / "tests", REPO / "bench"):
+        for path in root.rglob("*.py"):
+            if "assets" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("opensem")):
+                    continue
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if alias.name == "*" or hasattr(module, alias.name):
+                        continue
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not bad, bad
