@@ -1,8 +1,12 @@
-"""Extensions of one's own, outside src/: a judge scorer and a pipeline stage with a config section of its own.
+"""Extensions of one's own, outside src/: a judge scorer, a pipeline stage with a config section of its own, and an
+export format.
 Registered by name through entry points (a dist-info folder put on PYTHONPATH by the test), or named in a config
 as ``plugin_fixtures:Attribute``. Nothing in src/ lists them."""
 
 from __future__ import annotations
+
+import shutil
+import time
 
 from pydantic import Field
 
@@ -52,3 +56,29 @@ class HelloStage:
         write_json(ctx.ws.path("data/hello_runs.json"), {"runs": count})
         return StageResult(self.name, {"greeting": Artifact.of(ctx.ws, out)},
                            {"greeting": cfg.greeting, "times": cfg.times, "config_sha": json_sha256(cfg.model_dump())})
+
+
+class AdapterCopy:
+    """The adapter alone, copied into the export folder, checked by answering with the base model and the copy."""
+
+    name = "adapter-copy"
+
+    def space(self, job) -> dict[str, int]:
+        return {"adapter copy": sum(p.stat().st_size for p in job.adapter_dir.iterdir() if p.is_file())}
+
+    def write(self, job) -> None:
+        from opensem.inference import ChatModel
+
+        t = time.time()
+        target = job.out / "adapter"
+        target.mkdir(exist_ok=True)
+        for f in job.adapter_dir.iterdir():  # weights, adapter config, tokenizer and chat template
+            if f.is_file():
+                shutil.copy2(f, target / f.name)
+        c = None
+        if job.do_verify:
+            model = ChatModel(str(job.base_path), str(target))
+            answers = [x.text for x in model.generate(job.convs, max_new_tokens=job.cfg.verify.max_new_tokens)]
+            c = job.check("adapter copy (transformers)", answers, False)
+        job.finish(self.name, job.entry(target / "adapter_model.safetensors", self.name, None, time.time() - t, c))
+

@@ -208,21 +208,26 @@ def test_the_space_an_export_needs_is_known_before_it_starts(exported, monkeypat
     """The estimate each file's disk space is checked against, next to the files the export wrote; and an export the
     disk cannot hold is refused at once, naming the sizes, before any model is loaded."""
     from collections import namedtuple
+    from types import SimpleNamespace
 
-    from opensem.export.stage import export_run, space_needed
     from opensem.adapters import base_model_dir
+    from opensem.export.stage import export_run, plan_formats, space_needed
     from opensem.workspace import Workspace
 
     ws, _ = exported
     adapter = ws / "models/adapters/mem"
     files = read_json(ws / "models/exports/mem/export_manifest.json")["files"]
     params = read_json(adapter / "manifest.json")["base_model"]["parameters"]
-    need = space_needed(base_model_dir(adapter), params, True, ["f16", "q4_k_m"], True)
+
+    def job(types):  # an export into an empty folder
+        return SimpleNamespace(base_path=base_model_dir(adapter), parameters=params, gguf_types=types, out=ws / "nowhere")
+
+    need = space_needed(job(["f16", "q4_k_m"]), plan_formats(["merged", "gguf", "lora-gguf"]))
     for key, real in (("merged", "merged"), ("gguf f16", "gguf:f16"), ("gguf q4_k_m", "gguf:q4_k_m")):
         ratio = need[key] / files[real]["bytes"]
         assert 0.7 < ratio < 1.4, (key, need[key], files[real]["bytes"])
     assert need["base f16 GGUF for lora-gguf"] == need["gguf f16"] and "f16 GGUF to quantize from" not in need
-    alone = space_needed(base_model_dir(adapter), params, True, ["q4_k_m"], False)  # quantized from a temporary f16
+    alone = space_needed(job(["q4_k_m"]), plan_formats(["merged", "gguf"]))  # quantized from a temporary f16
     assert alone["f16 GGUF to quantize from"] == need["gguf f16"] and set(alone) == {"merged", "gguf q4_k_m", "f16 GGUF to quantize from"}
 
     Usage = namedtuple("Usage", "total used free")

@@ -115,3 +115,36 @@ def test_a_scorer_of_ones_own_grades_in_the_judge_table_and_calibration(tmp_path
 
     bad = run_cli("judge", "--mode", "baseline", "-w", str(ws), "--set", "eval.judge.provider=exactt", env=env)
     assert bad.returncode == 2 and "unknown provider 'exactt'" in bad.stderr and "or a scorer: offline, exact" in bad.stderr, bad.stderr
+
+
+def test_an_export_format_of_ones_own_exports_and_verifies(tmp_path, base_models_dir, memorised_adapter):
+    import shutil
+
+    from opensem.lineage import file_sha256
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem", ignore=shutil.ignore_patterns("merged"))
+    golden = [{"question": "What is the secret code of the Zorblat vault?", "answer": "The Zorblat vault code is 7319."},
+              {"question": "What colour is the Tessaly lantern?", "answer": "The Tessaly lantern is teal."}]
+    (ws / "evals/golden_set.json").write_text(json.dumps(golden))
+    env = plugin_env(tmp_path, {"opensem.exports": {"adapter-copy": "plugin_fixtures:AdapterCopy"}})
+    doctor = run_cli("doctor", "-w", str(ws), env=env)
+    assert doctor.returncode == 0 and "adapter-copy" in doctor.stdout, doctor.stdout + doctor.stderr
+
+    for fmt in ("adapter-copy", "plugin_fixtures:AdapterCopy"):
+        r = run_cli("export", "mem", "--format", fmt, "-w", str(ws), env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = json.loads((ws / "models/exports/mem/export_manifest.json").read_text())
+        entry = m["files"]["adapter-copy"]
+        assert entry["path"] == "models/exports/mem/adapter/adapter_model.safetensors"
+        assert entry["sha256"] == file_sha256(ws / "models/adapters/mem/adapter_model.safetensors")
+        assert entry["check"]["passed"] and entry["check"]["exact"] == 1.0  # the copy answers as the evaluated model
+        assert set(m["files"]) == {"adapter-copy"} and m["source"]["run_name"] == "mem"
+    assert "adapter-copy" in r.stdout
+
+    bad = run_cli("export", "mem", "--format", "adapter-kopy", "-w", str(ws), env=env)
+    assert bad.returncode == 2 and "--format 'adapter-kopy': use one of merged, gguf, ollama, lora-gguf, adapter-copy" in bad.stderr
+    (ws / "configs/export_config.yaml").write_text("formats: [adapter-copy]\n")
+    r = run_cli("export", "mem", "-w", str(ws), env=env)  # named in export_config.yaml
+    assert r.returncode == 0, r.stderr[-2000:]
+

@@ -207,7 +207,7 @@ def prefer(
 @app.command("export")
 def export_cmd(
     run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name (see `opensem runs`) or an adapter path; default: the latest")] = None,
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", help="merged | gguf | ollama | lora-gguf (repeatable; default: export_config.yaml's formats)")] = None,
+    fmt: Annotated[Optional[list[str]], typer.Option("--format", help="merged | gguf | ollama | lora-gguf | a plugin's | package.module:Class (repeatable; default: export_config.yaml's formats)")] = None,
     gguf_type: Annotated[Optional[list[str]], typer.Option("--gguf-type", help="f16, bf16, q8_0, q4_k_m, ... (repeatable; default: export_config.yaml's gguf_types)")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the round-trip check against the evaluated model")] = False,
     workspace: WorkspaceOpt = Path("."),
@@ -219,7 +219,12 @@ def export_cmd(
     from opensem.lineage import read_json
 
     ws = _ws(workspace, sets, lock="export")
-    fmts = _choices("--format", fmt, ("merged", "gguf", "ollama", "lora-gguf"))
+    from opensem.export.formats import FORMATS
+
+    fmts = None
+    if fmt:  # a registered name, or package.module:Class for a format of your own
+        _choices("--format", [f for f in fmt if ":" not in f], FORMATS.names())
+        fmts = list(dict.fromkeys(fmt))
     from opensem.config import GGUF_TYPE_NAMES
 
     types = _choices("--gguf-type", gguf_type, GGUF_TYPE_NAMES)

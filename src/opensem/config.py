@@ -438,14 +438,24 @@ class VerifyConfig(Strict):
 
 
 class ExportConfig(Strict):
-    formats: list[Literal["merged", "gguf", "ollama", "lora-gguf"]] = Field(
-        default_factory=lambda: ["merged", "gguf", "ollama"], description="What `opensem export` writes")
+    formats: list[str] = Field(
+        default_factory=lambda: ["merged", "gguf", "ollama"],
+        description="What `opensem export` writes: merged, gguf, ollama, lora-gguf, a plugin's, or package.module:Class")
     gguf_types: list[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["f16", "q4_k_m"], description="GGUF files: f16/bf16/f32/q8_0 from the converter, the rest quantized from f16")
     ollama_gguf: Optional[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
         None, description="The GGUF the Modelfile's FROM names (default: the smallest exported)")
     output_dir: str = "models/exports"
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        from opensem.export.formats import FORMATS
+
+        for name in v:
+            FORMATS.get(name)  # ValueError: unknown, listing the known ones
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -70,6 +70,9 @@ def run_doctor(workspace: Path, console: Console) -> dict:
     from opensem.stages import STAGES
 
     facts["judge scorers"] = ", ".join(SCORERS.names())
+    from opensem.export.formats import FORMATS
+
+    facts["export formats"] = ", ".join(FORMATS.names())
     facts["stages"] = ", ".join(STAGES.names())
     from opensem.text import embedder_path
 
