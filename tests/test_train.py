@@ -232,7 +232,7 @@ def test_two_process_data_parallel_on_cpu(tmp_path, base_models_dir):
     assert ranks[0]["initial"] == ranks[1]["initial"]  # the same LoRA initialisation on both
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 2
     assert ranks[0]["steps"] == ranks[1]["steps"]  # identical after each step: the gradients were averaged
-    assert ranks[0]["steps"][0] != ranks[0]["initial"] and ranks[0]["steps"][1] != ranks[0]["steps"][0]
+    assert ranks[0]["steps"][-1] != ranks[0]["initial"]  # training changed them (the first step is warm-up, at lr 0)
     seen = [set(rk["seen"]) for rk in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank its own shard of the data
 

@@ -199,10 +199,17 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
 
 
 def fetch_list(ws: Workspace, stages: list[str]) -> list[str]:
-    """What comes home: every folder the launched stages write (their declared outputs), the runs and the state."""
+    """What comes home: every folder the launched stages write (their declared outputs), the runs and the state. A
+    stage of one's own that cannot be loaded here (its package is installed on the remote machine only) adds none."""
     from opensem.stages import load_stage, stage_outputs
 
-    return list(dict.fromkeys([p for name in stages for p in stage_outputs(load_stage(name), ws)] + FETCH_ALWAYS))
+    out = []
+    for name in stages:
+        try:
+            out += stage_outputs(load_stage(name), ws)
+        except ConfigError:
+            continue
+    return list(dict.fromkeys(out + FETCH_ALWAYS))
 
 
 def check_budget(plan: Plan) -> None:
