@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opensem.adapters import Chain, adapter_details, adapter_result, is_resumable
+from opensem.adapters import adapter_details, adapter_result, is_resumable
 from opensem.lineage import file_sha256
 from opensem.stages import STAGES, Context, StageResult
 from opensem.workspace import Workspace
@@ -54,9 +54,10 @@ class TrainStage:
         cfg = ctx.ws.train_config()
         chain = None
         cpt = ctx.result("cpt")  # continued pre-training ran before: start from it (after_cpt: merge | continue)
-        if cpt:
-            chain = Chain.from_run(cpt.path(ctx.ws, "adapter").parent, cfg.after_cpt,
-                                   **{k: cpt.summary.get(k) for k in ("perplexity_before", "perplexity_after")})
+        if cpt:  # the same record `opensem train --from-cpt` keeps
+            from opensem.cpt.stage import chain_from
+
+            chain = chain_from(cpt.path(ctx.ws, "adapter").parent, cfg.after_cpt)
         interrupted = ctx.record.get("run_name")
         if interrupted and is_resumable(ctx.ws.output_path(cfg.output_dir, "train.output_dir") / interrupted):
             ctx.console.print(f"resuming interrupted training run {interrupted}")
