@@ -40,6 +40,11 @@ TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
+def latest(runs: list[Path]) -> Path:
+    """The most recently created of finished runs (by their manifest's ``created``, then the folder's time)."""
+    return max(runs, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
+
+
 def find_adapter(ws: Workspace, cfg: TrainConfig, name: Optional[str]) -> Path:
     """An adapter by name (models/adapters/NAME), by path, or the latest complete one."""
     adapters = ws.path(cfg.output_dir)
@@ -51,7 +56,7 @@ def find_adapter(ws: Workspace, cfg: TrainConfig, name: Optional[str]) -> Path:
     done = [d for d in adapters.glob("*/") if (d / "adapter_config.json").exists() and (d / MANIFEST).exists()]
     if not done:
         raise OpenSEMError(f"no trained adapter in {cfg.output_dir}/: run `opensem train` first, or pass --adapter PATH")
-    return max(done, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
+    return latest(done)
 
 
 def adapter_hash(adapter: Optional[Path]) -> Optional[str]:
@@ -198,7 +203,7 @@ def find_finished(root: Path, name: Optional[str], what: str, command: str, show
         done = [d for d in done if d.name == name]
     if not done:
         raise OpenSEMError(f"no finished {what}{f' named {name!r}' if name else ''} in {shown or root}/: run `{command}` first")
-    return max(done, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
+    return latest(done)
 
 
 # -- what one run hands the next --------------------------------------------------------------------------------------

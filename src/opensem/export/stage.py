@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, merged_model
+from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, latest, merged_model
 from opensem.errors import OpenSEMError
 from opensem.export import converter, verify
 from opensem.export.formats import FORMATS
@@ -56,7 +56,7 @@ def find_run(ws: Workspace, name: Optional[str]) -> Path:
     runs = [d for base in adapter_dirs(ws)[:2] for d in base.glob("*/") if done(d)]
     if not runs:
         raise OpenSEMError("export: no finished run to export: run `opensem train` (or `opensem run`) first")
-    return max(runs, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
+    return latest(runs)
 
 
 def golden_sample(ws: Workspace, n: int) -> tuple[list[str], list[list[dict]]]:
