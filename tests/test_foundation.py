@@ -87,6 +87,24 @@ def test_dotted_overrides(tmp_path):
         load_section("train", tmp_path, ["train.learnin_rate=1"])
 
 
+def test_a_renamed_key_still_works_with_a_warning_naming_the_new_one(tmp_path, monkeypatch, capsys):
+    from opensem import config
+
+    monkeypatch.setattr(config, "RENAMED_KEYS", {"train.lr": "learning_rate", "forge.teacher.name": "teacher.model"})
+    init_workspace(tmp_path)
+    (tmp_path / "configs/train_config.yaml").write_text("lr: 0.0002\n")
+    set_config(tmp_path, "forge", teacher__name="gpt-4o")
+    assert load_section("train", tmp_path).learning_rate == 2e-4
+    assert load_section("forge", tmp_path).teacher.model == "gpt-4o"
+    assert load_section("train", tmp_path, ["train.lr=3e-4"]).learning_rate == 3e-4
+    said = " ".join(capsys.readouterr().err.split())
+    assert "train_config.yaml: key 'lr' is now 'learning_rate'" in said and "key 'teacher.name' is now 'teacher.model'" in said
+    assert "--set train.lr=3e-4: key 'lr' is now 'learning_rate'" in said
+    (tmp_path / "configs/train_config.yaml").write_text("lr: 0.0002\nlearning_rate: 0.001\n")
+    with pytest.raises(ConfigError, match="key 'lr' is the old name of 'learning_rate', and both are set: keep 'learning_rate' only"):
+        load_section("train", tmp_path)
+
+
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     init_workspace(tmp_path)
     (tmp_path / "configs" / "eval_config.yaml").write_text("pass_treshold: 3\n")

@@ -20,7 +20,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -684,17 +684,81 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+# Renamed keys, one line each: "section.old.path": "new.path" (a path inside the same section). A config file or --set that
+# still uses the old name keeps working, with a warning naming the new one; the line goes two releases later. A key
+# renamed in a schema gets its line here in the same change.
+RENAMED_KEYS: dict[str, str] = {}
+
+
+def _get(data: dict, keys: list[str]) -> tuple[bool, Any]:
+    node: Any = data
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return False, None
+        node = node[k]
+    return True, node
+
+
+def _pop(data: dict, keys: list[str]) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node[k]
+    del node[keys[-1]]
+
+
+def renamed(section: str, data: dict, where: str, warn: Callable[[str], None]) -> dict:
+    """``data`` with every old key of ``section`` moved to its new name (RENAMED_KEYS); both set is an error."""
+    for old, new in RENAMED_KEYS.items():
+        sec, _, old_path = old.partition(".")
+        if sec != section:
+            continue
+        found, value = _get(data, old_path.split("."))
+        if not found:
+            continue
+        if _get(data, new.split("."))[0]:
+            raise ConfigError(f"{where}: key '{old_path}' is the old name of '{new}', and both are set: keep '{new}' only")
+        _pop(data, old_path.split("."))
+        _apply(data, new.split("."), value)
+        warn(f"{where}: key '{old_path}' is now '{new}': rename it (the old name will stop working)")
+    return data
+
+
+def renamed_path(section: str, keys: list[str], where: str, warn: Callable[[str], None]) -> list[str]:
+    """A ``--set`` key path under its new name, when it (or a key above it) was renamed."""
+    for old, new in RENAMED_KEYS.items():
+        sec, _, old_path = old.partition(".")
+        n = len(old_path.split("."))
+        if sec == section and keys[:n] == old_path.split("."):
+            warn(f"{where}: key '{old_path}' is now '{new}': use the new name (the old one will stop working)")
+            return new.split(".") + keys[n:]
+    return keys
+
+
+_WARNED: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """Once per message and process (configs are read more than once by a command)."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    from opensem.terminal import Console
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
 def load_section(section: str, root: Path, overrides: list[str] | None = None, path: Path | None = None):
     if section not in SECTIONS:
         raise ConfigError(f"unknown config section {section!r}: use one of {', '.join(SECTIONS)}, or a stage's own section "
                           f"(its stage in configs/pipeline_config.yaml)")
     rel, model = SECTIONS[section].file, SECTIONS[section].schema
     file = path or (root / rel)
-    data = read_yaml(file)
+    data = renamed(section, read_yaml(file), str(file), _warn)
     applied: dict[tuple, str] = {}
     for text in overrides or []:
         sec, keys, value = parse_override(text)
         if sec == section:
+            keys = renamed_path(section, keys, f"--set {text}", _warn)
             _apply(data, keys, value)
             applied[tuple(keys)] = text
     try:
