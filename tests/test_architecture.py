@@ -121,3 +121,39 @@ def test_every_opensem_import_in_src_tests_and_bench_resolves():
                     except ImportError:
                         bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module} has no {alias.name}")
     assert not bad, bad
+
+
+def test_one_rule_says_which_runs_are_finished_for_every_finder(tmp_path):
+    """The adapter, cpt and export finders agree: a run cut short (status running or interrupted, or no weights) is
+    never picked as "the latest", however new it is."""
+    import json
+    import os
+
+    from opensem.adapters import find_adapter, find_finished, is_finished
+    from opensem.export.stage import find_run
+    from opensem.workspace import Workspace, init_workspace
+
+    init_workspace(tmp_path)
+    ws = Workspace(tmp_path)
+
+    def run(name: str, created: str, status: str | None, weights: bool = True):
+        d = tmp_path / "models/adapters" / name
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text("{}")
+        (d / "manifest.json").write_text(json.dumps({"created": created, "run_name": name}))
+        if weights:
+            (d / "adapter_model.safetensors").write_bytes(b"w")
+        if status:
+            (d / "run.json").write_text(json.dumps({"status": status}))
+        return d
+
+    done = run("done", "2026-01-01T00:00:00", "complete")
+    old = run("old", "2025-01-01T00:00:00", None)  # from before status files: complete
+    cut = run("cut", "2027-01-01T00:00:00", "interrupted")
+    run("busy", "2027-01-02T00:00:00", "running")
+    run("noweights", "2027-01-03T00:00:00", "complete", weights=False)
+    os.utime(cut, None)
+    assert [is_finished(d) for d in (done, old, cut)] == [True, True, False]
+    assert find_adapter(ws, ws.train_config(), None) == done.resolve()
+    assert find_run(ws, None) == done.resolve()
+    assert find_finished(tmp_path / "models/adapters", None, "run", "opensem train") == done.resolve()

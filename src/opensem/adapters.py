@@ -45,15 +45,27 @@ def latest(runs: list[Path]) -> Path:
     return max(runs, key=lambda d: (read_json(d / MANIFEST, {}).get("created", ""), d.stat().st_mtime)).resolve()
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run that finished: its weights and manifest written and its status complete (the manifest is written last,
+    and a run from before status files existed counts as complete). The one rule every finder uses."""
+    return ((run_dir / ADAPTER_WEIGHTS).exists() or (run_dir / "adapter_model.bin").exists()) \
+        and (run_dir / "adapter_config.json").exists() and (run_dir / MANIFEST).exists() \
+        and read_json(run_dir / RUN_STATUS, {}).get("status", "complete") == "complete"
+
+
+def finished_runs(root: Path) -> list[Path]:
+    return [d for d in Path(root).glob("*/") if is_finished(d)]
+
+
 def find_adapter(ws: Workspace, cfg: TrainConfig, name: Optional[str]) -> Path:
-    """An adapter by name (models/adapters/NAME), by path, or the latest complete one."""
+    """An adapter by name (models/adapters/NAME), by path, or the latest finished one."""
     adapters = ws.path(cfg.output_dir)
     if name:
         for cand in (Path(name).expanduser(), adapters / name):
             if (cand / "adapter_config.json").exists():
                 return cand.resolve()
         raise OpenSEMError(f"--adapter {name!r}: no adapter (adapter_config.json) at that path or in {cfg.output_dir}/")
-    done = [d for d in adapters.glob("*/") if (d / "adapter_config.json").exists() and (d / MANIFEST).exists()]
+    done = finished_runs(adapters)
     if not done:
         raise OpenSEMError(f"no trained adapter in {cfg.output_dir}/: run `opensem train` first, or pass --adapter PATH")
     return latest(done)
@@ -198,7 +210,7 @@ def find_resumable(root: Path, name: Optional[str]) -> Path:
 def find_finished(root: Path, name: Optional[str], what: str, command: str, shown: Optional[str] = None) -> Path:
     """A finished run (manifest and weights) in ``root`` by folder name, or the latest one. ``shown``: the folder
     as the user configured it, for the error."""
-    done = [d for d in root.glob("*/") if (d / MANIFEST).exists() and (d / ADAPTER_WEIGHTS).exists()]
+    done = finished_runs(root)
     if name:
         done = [d for d in done if d.name == name]
     if not done:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, latest, merged_model
+from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, finished_runs, is_finished, latest, merged_model
 from opensem.errors import OpenSEMError
 from opensem.export import converter, verify
 from opensem.export.formats import FORMATS
@@ -43,17 +43,13 @@ def adapter_dirs(ws: Workspace) -> list[Path]:
 
 def find_run(ws: Workspace, name: Optional[str]) -> Path:
     """A finished run by name (or path); without a name, the latest finished instruction- or preference-tuned run."""
-    def done(d: Path) -> bool:
-        return (d / "adapter_config.json").exists() and read_json(d / "run.json", {}).get("status", "complete") == "complete" \
-            and (d / MANIFEST).exists()
-
     if name:
         for cand in [Path(name).expanduser()] + [d / name for d in adapter_dirs(ws)]:
-            if done(cand):
+            if is_finished(cand):
                 return cand.resolve()
         raise OpenSEMError(f"export: no finished run {name!r} in {', '.join(str(d.relative_to(ws.root)) for d in adapter_dirs(ws))} "
                            f"(see `opensem runs`), nor at that path")
-    runs = [d for base in adapter_dirs(ws)[:2] for d in base.glob("*/") if done(d)]
+    runs = [d for base in adapter_dirs(ws)[:2] for d in finished_runs(base)]
     if not runs:
         raise OpenSEMError("export: no finished run to export: run `opensem train` (or `opensem run`) first")
     return latest(runs)
