@@ -1,5 +1,5 @@
-"""Extensions of one's own, outside src/: a judge scorer, a pipeline stage with a config section of its own, and an
-export format.
+"""Extensions of one's own, outside src/: a judge scorer, a pipeline stage with a config section, a command and a
+report section of its own, a stage that needs it, and an export format.
 Registered by name through entry points (a dist-info folder put on PYTHONPATH by the test), or named in a config
 as ``plugin_fixtures:Attribute``. Nothing in src/ lists them."""
 
@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 from pydantic import Field
 
+from opensem.commands import SetOpt, WorkspaceOpt, open_workspace, out
 from opensem.config import Section, Strict
 from opensem.judge.scorers import Verdict
 from opensem.lineage import json_sha256, read_json, write_json
-from opensem.stages import Artifact, Context, StageResult
+from opensem.stages import Artifact, Context, ReportSection, StageResult
 from opensem.text import normalize
 
 
@@ -33,11 +35,21 @@ class HelloConfig(Strict):
     times: int = Field(1, ge=1, le=10)
 
 
+def say_hello(workspace: WorkspaceOpt = Path("."), sets: SetOpt = None):
+    """Print the configured greeting (the hello stage's own command)."""
+    out.print(open_workspace(workspace, sets).config("hello").greeting)
+
+
 class HelloStage:
     """Writes its greeting (configs/hello_config.yaml) to data/hello.txt, as many times as it is told."""
 
     name = "hello"
     config_section = Section("hello", "configs/hello_config.yaml", HelloConfig)
+    commands = {"hello": say_hello}
+
+    def report(self, ws, result: StageResult) -> list[ReportSection]:
+        return [ReportSection("Hello", [["greeting", result.summary["greeting"]], ["times", result.summary["times"]]],
+                              lineage={"hello.txt": result.artifacts["greeting"].sha256})]
 
     def outputs(self, ws) -> list[str]:
         return ["data/hello.txt"]
@@ -56,6 +68,21 @@ class HelloStage:
         write_json(ctx.ws.path("data/hello_runs.json"), {"runs": count})
         return StageResult(self.name, {"greeting": Artifact.of(ctx.ws, out)},
                            {"greeting": cfg.greeting, "times": cfg.times, "config_sha": json_sha256(cfg.model_dump())})
+
+
+class EchoStage:
+    """Shouts what the hello stage wrote (this run's, or the last one finished here) into data/echo.txt."""
+
+    name = "echo"
+    needs = ("hello",)
+
+    def inputs(self, ctx: Context) -> dict:
+        return {"hello": ctx.need("hello").artifacts["greeting"].sha256}
+
+    def run(self, ctx: Context) -> StageResult:
+        out = ctx.ws.path("data/echo.txt")
+        out.write_text(ctx.need("hello").path(ctx.ws, "greeting").read_text(encoding="utf-8").upper(), encoding="utf-8")
+        return StageResult(self.name, {"echo": Artifact.of(ctx.ws, out)})
 
 
 class AdapterCopy:

@@ -101,7 +101,7 @@ def test_launch_refuses_what_it_cannot_do_before_anything_starts(tmp_path, base_
     ws = _ws(tmp_path / "ws", base_models_dir)
     cases = [
         (["--cloud", "runpod", "--nodes", "2", "--stages", "train"], "--nodes 2: SkyPilot's runpod has no multi-node clusters"),
-        (["--cloud", "aws", "--nodes", "2"], "multi-node runs the train stage alone"),
+        (["--cloud", "aws", "--nodes", "2"], "multi-node runs one stage alone, across nodes under torchrun (train)"),
         (["--cloud", "aws", "--gpu", "A100 80GB"], "--gpu 'A100 80GB': expected SkyPilot's NAME:COUNT"),
         (["--cloud", "aws", "--stages", "forge,bake"], "unknown stage 'bake'"),
         (["--cloud", "aws", "--max-cost", "2", "--set", "launch.price_per_hour=1.5"], "2.0 h x $1.5/h = $3.0 is above it"),

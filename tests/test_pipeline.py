@@ -83,7 +83,8 @@ def test_opensem_run_end_to_end_with_lineage_and_skips(tmp_path, base_models_dir
     last = sorted((ws / "runs").iterdir())[-1]
     html5 = (last / "report.html").read_text()
     assert "Per question" in html5 and "data:image/png;base64," in html5 and "<h2>Forge</h2>" not in html5
-    assert "(an earlier run)" in html5 and (last / "report.md").exists()
+    assert "compared with" in html5 and (last / "report.md").exists()  # the earlier run's baseline, in the lineage
+    assert "<h2>Training</h2>" in html5 and "## Training" in (last / "report.md").read_text()  # the train stage's own section
     (ws / "configs/pipeline_config.yaml").write_text("stages: [baseline]\n")
     r6 = run_cli("run", "-w", str(ws))
     assert r6.returncode == 0, r6.stderr[-3000:]
@@ -205,12 +206,15 @@ def _judged_run(ws: Path, run_id: str, scores: list[int], golden: str = "evals/g
              for i, s in enumerate(scores)]
     res = ws / "evals/reports" / run_id / "results.json"
     res.parent.mkdir(parents=True, exist_ok=True)
+    lineage = {"golden_set": golden, "judge": "reference-scorer-v1", "adapter": f"{ws}/models/adapters/sft-{run_id} sha256:a",
+               **({"chain": chain} if chain else {})}
     res.write_text(json.dumps({"items": items, "pass_threshold": 4, "summary": {"mean_score": sum(scores) / len(scores)},
-                               "lineage": {"golden_set": golden, "judge": "reference-scorer-v1"}}))
+                               "lineage": lineage}))
     (ws / "runs" / run_id).mkdir(parents=True)
     (ws / "runs" / run_id / "run_manifest.json").write_text(json.dumps({
-        "run_id": run_id, "train": {"run_name": f"sft-{run_id}", "chain": chain},
-        "fine_tuned": {"results": str(res), "artifacts": {"results": {"path": str(res.relative_to(ws)), "sha256": file_sha256(res)}}}}))
+        "run_id": run_id, "pipeline": ["train", "fine-tuned"], "train": {"run_name": f"sft-{run_id}"},
+        "fine_tuned": {"results": str(res), "comparison": {"mean_diff": 0.5},
+                       "artifacts": {"results": {"path": str(res.relative_to(ws)), "sha256": file_sha256(res)}}}}))
 
 
 def test_two_runs_are_compared_question_by_question(tmp_path):
@@ -219,12 +223,12 @@ def test_two_runs_are_compared_question_by_question(tmp_path):
     ws = tmp_path / "ws"
     init_workspace(ws)
     _judged_run(ws, "A", [2, 2, 3, 1, 4, 2, 2, 3, 1, 2, 2, 3])
-    _judged_run(ws, "B", [4, 3, 3, 3, 5, 4, 2, 4, 3, 4, 3, 3], chain={"stage": "cpt", "mode": "merge"})
+    _judged_run(ws, "B", [4, 3, 3, 3, 5, 4, 2, 4, 3, 4, 3, 3], chain="base -> cpt (c, merge) -> sft (sft-B)")
     r = run_cli("runs", "-w", str(ws), "--compare", "A", "B")
     assert r.returncode == 0, r.stderr
     said = " ".join(r.stdout.split())
     assert "mean score difference B - A: +1.17" in said and "win / tie / loss 9 / 3 / 0: B is better" in said
-    assert "cpt (merge) -> sft sft-B" in said and "sft sft-A" in said
+    assert "cpt (c, merge) -> sft (sft-B)" in said and "sft-A" in said  # each model as its judge lineage names it
     r = run_cli("runs", "-w", str(ws), "--compare", "B", "A")
     assert "B - A" not in r.stdout and "A is worse" in " ".join(r.stdout.split())
     _judged_run(ws, "C", [3] * 12, golden="evals/golden_set.json sha256:other")

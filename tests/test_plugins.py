@@ -41,6 +41,14 @@ def test_a_stage_of_ones_own_runs_with_its_own_config_section_and_set(workspace,
     assert m["pipeline"] == ["hello"] and m["hello"]["greeting"] == "hi" and m["hello"]["times"] == 3
     assert m["hello"]["artifacts"]["greeting"]["path"] == "data/hello.txt"
 
+    # its report section: a run that judged nothing still gets the stages' own sections in report.md
+    report = next((workspace / "runs").glob("*/report.md")).read_text()
+    assert "## Hello" in report and "| greeting | hi |" in report and "| times | 3 |" in report, report
+    # its own command, which takes --set of its own section
+    said = run_cli("hello", "-w", str(workspace), "--set", "hello.greeting=salut", env=env)
+    assert said.returncode == 0 and said.stdout.strip() == "salut", said.stdout + said.stderr
+    assert "hello" in run_cli("--help", env=env).stdout
+
     runs = run_cli("runs", "-w", str(workspace), env=env | {"COLUMNS": "200"})
     assert runs.returncode == 0 and "greeting" in runs.stdout and "hi x3" in runs.stdout, runs.stdout + runs.stderr
 
@@ -68,6 +76,36 @@ def test_a_stage_of_ones_own_runs_with_its_own_config_section_and_set(workspace,
     # a section that no stage of this workspace declares
     bad = run_cli("run", "-w", str(workspace), "--set", "nosuch.key=1", env=env)
     assert bad.returncode == 2 and "--set 'nosuch.key=1': the key must start with one of" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_stage_takes_what_it_needs_from_this_run_or_the_last_one_finished_here(workspace, tmp_path):
+    """A declared need: the result of a stage before it in the run, else the last finished one in the workspace (from
+    `opensem run` or `opensem stage`), never an older file picked from disk; none is a one-line error before any work."""
+    env = plugin_env(tmp_path, {"opensem.stages": {"hello": "plugin_fixtures:HelloStage", "echo": "plugin_fixtures:EchoStage"}})
+    (workspace / "data/raw/pump.md").write_text("# Pump\n\nThe Halden H-40 pump runs at a maximum pressure of 12 bar.\n")
+    (workspace / "data/hello.txt").write_text("an old file\n")  # on disk, but no stage's finished result
+    bad = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[forge,echo]", env=env)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    said = " ".join(bad.stderr.split())
+    assert "'echo' needs the result of 'hello'" in said and "`opensem stage hello`" in said, said
+    assert not (workspace / "data/processed/forge_manifest.json").exists() and not (workspace / "data/echo.txt").exists()
+
+    one = run_cli("stage", "hello", "-w", str(workspace), "--set", "hello.greeting=ahoy", env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[echo]", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (workspace / "data/echo.txt").read_text() == "AHOY\n"
+    again = run_cli("stage", "hello", "-w", str(workspace), "--set", "hello.greeting=ahoy", env=env)
+    assert "hello: up to date" in again.stdout + again.stderr  # `opensem stage` skips as `opensem run` does
+
+    # in the same run, the stage before it is used
+    r = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[hello,echo]", "--set", "hello.greeting=hoi", env=env)
+    assert r.returncode == 0 and (workspace / "data/echo.txt").read_text() == "HOI\n", r.stderr[-2000:]
+
+    # its files changed since it finished: that result is no longer there to use
+    (workspace / "data/hello.txt").write_text("edited by hand\n")
+    bad = run_cli("run", "-w", str(workspace), "--set", "pipeline.stages=[echo]", env=env)
+    assert bad.returncode == 2 and "'echo' needs the result of 'hello'" in " ".join(bad.stderr.split()), bad.stderr[-2000:]
 
 
 def test_what_comes_home_from_a_rented_gpu_is_what_the_stages_declare(workspace):

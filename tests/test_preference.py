@@ -132,12 +132,15 @@ def test_preference_errors_are_one_line(tmp_path, base_models_dir, memorised_ada
 def test_the_preferred_judge_needs_the_preference_stage_before_it(tmp_path):
     from opensem.errors import OpenSEMError
     from opensem.prefs.stage import PreferredStage
-    from opensem.stages import Context, load_stage
+    from opensem.stages import Context, load_stage, needed_results
     from opensem.workspace import init_workspace
 
     init_workspace(tmp_path)
     assert isinstance(load_stage("preferred"), PreferredStage)
-    with pytest.raises(OpenSEMError, match="'preferred' judges the preference stage's adapter: put 'preference' before it"):
+    with pytest.raises(OpenSEMError, match="'preferred' needs the result of 'preference', and none has finished in this workspace"):
+        needed_results(Workspace(tmp_path), [load_stage("train"), PreferredStage()])
+    needed_results(Workspace(tmp_path), [load_stage("train"), load_stage("preference"), PreferredStage()])  # met in the run
+    with pytest.raises(OpenSEMError, match="needs the result of 'preference'"):
         PreferredStage().inputs(Context(Workspace(tmp_path), Console(quiet=True), {}))
 
 
@@ -146,7 +149,12 @@ def test_pipeline_judges_each_step_of_the_chain(tmp_path, base_models_dir, memor
     each step paired on the same golden questions, the chain in the run manifest."""
     from opensem.pipeline import run_pipeline
 
+    from opensem.adapters import adapter_result
+    from opensem.stages import remember
+
     ws = _ws_with_sft(tmp_path, base_models_dir, memorised_adapter)
+    # the SFT adapter as `opensem train` leaves it: the train stage's last finished result, which fine-tuned needs
+    remember(Workspace(ws), adapter_result(Workspace(ws), ws / "models/adapters/mem", "train"), "opensem train")
     golden = [{"id": f"z{i}", "question": q, "answer": good} for i, (q, good, _) in enumerate(FACTS)]
     (ws / "evals/golden_set.json").write_text(json.dumps(golden))
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],

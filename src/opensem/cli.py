@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,8 +13,8 @@ import typer
 from rich.markup import escape
 
 from opensem import __version__
+from opensem.commands import STATE, SetOpt, WorkspaceOpt, console, open_workspace, out
 from opensem.errors import OpenSEMError
-from opensem.terminal import Console
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -26,28 +27,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
-STATE = {"debug": False, "allow_outside": False}
-
-WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (default: current directory)")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)"),
-]
-
-
-def _ws(workspace: Path, sets: Optional[list[str]], lock: Optional[str] = None):
-    """The workspace, its configs checked; ``lock``: this command writes, so it holds the workspace's lock."""
-    from opensem.config import check_overrides
-    from opensem.workspace import Workspace
-
-    check_overrides(sets, Path(workspace).expanduser().resolve())
-    ws = Workspace(workspace, tuple(sets or ()), allow_outside=STATE["allow_outside"])
-    ws.check()
-    if lock:
-        ws.lock(lock)
-    return ws
+_ws = open_workspace
 
 
 def _print_version(value: bool) -> None:
@@ -67,6 +47,31 @@ def _root(
 ):
     STATE["debug"] = debug or os.environ.get("OPENSEM_DEBUG") == "1"
     STATE["allow_outside"] = allow_outside_workspace
+
+
+OWN_COMMANDS = ("init", "doctor", "ask", "run", "stage", "runs", "launch")  # the rest are the stages' own
+
+
+def add_stage_commands() -> None:
+    """Each registered stage's own commands (its ``commands``), the built-ins' and a plugin's alike: `opensem forge`,
+    `opensem train`, ... A name already taken keeps its first owner. Loading a stage makes its config section known, so
+    its command takes ``--set`` of that section."""
+    from opensem.errors import ConfigError
+    from opensem.stages import STAGES, load_stage
+
+    taken = set(OWN_COMMANDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a broken plugin says so when a run uses it, not on every command
+        names = STAGES.names()
+    for name in names:
+        try:
+            stage = load_stage(name)
+        except ConfigError:
+            continue
+        for command, fn in (getattr(stage, "commands", None) or {}).items():
+            if command not in taken:
+                app.command(command)(fn)
+                taken.add(command)
 
 
 @app.command()
@@ -103,9 +108,9 @@ def ask(
     sets: SetOpt = None,
 ):
     """Answer a question with the base model of the train config (and an adapter, if given)."""
+    from opensem.adapters import find_adapter, trained_on
     from opensem.inference import load_chat_model
     from opensem.models import resolve_base_model
-    from opensem.adapters import find_adapter, trained_on
 
     ws = _ws(workspace, sets)
     cfg = ws.train_config()
@@ -117,176 +122,7 @@ def ask(
     out.print(model.generate([conv], max_new_tokens=max_new_tokens)[0].text)
 
 
-@app.command()
-def forge(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimated cost; call nobody")] = False,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Stage 1: data/raw -> data/processed/train.jsonl + test.jsonl, via the configured teacher."""
-    from opensem.forge import run_forge
-
-    run_forge(_ws(workspace, sets, lock=None if dry_run else "forge"), dry_run=dry_run, console=console)
-
-
-@app.command()
-def cpt(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the corpus plan and the rewrites' estimated cost; train nothing")] = False,
-    corpus_only: Annotated[bool, typer.Option("--corpus-only", help="Build data/processed/cpt.jsonl (and its rewrites) and stop")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
-    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/cpt")] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Continued pre-training on the raw documents (configs/cpt_config.yaml) -> models/cpt/{run_name}."""
-    ws = _ws(workspace, sets, lock=None if dry_run else "cpt")
-    if dry_run or corpus_only:
-        from opensem.cpt.corpus import build_corpus
-
-        corpus = build_corpus(ws, ws.cpt_config(), console, dry_run=dry_run)
-        if corpus:
-            console.print(f"corpus written to {ws.cpt_config().corpus}: {corpus.counts}")
-        return
-    from opensem.cpt import run_cpt
-
-    run_cpt(ws, resume=resume, run_name=run_name, console=console)
-
-
-@app.command()
-def train(
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
-    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/adapters")] = None,
-    from_cpt: Annotated[Optional[str], typer.Option(
-        "--from-cpt", help="Start from a continued pre-training run (its name in models/cpt, or 'latest'); after_cpt says how")] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Stage 3: LoRA fine-tuning from configs/train_config.yaml -> models/adapters/{run_name}."""
-    from opensem.train import run_training
-
-    ws = _ws(workspace, sets, lock="train")
-    chain = None
-    if from_cpt and not resume:
-        from opensem.cpt.stage import chain_from, find_cpt
-
-        chain = chain_from(find_cpt(ws, None if from_cpt == "latest" else from_cpt), ws.train_config().after_cpt)
-    run_training(ws, resume=resume, run_name=run_name, console=console, chain=chain)
-
-
-@app.command()
-def pairs(
-    adapter: Annotated[Optional[str], typer.Option(help="The instruction-tuned adapter (name or path; default: the latest)")] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Preference pairs: the tuned model's own wrong answers to training questions vs the grounded ones -> preferences.jsonl."""
-    from opensem.prefs import build_pairs
-    from opensem.adapters import find_adapter
-
-    ws = _ws(workspace, sets, lock="pairs")
-    build_pairs(ws, find_adapter(ws, ws.train_config(), adapter), console)
-
-
-@app.command()
-def prefer(
-    adapter: Annotated[Optional[str], typer.Option(help="The instruction-tuned adapter to start from (default: the latest)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the last interrupted run from its checkpoint")] = False,
-    run_name: Annotated[Optional[str], typer.Option(help="Adapter folder name under models/preference")] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Preference tuning (DPO or ORPO, configs/preference_config.yaml) on the pairs -> models/preference/{run_name}."""
-    from opensem.prefs import run_preference
-    from opensem.adapters import find_adapter
-
-    ws = _ws(workspace, sets, lock="prefer")
-    sft = None if resume else find_adapter(ws, ws.train_config(), adapter)
-    run_preference(ws, sft, resume=resume, run_name=run_name, console=console)
-
-
-@app.command("export")
-def export_cmd(
-    run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name (see `opensem runs`) or an adapter path; default: the latest")] = None,
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", help="merged | gguf | ollama | lora-gguf | a plugin's | package.module:Class (repeatable; default: export_config.yaml's formats)")] = None,
-    gguf_type: Annotated[Optional[list[str]], typer.Option("--gguf-type", help="f16, bf16, q8_0, q4_k_m, ... (repeatable; default: export_config.yaml's gguf_types)")] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the round-trip check against the evaluated model")] = False,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """A trained run -> merged safetensors, GGUF, an Ollama Modelfile, a LoRA GGUF (models/exports/RUN), each checked
-    against the evaluated model."""
-    from opensem.export.stage import EXPORT_MANIFEST, export_run, find_run
-    from opensem.lineage import read_json
-
-    ws = _ws(workspace, sets, lock="export")
-    from opensem.export.formats import FORMATS
-
-    fmts = None
-    if fmt:  # a registered name, or package.module:Class for a format of your own
-        _choices("--format", [f for f in fmt if ":" not in f], FORMATS.names())
-        fmts = list(dict.fromkeys(fmt))
-    from opensem.config import GGUF_TYPE_NAMES
-
-    types = _choices("--gguf-type", gguf_type, GGUF_TYPE_NAMES)
-    folder = export_run(ws, find_run(ws, run_name), fmts, types, False if no_verify else None, console)
-    for key, f in read_json(folder / EXPORT_MANIFEST).get("files", {}).items():
-        check = f.get("check") or {}
-        agree = f"agreement {check['agreement']:.2f}/5, {check['exact']:.0%} identical" if check else "not checked"
-        out.print(f"{key:12} {f['path']}  {f['bytes'] / 1e6:.1f} MB  {f['seconds']:.1f} s  {agree}")
-
-
-def _choices(option: str, values: Optional[list[str]], allowed) -> Optional[list[str]]:
-    if not values:
-        return None
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise OpenSEMError(f"{option} {bad[0]!r}: use one of {', '.join(allowed)}")
-    return list(dict.fromkeys(values))
-
-
-@app.command()
-def serve(
-    run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name or adapter path; default: the latest")] = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 8000,
-    engine: Annotated[str, typer.Option(help="llama.cpp (the exported GGUF) | vllm (merged base + --enable-lora, CUDA)")] = "llama.cpp",
-    gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Which exported GGUF (default: the Modelfile's, else the first)")] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 for an exported run (exported first if needed)."""
-    from opensem.export.serve import serve_run
-    from opensem.export.stage import find_run
-
-    if engine not in ("llama.cpp", "vllm"):
-        raise OpenSEMError(f"--engine {engine!r}: use llama.cpp or vllm")
-    ws = _ws(workspace, sets)
-    sys.exit(serve_run(ws, find_run(ws, run_name), port, engine, gguf_type, console))
-
-
-@app.command()
-def judge(
-    mode: Annotated[Optional[str], typer.Option(help="baseline | fine-tuned")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="Adapter name or path (default: the latest)")] = None,
-    calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="Report each judge's agreement with human scores: the shipped set, or FILE")] = False,
-    file: Annotated[Optional[Path], typer.Argument(
-        help="With --calibrate: your own human-scored answers, a JSON list of {question, golden, candidate, human_score 1-5}",
-        show_default=False)] = None,
-    workspace: WorkspaceOpt = Path("."),
-    sets: SetOpt = None,
-):
-    """Stages 2 and 4: answer the golden set, score 1-5 through promptfoo, print Baseline vs Fine-Tuned."""
-    from opensem.judge import run_calibration, run_judge
-
-    ws = _ws(workspace, sets, lock="judge")
-    if file is not None and not calibrate:
-        raise OpenSEMError(f"{file}: a file argument is only for --calibrate (opensem judge --calibrate {file})")
-    if calibrate:
-        run_calibration(ws, file, console=out)
-        return
-    if mode not in ("baseline", "fine-tuned"):
-        raise OpenSEMError("--mode must be 'baseline' or 'fine-tuned' (or use --calibrate)")
-    run_judge(ws, mode=mode, adapter=adapter, console=out)
+add_stage_commands()  # here, so that `opensem --help` lists them between ask and run
 
 
 @app.command()
@@ -299,6 +135,20 @@ def run(
     from opensem.pipeline import run_pipeline
 
     run_pipeline(_ws(workspace, sets, lock="run"), force=force, console=out)
+
+
+@app.command("stage")
+def stage_cmd(
+    name: Annotated[str, typer.Argument(help="A stage of `opensem run` by name (forge, train, ..., a plugin's) or package.module:attribute")],
+    force: Annotated[bool, typer.Option("--force", help="Run it even if its inputs did not change")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """One stage, as `opensem run` runs it: skipped when up to date, resumed when interrupted; what it needs comes from
+    the stages finished here before, and its result is kept for the stages after it."""
+    from opensem.pipeline import run_one
+
+    run_one(_ws(workspace, sets, lock="stage"), name, force=force, console=out)
 
 
 launch_app = typer.Typer(help="The pipeline on a rented GPU through SkyPilot: launch, then status / logs / fetch / down.",

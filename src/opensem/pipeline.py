@@ -20,11 +20,11 @@ from rich.table import Table
 
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
-from opensem.stages import Artifact, Context, Stage, StageResult, load_stage, stage_configs
+from opensem.stages import (STATE_FILE, Artifact, Context, Stage, StageResult, load_stage, needed_results, stage_configs,
+                             stage_report)
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
-STATE_FILE = "pipeline_state.json"
 UNFINISHED = ("running", "interrupted", "failed")
 
 
@@ -81,22 +81,43 @@ class Pipeline:
         self.timings[name] = time.time() - t0
         self.state[name] = {"inputs": key, "status": "done", "finished": now(), "seconds": round(self.timings[name], 1),
                             "result": result.to_json()}
+        self.state.setdefault("results", {})[name] = result.to_json() | {"finished": now(), "by": "opensem run"}
         self.save()
         return result
 
 
-def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] = None) -> dict:
-    console = console or Console()
-    t_start = time.time()
-    # every stage loadable, every config a stage reads valid, and every stage's own checks passed, before any work
-    stages = [load_stage(name) for name in ws.pipeline_config().stages]
+def prepare(ws: Workspace, stages: list[Stage]) -> dict[str, StageResult]:
+    """Before any work: every config a stage reads valid, every stage's own checks passed, every need met. Returns
+    the needs met by earlier results in the workspace."""
     for stage in stages:
         for section in stage_configs(stage):
             ws.config(section)
     for stage in stages:
         if hasattr(stage, "check"):
             stage.check(ws)
+    return needed_results(ws, stages)
+
+
+def run_one(ws: Workspace, spec: str, force: bool = False, console: Optional[Console] = None) -> StageResult:
+    """`opensem stage NAME`: one stage as `opensem run` runs it (skipped when up to date, resumed when interrupted), its
+    needs taken from the workspace's last results; its result is recorded for the stages after it."""
+    console = console or Console()
+    stage = load_stage(spec)
     p = Pipeline(ws, force, console)
+    p.results |= prepare(ws, [stage])
+    result = p.run_stage(stage)
+    console.print(f"{stage.name}: " + ", ".join(f"{k} {a.path}" for k, a in result.artifacts.items()))
+    return result
+
+
+def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] = None) -> dict:
+    console = console or Console()
+    t_start = time.time()
+    # every stage loadable, every config a stage reads valid, every stage's own checks passed and needs met, before any work
+    stages = [load_stage(name) for name in ws.pipeline_config().stages]
+    needed = prepare(ws, stages)
+    p = Pipeline(ws, force, console)
+    p.results |= needed
     for stage in stages:
         p.run_stage(stage)
     t0 = time.time()
@@ -146,14 +167,20 @@ def run_manifest(ws: Workspace, run_id: str, p: Pipeline, stages: list[Stage]) -
 def write_reports(ws: Workspace, run_dir: Path, manifest: dict, results: dict[str, StageResult], stages: dict) -> list[str]:
     """The judge report (Markdown and HTML) for any run with a judged stage: the last stage whose details hold judged
     items is the page's model; its comparison's baseline is this run's, or the one it was compared with on disk.
-    Stages that did not run in this pipeline leave their sections out (no loss curve without training)."""
+    Each stage of the run adds its own sections (``report``); stages that did not run in this pipeline add none (no
+    loss curve without training). A run that judged nothing gets report.md with the sections alone."""
     from opensem.judge import report as jreport
     from opensem.report_html import write_html_report
 
     details = {n: stages[n].details(ws, r) for n, r in results.items() if hasattr(stages.get(n), "details")}
     judged = [n for n, d in details.items() if isinstance(d, dict) and isinstance(d.get("items"), list) and "summary" in d]
-    if not judged:
-        return []
+    sections = [sec for n, r in results.items() if n in stages for sec in stage_report(stages[n], ws, r)]
+    if not judged:  # no model judged: the stages' own sections, if they have any
+        if not any(sec.shown for sec in sections):
+            return []
+        (run_dir / "report.md").write_text(f"# OpenSEM run {manifest['run_id']}\n\n"
+                                           + "\n".join(sec.markdown() for sec in sections if sec.shown), encoding="utf-8")
+        return ["report.md"]
     tuned_name = next((n for n in reversed(judged) if details[n].get("comparison")), None)
     ft_res = details[tuned_name] if tuned_name else None
     base_res = next((details[n] for n in judged if details[n].get("mode") == "baseline"), None)
@@ -161,15 +188,15 @@ def write_reports(ws: Workspace, run_dir: Path, manifest: dict, results: dict[st
         base_res = read_json(ws.path(ft_res["baseline_run"]) / "results.json", None)
     shown = ft_res or base_res
     train = next((d for d in reversed(list(details.values())) if isinstance(d, dict) and isinstance(d.get("log"), list)), {})
-    forge = details.get("forge") or {}
     written = ["report.md"]
     (run_dir / "report.md").write_text(
         jreport.markdown(shown.get("judge", ""), base_res, ft_res, (ft_res or {}).get("comparison"), shown.get("lineage", {}),
-                         (ft_res or {}).get("forgetting"), (ft_res or {}).get("retrieval_comparisons")),
+                         (ft_res or {}).get("forgetting"), (ft_res or {}).get("retrieval_comparisons"))
+        + "".join("\n" + sec.markdown() for sec in sections if sec.shown),
         encoding="utf-8",
     )
     if ft_res and base_res:
-        write_html_report(run_dir / "report.html", manifest, forge, train.get("log", []), base_res, ft_res)
+        write_html_report(run_dir / "report.html", manifest, sections, train.get("log", []), base_res, ft_res)
         written.insert(0, "report.html")
     return written
 
@@ -247,15 +274,14 @@ def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = Non
         m = read_json(ws.root / "runs" / run_id / "run_manifest.json", {})
         if not m:
             raise OpenSEMError(f"runs/{run_id}: no run manifest there: see `opensem runs` for the run ids")
-        stage = load_stage("fine-tuned")
-        entry = m.get("fine_tuned")
-        if not entry or not hasattr(stage, "details"):
-            raise OpenSEMError(f"runs/{run_id}: this run has no fine-tuned judge results to compare")
-        result = StageResult("fine-tuned", {k: Artifact(**v) for k, v in entry["artifacts"].items()}, entry)
+        judged = _judged_model(m)
+        if judged is None:
+            raise OpenSEMError(f"runs/{run_id}: this run has no judged model compared with a baseline")
+        stage, result = judged
         if not result.unchanged(ws):
             raise OpenSEMError(f"runs/{run_id}: its judge results were changed or removed since the run")
-        runs[run_id] = (m, stage.details(ws, result))
-    (ma, ra), (mb, rb) = runs[a], runs[b]
+        runs[run_id] = stage.details(ws, result)
+    ra, rb = runs[a], runs[b]
     for key in ("golden_set", "judge"):
         if ra["lineage"].get(key) != rb["lineage"].get(key):
             raise OpenSEMError(f"runs {a} and {b} differ in their {key.replace('_', ' ')} ({ra['lineage'].get(key)} vs "
@@ -265,8 +291,7 @@ def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = Non
     t = Table(title=f"{b} vs {a}: the same {cmp['paired_n']} golden questions, the same judge")
     for col in ("", a, b):
         t.add_column(col)
-    chain = lambda m: (m.get("train") or {}).get("chain")  # noqa: E731
-    t.add_row("model", _chain(ma, chain(ma)), _chain(mb, chain(mb)))
+    t.add_row("model", _model(ra), _model(rb))
     t.add_row("mean judge score", _n(ra["summary"]["mean_score"]), _n(rb["summary"]["mean_score"]))
     t.add_row("accuracy", f"{_n(cmp['accuracy_baseline'] * 100, '.1f')}%", f"{_n(cmp['accuracy_fine_tuned'] * 100, '.1f')}%")
     console.print(t)
@@ -277,9 +302,23 @@ def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = Non
     return cmp
 
 
-def _chain(m: dict, chain: Optional[dict]) -> str:
-    name = ((m.get("train") or {}).get("run_name")) or "-"
-    return f"{chain.get('stage')} ({chain.get('mode')}) -> sft {name}" if chain else f"sft {name}"
+def _judged_model(m: dict) -> Optional[tuple[Stage, StageResult]]:
+    """The run's final judged model: the last stage whose results hold a comparison with the baseline."""
+    for name in reversed(m.get("pipeline", [])):
+        entry = m.get(name.replace("-", "_")) or {}
+        try:
+            stage = load_stage(name)
+        except ConfigError:
+            continue
+        if entry.get("comparison") and hasattr(stage, "details"):
+            return stage, StageResult(name, {k: Artifact(**v) for k, v in entry["artifacts"].items()}, entry)
+    return None
+
+
+def _model(res: dict) -> str:
+    """The judged model as its lineage names it: the chain that made it, else its adapter's folder name."""
+    lineage = res.get("lineage") or {}
+    return lineage.get("chain") or Path(str(lineage.get("adapter", "-")).split(" ")[0]).name
 
 
 def _n(x, fmt: str = ".2f") -> str:

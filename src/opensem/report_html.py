@@ -1,5 +1,5 @@
-"""One self-contained HTML report per run: loss curve, score distributions, per-question table, forge
-summary and lineage. Plots are matplotlib PNGs embedded as data URIs; every text is HTML-escaped."""
+"""One self-contained HTML report per run: loss curve, score distributions, per-question table, each stage's
+own sections and the lineage. Plots are matplotlib PNGs embedded as data URIs; every text is HTML-escaped."""
 
 from __future__ import annotations
 
@@ -97,21 +97,20 @@ def _retrieval_section(base_res: dict, ft_res: dict) -> str:
             f"<tbody>{pairs}</tbody></table>")
 
 
-def _steps_section(manifest: dict) -> str:
-    """Each step of a longer chain (base -> SFT -> SFT + preference), when the `preferred` stage ran."""
-    from opensem.judge import report
-
-    steps = (manifest.get("preferred") or {}).get("steps")
-    if not steps:
-        return ""
-    rows = "".join(
-        f"<tr><td>{escape(b)} vs {escape(a)}</td><td class='num'>{_f(c['mean_diff'], '+.2f')}</td>"
-        f"<td class='num'>[{_f(c['mean_diff_ci'][0])}, {_f(c['mean_diff_ci'][1])}]</td>"
-        f"<td class='num'>{c['wins']} / {c['ties']} / {c['losses']}</td><td class='num'>{c['regressions']}</td></tr>"
-        for key, (b, a) in report.STEP_NAMES.items() for c in [steps.get(key)] if c)
-    final = (manifest.get("preferred") or {}).get("headline") or ""
-    return (f"<h2>Each step of the chain</h2><p class='headline flat'>Final model (SFT + preference): {escape(final)}</p><table><thead><tr><th>step</th><th>mean score difference</th><th>95% CI</th>"
-            f"<th>win / tie / loss</th><th>regressions</th></tr></thead><tbody>{rows}</tbody></table>")
+def sections_html(sections) -> str:
+    """The stages' own sections (opensem.stages.ReportSection), in the order the stages ran."""
+    html = []
+    for sec in (s for s in sections if s.shown):
+        if sec.header:
+            head = "<thead><tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in sec.header) + "</tr></thead>"
+            body = "".join("<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(str(c))}</td>" for i, c in enumerate(row))
+                           + "</tr>" for row in sec.rows)
+        else:
+            head, body = "", "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in sec.rows)
+        note = f"<p class='headline flat'>{escape(sec.note)}</p>" if sec.note else ""
+        table = f"<table>{head}<tbody>{body}</tbody></table>" if sec.rows else ""
+        html.append(f"<h2>{escape(sec.title)}</h2>{note}{table}")
+    return "".join(html)
 
 
 def banner(cmp: dict) -> tuple[str, str]:
@@ -124,7 +123,9 @@ def banner(cmp: dict) -> tuple[str, str]:
     return {"up": "", "down": "down", "none": "flat"}[report.significance(cmp)], report.headline(cmp)
 
 
-def write_html_report(path: Path, manifest: dict, forge: dict, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
+def write_html_report(path: Path, manifest: dict, sections: list, training_log: list[dict], base_res: dict, ft_res: dict) -> None:
+    """The page: the judged model against the baseline (headline, cards, plots, retrieval rows, every question), then
+    each stage's own sections, the stage times and the lineage (the judge's, and each section's)."""
     cmp = ft_res.get("comparison") or {}
     titems = ft_res.get("items", [])
     cls, headline = banner(cmp)  # this page's table: the fine-tuned stage's model
@@ -135,18 +136,11 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
         [it["score"] for it in base_res.get("items", []) if it["score"] is not None],
         [it["score"] for it in titems if it["score"] is not None], judge)) if p]
     rows = _question_rows(base_res, titems)
-    m_train = manifest.get("train") or {}
-    lineage = _lineage(manifest, ft_res)
+    lineage = ft_res.get("lineage", {}) | {k: v for sec in sections for k, v in sec.lineage.items() if v}
     stage_rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{'skipped' if v['skipped'] else _f(v['seconds'], '.1f') + ' s'}</td></tr>"
                          for k, v in manifest["stages"].items())
-    forge_section = ("<h2>Forge</h2><table>" + "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
-                                                       for k, v in _forge_rows(forge)) + "</table>") if forge else ""
-    train_section = (f"""<h2>Training</h2><table>
-<tr><td>engine</td><td>{escape(str(m_train.get('engine')))}</td></tr>
-<tr><td>final train loss / eval loss</td><td>{_f(m_train.get('final_train_loss'), '.3f')} / {_f(m_train.get('eval_loss'), '.3f')}</td></tr>
-<tr><td>tokens/s</td><td>{escape(str(m_train.get('tokens_per_s')))}</td></tr></table>""") if m_train else ""
     forgetting = ft_res.get("forgetting") or {}
-    retrieval = _retrieval_section(base_res, ft_res) + _steps_section(manifest)
+    retrieval = _retrieval_section(base_res, ft_res)
     html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OpenSEM run {escape(manifest['run_id'])}</title>
 <style>{CSS}</style></head><body>
 <h1>OpenSEM run {escape(manifest['run_id'])}</h1>
@@ -161,7 +155,7 @@ def write_html_report(path: Path, manifest: dict, forge: dict, training_log: lis
 <p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>
 <table><thead><tr><th>id</th><th>question</th><th>golden answer</th><th>baseline answer</th><th>fine-tuned answer</th>
 <th>base</th><th>tuned</th><th>Δ</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
-{forge_section}{train_section}
+{sections_html(sections)}
 <h2>Stage times</h2><table>{stage_rows}</table>
 <h2>Lineage</h2><table>{''.join(f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>" for k, v in lineage.items())}</table>
 </body></html>"""
@@ -196,38 +190,3 @@ def _question_rows(base_res: dict, titems: list[dict]) -> list[str]:
             f"<td class='num'>{_f(b.get('score'))}</td><td class='num'>{_f(it['score'])}</td><td class='num'>{_f(d, '+.2f')}</td></tr>"
         )
     return rows
-
-
-def _forge_rows(forge: dict) -> list[tuple[str, object]]:
-    forge = forge or {}
-    counts = forge.get("counts", {})
-    cost = forge.get("cost", {})
-    rows = [("teacher", f"{(forge.get('teacher') or {}).get('provider')}/{(forge.get('teacher') or {}).get('model')}"),
-            ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
-            ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
-    cov = forge.get("coverage")
-    if cov:
-        rows += [("facts trained", f"{cov.get('trained')} of {cov.get('facts')} ({cov.get('train_wordings_per_fact')} wordings each)"),
-                 ("split", cov.get("split_by"))]
-    rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
-    return rows + [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]
-
-
-def _lineage(manifest: dict, ft_res: dict) -> dict:
-    """What the page's numbers came from, by content hash: the judge's own lineage and the run's stages."""
-    m_forge, m_train = manifest.get("forge") or {}, manifest.get("train") or {}
-    m_base, m_tuned = manifest.get("baseline") or {}, manifest.get("fine_tuned") or {}
-    lineage = ft_res.get("lineage", {}) | {k: v for k, v in {
-        "forge manifest": m_forge.get("manifest_sha256"),
-        "train.jsonl": m_forge.get("train_sha256"),
-        "adapter": m_train.get("adapter") and f"{m_train['adapter']} {m_train.get('adapter_sha256')}",
-        "adapter manifest": m_train.get("manifest_sha256"),
-        "baseline results": (f"{m_base['results']} {m_base.get('results_sha256')}" if m_base.get("results")
-                             else ft_res.get("baseline_run") and f"{ft_res['baseline_run']} (an earlier run)"),
-        "fine-tuned results": m_tuned.get("results") and f"{m_tuned['results']} {m_tuned.get('results_sha256')}",
-    }.items() if v}
-    if manifest.get("cpt"):  # continued pre-training ran first: its corpus, adapter and what it did to perplexity
-        c = manifest["cpt"]
-        lineage |= {"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
-                    "cpt perplexity": f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"}
-    return lineage

@@ -18,6 +18,12 @@ and, optionally:
     check(ws)                     a one-line error for a bad input before any stage of the run does work (the judge
                                   checks the golden set and promptfoo before the forge pays for a teacher)
     details(ws, result) -> dict   the full record it wrote (its manifest or results file), for reports
+    report(ws, result) -> [ReportSection]   its part of the run's report.md and report.html: a table under a
+                                  heading, and what it adds to the page's lineage (hashes of what it read and wrote)
+    needs                         the stages whose results it uses (("train",)): taken from this run, else from the
+                                  last time that stage finished in this workspace (`opensem run`, or its own command);
+                                  a need never met is a one-line error before any stage does work
+    commands                      its own CLI commands ({"forge": function}): typer functions, added to `opensem`
 
 Only the stage knows its folders, file names and manifest keys; the pipeline passes typed results along
 (``ctx.results["train"]``) and never opens another stage's files.
@@ -36,7 +42,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from opensem.config import Section, register_section
 from opensem.errors import ConfigError
-from opensem.lineage import file_sha256
+from opensem.lineage import file_sha256, now, read_json, write_json
 from opensem.plugins import Registry
 from opensem.terminal import Console
 from opensem.workspace import Workspace
@@ -90,6 +96,34 @@ class StageResult:
 
 
 @dataclass
+class ReportSection:
+    """A stage's part of the run's report: a heading, a table (``header`` and ``rows``; without a header, a
+    key / value table), an optional line above it, and entries for the page's lineage table."""
+
+    title: str
+    rows: list[list[str]]
+    header: list[str] = field(default_factory=list)
+    note: str = ""
+    lineage: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shown(self) -> bool:
+        """Whether it has anything to show on the page (a section may only add lineage)."""
+        return bool(self.title or self.rows or self.note)
+
+    def markdown(self) -> str:
+        if not self.shown:
+            return ""
+        cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        header, rows = (self.header, self.rows) if self.header else (["", ""], self.rows)
+        lines = [f"## {self.title}", ""] + ([self.note, ""] if self.note else [])
+        if rows:
+            lines += ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
 class Context:
     """What a stage gets: the workspace, the results of the stages before it, and its own resume record."""
 
@@ -100,7 +134,16 @@ class Context:
     mark: Callable[..., None] = lambda **values: None  # record progress, kept if the attempt is interrupted
 
     def result(self, name: str) -> Optional[StageResult]:
+        """The result of a stage that ran before this one in this run, or of a declared need (``needs``)."""
         return self.results.get(name)
+
+    def need(self, name: str) -> StageResult:
+        """A result the stage cannot do without (declared in its ``needs``, so the pipeline has checked it is there)."""
+        found = self.results.get(name)
+        if found is None:
+            raise ConfigError(f"configs/pipeline_config.yaml: key 'stages': this stage needs the result of {name!r}: "
+                              f"put {name!r} before it, or declare it in the stage's `needs`")
+        return found
 
 
 class Stage(Protocol):
@@ -109,6 +152,46 @@ class Stage(Protocol):
     def inputs(self, ctx: Context) -> dict: ...
 
     def run(self, ctx: Context) -> StageResult: ...
+
+
+# .opensem/pipeline_state.json: each stage's last attempt in `opensem run` (opensem.pipeline), and under "results" the
+# last finished result of each stage, from a run or the stage's own command: where a need is found outside a run
+STATE_FILE = "pipeline_state.json"
+
+
+def remember(ws: Workspace, result: StageResult, by: str) -> None:
+    """Record a stage's finished result, for the stages that need it later (a stage's own command calls this)."""
+    path = ws.state_dir / STATE_FILE
+    state = read_json(path, {}) or {}
+    state.setdefault("results", {})[result.stage] = result.to_json() | {"finished": now(), "by": by}
+    write_json(path, state)
+
+
+def recall(ws: Workspace, name: str) -> Optional[StageResult]:
+    """The last finished result of stage ``name`` in this workspace, if its files are still as it left them."""
+    rec = ((read_json(ws.state_dir / STATE_FILE, {}) or {}).get("results") or {}).get(name)
+    if not rec:
+        return None
+    result = StageResult.from_json(rec)
+    return result if result.unchanged(ws) else None
+
+
+def needed_results(ws: Workspace, stages: list) -> dict[str, StageResult]:
+    """What each stage ``needs`` and no stage before it in the list makes: the last finished result in the workspace.
+    A need with none is a one-line error, before any stage does work."""
+    found: dict[str, StageResult] = {}
+    for i, stage in enumerate(stages):
+        before = {s.name for s in stages[:i]}
+        for need in getattr(stage, "needs", ()):
+            if need in before or need in found:
+                continue
+            result = recall(ws, need)
+            if result is None:
+                raise ConfigError(f"configs/pipeline_config.yaml: key 'stages': {stage.name!r} needs the result of {need!r}, and "
+                                  f"none has finished in this workspace (or its files changed since): put {need!r} before "
+                                  f"{stage.name!r}, or run `opensem stage {need}` first")
+            found[need] = result
+    return found
 
 
 def load_stage(spec: str) -> Stage:
@@ -144,4 +227,15 @@ def stage_outputs(stage: Stage, ws: Workspace) -> list[str]:
     return out
 
 
-__all__ = ["STAGES", "Artifact", "Context", "Section", "Stage", "StageResult", "load_stage", "stage_configs", "stage_outputs"]
+def stage_report(stage: Stage, ws: Workspace, result: StageResult) -> list[ReportSection]:
+    """A stage's report sections; none for a stage without ``report`` or one whose files are gone since."""
+    if not hasattr(stage, "report"):
+        return []
+    try:
+        return list(stage.report(ws, result) or [])
+    except (OSError, KeyError, ValueError) as e:
+        return [ReportSection(stage.name, [], note=f"its record could not be read ({e})")]
+
+
+__all__ = ["STAGES", "STATE_FILE", "Artifact", "Context", "ReportSection", "Section", "Stage", "StageResult", "load_stage",
+           "needed_results", "recall", "remember", "stage_configs", "stage_outputs", "stage_report"]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from opensem.cpt import commands
 from opensem.adapters import MANIFEST, Chain, adapter_details, adapter_result, find_finished, is_resumable
 from opensem.lineage import read_json
-from opensem.stages import STAGES, Context, StageResult
+from opensem.stages import STAGES, Context, ReportSection, StageResult
 from opensem.workspace import Workspace
 
 
@@ -46,6 +47,7 @@ class CptStage:
 
     name = "cpt"
     configs = ("cpt", "forge", "train")
+    commands = {"cpt": commands.cpt}
 
     def outputs(self, ws: Workspace) -> list[str]:
         ccfg = ws.cpt_config()
@@ -84,3 +86,11 @@ class CptStage:
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return adapter_details(ws, result)
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        c = result.summary
+        perplexity = f"{c.get('perplexity_before')} -> {c.get('perplexity_after')}"
+        return [ReportSection("Continued pre-training", [["perplexity on the documents", perplexity],
+                                                         ["corpus records", c.get("corpus_records")], ["tokens/s", c.get("tokens_per_s")]],
+                              lineage={"cpt corpus": c.get("corpus_sha256"), "cpt adapter": f"{c.get('adapter')} {c.get('adapter_sha256')}",
+                                       "cpt perplexity": perplexity})]

@@ -26,10 +26,10 @@ from typing import Optional
 
 from opensem.adapters import MANIFEST, adapter_hash, base_model_dir, chain_text, finished_runs, is_finished, latest, merged_model
 from opensem.errors import OpenSEMError
-from opensem.export import converter, verify
+from opensem.export import commands, converter, verify
 from opensem.export.formats import FORMATS
 from opensem.lineage import file_sha256, now, read_json, versions, write_json
-from opensem.stages import STAGES, Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, ReportSection, StageResult
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
@@ -241,21 +241,22 @@ def export_result(ws: Workspace, out: Path) -> StageResult:
 
 @STAGES.register
 class ExportStage:
-    """The final adapter (preference-tuned if that stage ran, else instruction-tuned) -> export_config.yaml's formats."""
+    """The final adapter (preference-tuned if that stage ran in this run, else instruction-tuned) -> export_config.yaml's
+    formats."""
 
     name = "export"
     configs = ("export", "eval", "train", "preference", "cpt")
+    commands = {"export": commands.export, "serve": commands.serve}
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.export_config().output_dir]
 
+    needs = ("train",)
+
     @staticmethod
     def _source(ctx: Context) -> Path:
-        for stage in ("preference", "train"):
-            r = ctx.result(stage)
-            if r:
-                return r.path(ctx.ws, "adapter").parent
-        return find_run(ctx.ws, None)
+        """The preference-tuned adapter when that stage ran in this run, else the instruction-tuned one."""
+        return (ctx.result("preference") or ctx.need("train")).path(ctx.ws, "adapter").parent
 
     def inputs(self, ctx: Context) -> dict:
         return {"adapter": adapter_hash(self._source(ctx)), "config": ctx.ws.export_config().model_dump(mode="json"),
@@ -266,3 +267,13 @@ class ExportStage:
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return read_json(result.path(ws, "manifest"))
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        """Each exported file: size, and its round-trip agreement with the evaluated model."""
+        rows = []
+        for key, f in (self.details(ws, result).get("files") or {}).items():
+            check = f.get("check") or {}
+            agree = f"{check['agreement']:.2f}/5, {check['exact']:.0%} identical" if check.get("agreement") is not None else "not checked"
+            rows.append([key, f.get("path"), f"{f.get('bytes', 0) / 1e6:.1f} MB", agree])
+        return [ReportSection("Export", rows, ["format", "file", "size", "agreement with the evaluated model"],
+                              lineage={"export manifest": result.artifacts["manifest"].sha256})]

@@ -9,8 +9,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from datasketch import MinHash, MinHashLSH
-
 from opensem.config import QualityConfig
 from opensem.forge.synthesis import NOT_STANDALONE, QUESTION_START
 from opensem.text import content_words, embed, normalize, shingles
@@ -43,7 +41,9 @@ class Pair:
     meta: dict = field(default_factory=dict)
 
 
-def minhash(text: str, num_perm: int = 128) -> MinHash:
+def minhash(text: str, num_perm: int = 128):
+    from datasketch import MinHash  # scipy underneath: loaded when the gates run, not with the command line
+
     m = MinHash(num_perm=num_perm, seed=1)
     for s in shingles(text):
         m.update(s.encode("utf-8"))
@@ -114,6 +114,8 @@ class Gate:
     """Keeps a pair or names why not. Order: shape, grounding, golden overlap, exact dup, near dup."""
 
     def __init__(self, cfg: QualityConfig, golden_questions: list[str]):
+        from datasketch import MinHashLSH
+
         self.cfg = cfg
         self.rejected: Counter = Counter()
         self.examples: dict[str, list[dict]] = defaultdict(list)

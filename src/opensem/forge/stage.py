@@ -19,6 +19,7 @@ from rich.table import Table
 
 from opensem.config import ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
+from opensem.forge import commands
 from opensem.forge.documents import Chunk, ingest, raw_inputs
 from opensem.forge.quality import REASONS, Gate, Pair, coverage, held_out, split_by_chunk, split_by_wording
 from opensem.forge.synthesis import (
@@ -37,7 +38,7 @@ from opensem.lineage import atomic_write_text, file_sha256, json_sha256, now, re
 from opensem.llm import CachedProvider, Call, LLMReply, get_provider
 from opensem.llm.cost import Budget, Costs
 from opensem.progress import stage_progress
-from opensem.stages import STAGES, Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, ReportSection, StageResult
 from opensem.terminal import Console
 from opensem.text import normalize
 from opensem.workspace import Workspace
@@ -504,6 +505,7 @@ class ForgeStage:
 
     name = "forge"
     configs = ("forge", "train")
+    commands = {"forge": commands.forge}
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.forge_config().output_dir]
@@ -523,3 +525,21 @@ class ForgeStage:
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return read_json(result.path(ws, "manifest"))
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        return [ReportSection("Forge", [[k, v] for k, v in report_rows(self.details(ws, result))], lineage={
+            "forge manifest": result.summary.get("manifest_sha256"), "train.jsonl": result.summary.get("train_sha256")})]
+
+
+def report_rows(forge: dict) -> list[tuple[str, object]]:
+    """The forge's rows in the run's report: teacher, counts, fact coverage, rejections, tokens and cost."""
+    counts, cost, teacher = forge.get("counts", {}), forge.get("cost", {}), forge.get("teacher") or {}
+    rows = [("teacher", f"{teacher.get('provider')}/{teacher.get('model')}"),
+            ("strategy", forge.get("strategy")), ("files", counts.get("files")), ("chunks", counts.get("chunks")),
+            ("pairs made", counts.get("pairs_made")), ("kept (train / test)", f"{counts.get('kept')} ({counts.get('train')} / {counts.get('test')})")]
+    cov = forge.get("coverage")
+    if cov:
+        rows += [("facts trained", f"{cov.get('trained')} of {cov.get('facts')} ({cov.get('train_wordings_per_fact')} wordings each)"),
+                 ("split", cov.get("split_by"))]
+    rows += [(f"rejected: {k}", v) for k, v in (counts.get("rejected") or {}).items() if v]
+    return rows + [("tokens in / out", f"{cost.get('input_tokens')} / {cost.get('output_tokens')}"), ("cost (USD)", cost.get("usd_total"))]

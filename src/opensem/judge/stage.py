@@ -18,6 +18,7 @@ from typing import Any, Optional
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from rich.markup import escape
 
+from opensem.judge import commands
 from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.config import EvalConfig
 from opensem.errors import OpenSEMError
@@ -29,7 +30,7 @@ from opensem.judge.stats import paired_compare
 from opensem.lineage import file_sha256, json_sha256, now, read_json, write_json
 from opensem.models import resolve_base_model
 from opensem.progress import stage_progress
-from opensem.stages import STAGES, Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, ReportSection, StageResult
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
@@ -387,6 +388,7 @@ class BaselineStage:
 
     name = "baseline"
     configs = ("eval", "train")
+    commands = {"judge": commands.judge}
     mode = "baseline"
 
     def outputs(self, ws: Workspace) -> list[str]:
@@ -418,19 +420,26 @@ class BaselineStage:
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return read_json(result.path(ws, "results"))
 
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        """No section of its own (the page is the judge's): its results file joins the lineage, and for a compared
+        model, the baseline's judge run it was compared with."""
+        lineage = {f"{self.mode} results": f"{result.summary.get('results')} {result.summary.get('results_sha256')}"}
+        if result.summary.get("comparison"):
+            lineage["compared with"] = self.details(ws, result).get("baseline_run")
+        return [ReportSection("", [], lineage=lineage)]
+
 
 @STAGES.register
 class FineTunedStage(BaselineStage):
-    """Base + the adapter of the train stage (or the latest adapter) answers the golden set; compared with the baseline."""
+    """Base + the adapter of the train stage (this run's, or the last one finished here) answers the golden set;
+    compared with the baseline."""
 
     name = "fine-tuned"
     mode = "fine-tuned"
+    needs = ("train",)
 
     def adapter(self, ctx: Context) -> Optional[Path]:
-        trained = ctx.result("train")
-        if trained is None:
-            return find_adapter(ctx.ws, ctx.ws.train_config(), None)
-        return trained.path(ctx.ws, "adapter").parent
+        return ctx.need("train").path(ctx.ws, "adapter").parent
 
     def inputs(self, ctx: Context) -> dict:
         return super().inputs(ctx) | {"adapter": adapter_hash(self.adapter(ctx))}

@@ -170,9 +170,11 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     unknown = [s for s in stages if s not in STAGES.names() and ":" not in s]
     if unknown:
         raise ConfigError(f"--stages: unknown stage {unknown[0]!r}: use {', '.join(STAGES.names())}")
-    if nodes > 1 and stages != ["train"]:
-        raise ConfigError(f"--nodes {nodes}: multi-node runs the train stage alone (torchrun across nodes): "
-                          f"forge first (here or in a single-node launch), then --stages train")
+    if nodes > 1:  # one stage that trains across nodes (its `multi_node`), under torchrun
+        multi = [n for n in STAGES.names() if getattr(STAGES.get(n), "multi_node", False)]
+        if len(stages) != 1 or stages[0] not in multi:
+            raise ConfigError(f"--nodes {nodes}: multi-node runs one stage alone, across nodes under torchrun ({', '.join(multi)}): "
+                              f"forge first (here or in a single-node launch), then --stages {multi[0] if multi else 'train'}")
     engine = "hf" if nodes > 1 else (cfg.engine if gpu else "auto")
     max_hours = max_hours or cfg.max_hours
     max_cost = max_cost if max_cost is not None else cfg.max_cost_usd

@@ -10,16 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from opensem.adapters import adapter_details, adapter_hash, adapter_result, find_adapter, is_resumable
-from opensem.errors import OpenSEMError
+from opensem.prefs import commands
+from opensem.adapters import adapter_details, adapter_hash, adapter_result, is_resumable
 from opensem.lineage import file_sha256, read_json
-from opensem.stages import STAGES, Artifact, Context, StageResult
+from opensem.stages import STAGES, Artifact, Context, ReportSection, StageResult
 from opensem.workspace import Workspace
 
 
 def _sft_adapter(ctx: Context) -> Path:
-    trained = ctx.result("train")
-    return trained.path(ctx.ws, "adapter").parent if trained else find_adapter(ctx.ws, ctx.ws.train_config(), None)
+    return ctx.need("train").path(ctx.ws, "adapter").parent
 
 
 @STAGES.register
@@ -28,6 +27,8 @@ class PairsStage:
 
     name = "pairs"
     configs = ("preference", "train", "eval")
+    commands = {"pairs": commands.pairs}
+    needs = ("train",)
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [str(Path(ws.preference_config().pairs.output).parent)]
@@ -40,17 +41,26 @@ class PairsStage:
                 "judge": ecfg.judge.model_dump(mode="json"), "pass_threshold": ecfg.pass_threshold}
 
     def run(self, ctx: Context) -> StageResult:
-        from opensem.prefs.pairs import MANIFEST as PAIRS_MANIFEST
         from opensem.prefs.pairs import build_pairs
 
-        out = build_pairs(ctx.ws, _sft_adapter(ctx), ctx.console)
-        m = read_json(out.parent / PAIRS_MANIFEST)
-        arts = {"pairs": Artifact.of(ctx.ws, out), "manifest": Artifact.of(ctx.ws, out.parent / PAIRS_MANIFEST)}
-        return StageResult(self.name, arts, {"pairs_sha256": arts["pairs"].sha256, "counts": m.get("counts"),
-                                             "adapter_sha256": m.get("adapter_sha256"), "judge": m.get("judge")})
+        return pairs_result(ctx.ws, build_pairs(ctx.ws, _sft_adapter(ctx), ctx.console))
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return read_json(result.path(ws, "manifest"))
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        counts = result.summary.get("counts") or {}
+        return [ReportSection("Preference pairs", [[k, v] for k, v in counts.items()], lineage={"preference pairs": result.summary.get("pairs_sha256")})]
+
+
+def pairs_result(ws: Workspace, out: Path) -> StageResult:
+    """The typed result of the pairs written to ``out``: the pairs file and its manifest."""
+    from opensem.prefs.pairs import MANIFEST as PAIRS_MANIFEST
+
+    m = read_json(out.parent / PAIRS_MANIFEST)
+    arts = {"pairs": Artifact.of(ws, out), "manifest": Artifact.of(ws, out.parent / PAIRS_MANIFEST)}
+    return StageResult("pairs", arts, {"pairs_sha256": arts["pairs"].sha256, "counts": m.get("counts"),
+                                       "adapter_sha256": m.get("adapter_sha256"), "judge": m.get("judge")})
 
 
 def preference_summary(m: dict) -> dict:
@@ -64,6 +74,8 @@ class PreferenceStage:
 
     name = "preference"
     configs = ("preference", "train")
+    commands = {"prefer": commands.prefer}
+    needs = ("train",)  # the pairs: this run's pairs stage, else the configured file (your own pairs, or an earlier run's)
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.preference_config().output_dir]
@@ -97,6 +109,12 @@ class PreferenceStage:
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return adapter_details(ws, result)
 
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        m = result.summary
+        return [ReportSection("Preference tuning", [["method", m.get("method")], ["reward margin, first -> last",
+                                                                                   f"{m.get('first_margin')} -> {m.get('final_margin')}"]],
+                              lineage={"preference adapter": f"{m.get('adapter')} {m.get('adapter_sha256')}"})]
+
 
 @STAGES.register
 class PreferredStage:
@@ -108,6 +126,7 @@ class PreferredStage:
 
     name = "preferred"
     configs = ("eval", "preference", "train")
+    needs = ("preference",)
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.eval_config().reports_dir]
@@ -121,11 +140,7 @@ class PreferredStage:
         return FineTunedStage()
 
     def _adapter(self, ctx: Context) -> Path:
-        pref = ctx.result("preference")
-        if pref is None:
-            raise OpenSEMError("configs/pipeline_config.yaml: key 'stages': 'preferred' judges the preference stage's "
-                               "adapter: put 'preference' before it")
-        return pref.path(ctx.ws, "adapter").parent
+        return ctx.need("preference").path(ctx.ws, "adapter").parent
 
     def check(self, ws: Workspace) -> None:
         self._judge().check(ws)
@@ -157,3 +172,19 @@ class PreferredStage:
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return read_json(result.path(ws, "results"))
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        """Each step of the chain base -> SFT -> SFT + preference, paired on the same golden questions."""
+        from opensem.judge import report
+
+        own = self._judge().report(ws, result)
+        steps = result.summary.get("steps")
+        if not steps:
+            return own
+        f = lambda x, fmt=".2f": "-" if x is None else format(x, fmt)  # noqa: E731
+        rows = [[f"{b} vs {a}", f(c["mean_diff"], "+.2f"), f"[{f(c['mean_diff_ci'][0])}, {f(c['mean_diff_ci'][1])}]",
+                 f"{c['wins']} / {c['ties']} / {c['losses']}", c["regressions"]]
+                for key, (b, a) in report.STEP_NAMES.items() for c in [steps.get(key)] if c]
+        return own + [ReportSection("Each step of the chain", rows, ["step", "mean score difference", "95% CI", "win / tie / loss",
+                                                                     "regressions"],
+                                    note=f"Final model (SFT + preference): {result.summary.get('headline') or ''}")]

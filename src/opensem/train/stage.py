@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from opensem.train import commands
 from opensem.adapters import adapter_details, adapter_result, is_resumable
 from opensem.lineage import file_sha256
-from opensem.stages import STAGES, Context, StageResult
+from opensem.stages import STAGES, Context, ReportSection, StageResult
 from opensem.workspace import Workspace
 
 
@@ -30,6 +31,8 @@ class TrainStage:
 
     name = "train"
     configs = ("train",)
+    commands = {"train": commands.train}
+    multi_node = True  # data-parallel across the nodes of a launch (torchrun); `opensem launch --nodes 2 --stages train`
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.train_config().output_dir]
@@ -70,3 +73,11 @@ class TrainStage:
 
     def details(self, ws: Workspace, result: StageResult) -> dict:
         return adapter_details(ws, result)
+
+    def report(self, ws: Workspace, result: StageResult) -> list[ReportSection]:
+        m = result.summary
+        num = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        rows = [["engine", m.get("engine")], ["final train loss / eval loss", f"{num(m.get('final_train_loss'))} / {num(m.get('eval_loss'))}"],
+                ["tokens/s", m.get("tokens_per_s")]]
+        return [ReportSection("Training", rows, lineage={
+            "adapter": m.get("adapter") and f"{m['adapter']} {m.get('adapter_sha256')}", "adapter manifest": m.get("manifest_sha256")})]
