@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child, make_workspace, run_cli
+from conftest import REPO, child, make_workspace, run_cli, set_config
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
 
@@ -171,36 +171,106 @@ def test_a_broken_merge_stops_the_export_with_the_differing_answers(tmp_path, ba
     assert check["passed"] is False and check["differing"]
 
 
-@pytest.mark.slow
-def test_opensem_serve_answers_the_official_openai_sdk(exported, tmp_path):
+def _serving(ws: Path, log_path: Path, *args: str):
+    """`opensem serve mem ARGS` in a child process; yields (an OpenAI client on it once it answers, the process)."""
+    import contextlib
+
     from openai import OpenAI
 
+    @contextlib.contextmanager
+    def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        exe = Path(sys.executable).parent / "opensem"
+        with open(log_path, "w") as log, child([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), *args],
+                                               stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
+            try:
+                client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+                deadline = time.time() + 120
+                while True:
+                    try:
+                        client.models.list()
+                        break
+                    except Exception:
+                        assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+                        time.sleep(1)
+                yield client, port
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return run()
+
+
+@pytest.mark.slow
+def test_opensem_serve_answers_the_official_openai_sdk_as_opensem_ask_does(exported, tmp_path):
+    """The served model is the evaluated model: asked through the OpenAI SDK with no sampling settings and no system
+    message, the f16 GGUF gives `opensem ask`'s greedy answer word for word (the judged settings and system prompt are
+    filled in by the server); with no --gguf-type it serves the smallest GGUF that passed its check."""
     ws, _ = exported
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "opensem"
-    log = open(tmp_path / "serve.log", "w")
-    with child([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), "--gguf-type", "f16"],
-               stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
-        try:
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-            deadline = time.time() + 120
-            while True:
-                try:
-                    r = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[0][0]}],
-                                                       temperature=0, max_tokens=32)
-                    break
-                except Exception:
-                    assert proc.poll() is None and time.time() < deadline, "the server did not come up"
-                    time.sleep(1)
-            assert r.choices[0].message.content.strip() == "The Zorblat vault code is 7319."
-            assert r.model == "mem"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-            log.close()
-    assert f"base URL http://127.0.0.1:{port}/v1" in (tmp_path / "serve.log").read_text()
+    system = "Answer from the vault records."
+    set_config(ws, "eval", answers={"max_new_tokens": 40, "system_prompt": system})
+    questions = [q for q, _ in FACTS[:4]]
+    asked = []
+    for q in questions:
+        r = run_cli("ask", q, "--adapter", "mem", "-w", str(ws))
+        assert r.returncode == 0, r.stderr[-2000:]
+        asked.append(r.stdout.strip())
+    with _serving(ws, tmp_path / "serve.log", "--gguf-type", "f16") as (client, port):
+        served = [client.chat.completions.create(model="mem", messages=[{"role": "user", "content": q}]) for q in questions]
+        # a setting the request sends itself is kept: two tokens are two tokens
+        short = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": questions[0]}], max_tokens=2)
+    assert [r.choices[0].message.content.strip() for r in served] == asked
+    assert all(r.model == "mem" for r in served) and short.usage.completion_tokens <= 2
+    said = " ".join((tmp_path / "serve.log").read_text().split())
+    assert f"base URL http://127.0.0.1:{port}/v1" in said and "no repeat penalty" in said
+
+    files = read_json(ws / "models/exports/mem/export_manifest.json")["files"]
+    good = min((f["bytes"], f["path"]) for k, f in files.items() if k.startswith("gguf:") and f["check"]["passed"])[1]
+    with _serving(ws, tmp_path / "serve-default.log") as (client, _):
+        assert client.chat.completions.create(model="mem", messages=[{"role": "user", "content": questions[0]}]).choices
+    assert f"{Path(good).name}:" in (tmp_path / "serve-default.log").read_text()
+
+
+def test_the_server_fills_in_the_judged_settings_and_system_prompt_only_where_a_request_has_none():
+    from opensem.export.llama_server import fill
+
+    judged = {"temperature": 0.0, "max_tokens": 64, "repeat_penalty": 1.0}
+    bare = json.loads(fill(json.dumps({"model": "m", "messages": [{"role": "user", "content": "q"}]}).encode(), judged, "Be brief.", True))
+    assert bare["temperature"] == 0.0 and bare["max_tokens"] == 64 and bare["repeat_penalty"] == 1.0
+    assert bare["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    own = json.loads(fill(json.dumps({"messages": [{"role": "system", "content": "Mine."}, {"role": "user", "content": "q"}],
+                                      "temperature": 0.7, "max_tokens": None}).encode(), judged, "Be brief.", True))
+    assert own["temperature"] == 0.7 and own["max_tokens"] == 64 and [m["content"] for m in own["messages"]] == ["Mine.", "q"]
+    text = json.loads(fill(b'{"prompt": "q"}', judged, "Be brief.", False))
+    assert text == {"prompt": "q"} | judged  # a text completion has no messages to prepend to
+    assert fill(b"not json", judged, None, True) == b"not json"
+
+
+def test_an_export_that_changes_a_number_a_name_or_a_yes_no_is_refused_whatever_its_agreement():
+    from opensem.config import VerifyConfig
+    from opensem.export.verify import changed_facts, compare, fail
+
+    questions = ["How much can the MX-3 lift?", "Who guards the Quillon bridge?", "Is the H-40 waterproof?", "Which colour?"]
+    evaluated = ["The MX-3 lifts up to 150 kilograms.", "Marta Vell guards it.", "Yes, it is waterproof.", "It is teal."]
+    assert changed_facts(questions[0], evaluated[0], "It lifts up to 150 kg at most.") == []  # reworded, nothing new
+    assert changed_facts(questions[0], evaluated[0], "The MX-3 lifts 350 kilograms.") == ["number 350"]
+    assert changed_facts(questions[1], evaluated[1], "Marta Bell guards it.") == ["name Bell"]
+    assert changed_facts(questions[2], evaluated[2], "No, it is not.") == ["yes -> no"]
+    exported = ["The MX-3 lifts up to 350 kilograms.", *evaluated[1:]]
+    check = compare("q4_k_m", questions, evaluated, exported, True, VerifyConfig())
+    assert check.agreement >= VerifyConfig().min_agreement_quantized and not check.passed  # the mean alone would pass it
+    assert check.changed[0]["changed"] == ["number 350"] and "1 changed a number, name or yes/no" in check.line()
+    assert "(number 350)" in str(fail(check))
+    assert compare("q4_k_m", questions, evaluated, evaluated, True, VerifyConfig()).passed
+
+
+@pytest.mark.slow
+def test_the_modelfile_names_the_gguf_the_export_was_asked_for(exported):
+    ws, _ = exported
+    r = run_cli("export", "mem", "--format", "gguf", "--gguf-type", "q8_0", "--format", "ollama", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FROM ./mem-q8_0.gguf" in (ws / "models/exports/mem/Modelfile").read_text()  # not the smaller q4_k_m of before
 
 
 @pytest.mark.slow

@@ -103,11 +103,12 @@ def doctor(workspace: WorkspaceOpt = Path(".")):
 def ask(
     question: Annotated[str, typer.Argument(help="The question")],
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name in models/adapters or a path")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens")] = 128,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer in tokens (default: the judged one, eval_config.yaml answers.max_new_tokens)")] = None,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
-    """Answer a question with the base model of the train config (and an adapter, if given)."""
+    """Answer a question with the base model of the train config (and an adapter, if given), as the judge answers:
+    greedy (answers.temperature), the judged system prompt and answer length."""
     from opensem.adapters import find_adapter, trained_on
     from opensem.inference import load_chat_model
     from opensem.models import resolve_base_model
@@ -117,9 +118,9 @@ def ask(
     adapter_dir = find_adapter(ws, cfg, adapter) if adapter else None
     base = (trained_on(adapter_dir) if adapter_dir else None) or resolve_base_model(cfg.base_model, ws.base_models_dir)
     model = load_chat_model(base.path, str(adapter_dir) if adapter_dir else None)
-    system = ws.eval_config().answers.system_prompt
-    conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    out.print(model.generate([conv], max_new_tokens=max_new_tokens)[0].text)
+    answers = ws.eval_config().answers
+    conv = ([{"role": "system", "content": answers.system_prompt}] if answers.system_prompt else []) + [{"role": "user", "content": question}]
+    out.print(model.generate([conv], max_new_tokens=max_new_tokens or answers.max_new_tokens, temperature=answers.temperature)[0].text)
 
 
 add_stage_commands()  # here, so that `opensem --help` lists them between ask and run

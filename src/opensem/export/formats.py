@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from opensem.errors import OpenSEMError
-from opensem.export import converter, llamacpp
+from opensem.export import converter, llamacpp, verify
 from opensem.lineage import read_json, versions
 from opensem.plugins import Registry
 
@@ -120,7 +120,7 @@ class Ollama:
         ggufs = {v["type"]: v for k, v in job.files.items() if k.startswith("gguf:") and Path(job.ws.path(v["path"])).exists()}
         if not ggufs:
             raise OpenSEMError("export --format ollama needs a GGUF: add gguf to formats (or export one first)")
-        pick = job.cfg.ollama_gguf if job.cfg.ollama_gguf in ggufs else min(ggufs, key=lambda t: ggufs[t]["bytes"])
+        pick = job.cfg.ollama_gguf if job.cfg.ollama_gguf in ggufs else smallest_passed(ggufs, job.gguf_types)
         gguf = Path(job.ws.path(ggufs[pick]["path"]))
         source = job.record["source"]
         tokenizer = AutoTokenizer.from_pretrained(str(job.out / "merged") if (job.out / "merged").exists() else source["adapter_dir"])
@@ -129,6 +129,17 @@ class Ollama:
         text, info = modelfile(gguf.name, tokenizer, job.ws.eval_config().answers.system_prompt, header)
         (job.out / "Modelfile").write_text(text, encoding="utf-8")
         job.finish("ollama", job.entry(job.out / "Modelfile", "ollama", pick, 0.0) | {"modelfile": info})
+
+
+def smallest_passed(ggufs: dict[str, dict], asked: list[str]) -> str:
+    """The Modelfile's GGUF when export_config.yaml names none: the smallest of the types this export was asked for
+    that passed its check, else the smallest of the run's others that did."""
+    good = [t for t in ggufs if verify.passed(ggufs[t])]
+    pool = [t for t in good if t in asked] or good
+    if not pool:
+        raise OpenSEMError(f"export --format ollama: no GGUF of this run passed its round-trip check ({', '.join(ggufs)}): "
+                           f"export another type (--gguf-type q8_0, f16), or name one with ollama_gguf")
+    return min(pool, key=lambda t: ggufs[t]["bytes"])
 
 
 @FORMATS.register

@@ -1,7 +1,9 @@
 """`opensem serve`: an exported run behind an OpenAI-compatible chat endpoint on 127.0.0.1.
 
-    llama.cpp (default)   llama-cpp-python's server on the run's exported GGUF (exported and checked first if
-                          missing); the chat template is the GGUF's own.
+    llama.cpp (default)   llama-cpp-python's server on the run's exported GGUF (the type asked for, else the smallest
+                          that passed its round-trip check; exported and checked first if missing); the chat
+                          template is the GGUF's own, and a request that leaves a decoding setting or the system
+                          prompt out gets the judged one (opensem/export/llama_server.py).
     vllm                  on a CUDA machine with vLLM installed: the model under the adapter, the adapter served
                           with --enable-lora under the run's name.
 
@@ -11,6 +13,7 @@ Point any OpenAI client at the printed base URL, or ``provider: openai-compatibl
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -34,28 +37,32 @@ def _port_free(port: int) -> None:
 
 
 def pick_gguf(ws, adapter_dir: Path, gguf_type: Optional[str], console: Console) -> Path:
-    """The run's exported GGUF of that type (default: the Modelfile's, else the first), exported now if missing."""
+    """The run's exported GGUF: the type asked for (exported now if missing), else the smallest one that passed its
+    round-trip check (numbers, names and yes/no kept), else the first of gguf_types, exported now."""
     from opensem.export.stage import EXPORT_MANIFEST, export_run
+    from opensem.export.verify import passed
 
     cfg = ws.export_config()
     folder = ws.output_path(cfg.output_dir, "export.output_dir") / read_json(adapter_dir / MANIFEST)["run_name"]
     files = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
     ggufs = {f["type"]: f for k, f in files.items() if k.startswith("gguf:") and ws.path(f["path"]).exists()}
-    want = gguf_type or (files.get("ollama") or {}).get("type") or next(iter(ggufs), None) or cfg.gguf_types[0]
+    good = sorted((f["bytes"], t) for t, f in ggufs.items() if passed(f))
+    want = gguf_type or (good[0][1] if good else cfg.gguf_types[0])
     if want not in ggufs:
         console.print(f"no {want} GGUF exported for this run yet: exporting it")
         export_run(ws, adapter_dir, ["gguf"], [want], None, console)
         files = read_json(folder / EXPORT_MANIFEST)["files"]
     entry = files[f"gguf:{want}"]
-    if entry.get("check") and not entry["check"]["passed"]:
-        raise OpenSEMError(f"{entry['path']} failed its round-trip check ({entry['check']['rule']}): "
-                           f"re-export it, or export with --no-verify to serve it anyway")
+    if not passed(entry):
+        raise OpenSEMError(f"{entry['path']} failed its round-trip check ({entry['check']['rule']}): serve another type "
+                           f"(--gguf-type), re-export it, or export with --no-verify to serve it anyway")
     return ws.path(entry["path"])
 
 
-def llama_cpp_command(gguf: Path, port: int, alias: str, n_ctx: int = 4096) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--model_alias", alias, "--n_ctx", str(n_ctx), "--verbose", "False"]
+def llama_cpp_command(gguf: Path, port: int, alias: str, settings: dict, system: Optional[str], n_ctx: int = 4096) -> list[str]:
+    """The served expert (opensem.export.llama_server): llama-cpp-python's server with the judged decoding settings."""
+    return [sys.executable, "-m", "opensem.export.llama_server", "--model", str(gguf), "--port", str(port), "--alias", alias,
+            "--n_ctx", str(n_ctx), "--settings", json.dumps(settings)] + (["--system", system] if system else [])
 
 
 def vllm_command(base: Path, adapter_dir: Path, port: int, alias: str) -> list[str]:
@@ -91,12 +98,19 @@ def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional
     else:
         if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("fastapi") is None:
             raise OpenSEMError("serving needs llama-cpp-python's server: pip install 'opensem[export]'")
-        cmd = llama_cpp_command(pick_gguf(ws, adapter_dir, gguf_type, console), port, alias)
+        from opensem.export.llama_server import judged_settings
+
+        answers = ws.eval_config().answers
+        gguf = pick_gguf(ws, adapter_dir, gguf_type, console)
+        cmd = llama_cpp_command(gguf, port, alias, judged_settings(answers), answers.system_prompt)
+        console.print(f"{gguf.name}: a request that leaves them out is answered as judged: temperature {answers.temperature}, "
+                      f"at most {answers.max_new_tokens} tokens, no repeat penalty"
+                      + (", the judged system prompt" if answers.system_prompt else ""))
     system = ws.eval_config().answers.system_prompt
     console.print(f"serving {alias} ({engine}) at base URL http://127.0.0.1:{port}/v1, model {alias!r}")
     console.print(f"  e.g. OpenAI(base_url='http://127.0.0.1:{port}/v1', api_key='none').chat.completions.create(model='{alias}', ...)")
     console.print(f"  in a config: provider: openai-compatible, base_url: http://127.0.0.1:{port}/v1, model: {alias}")
-    if system:
+    if system and engine == "vllm":
         console.print(f"  the model was trained and evaluated with the system prompt {system!r}: send it as the first message")
     console.print("  Ctrl-C stops it")
     sys.stdout.flush()

@@ -1,0 +1,95 @@
+"""The served expert on llama.cpp: llama-cpp-python's OpenAI-compatible server on one GGUF, answering as the model
+was judged.
+
+llama-cpp-python's server samples with its own defaults (a repeat penalty of 1.1 among them) where a request leaves
+a setting out, and the OpenAI SDK leaves most out; the judge answered greedily with no penalty, the judged
+``max_new_tokens`` and the system prompt of eval_config.yaml. So a request that leaves a setting out gets the
+judged one, and a chat without a system message gets the judged system prompt. What a request sets itself is kept.
+
+    python -m opensem.export.llama_server --model run.gguf --alias run --port 8000 --settings '{"temperature": 0, ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+def judged_settings(answers) -> dict[str, Any]:
+    """eval_config.yaml's answers as llama.cpp request fields: greedy at temperature 0, no repeat penalty."""
+    return {"temperature": answers.temperature, "max_tokens": answers.max_new_tokens, "repeat_penalty": 1.0}
+
+
+def fill(body: bytes, settings: dict[str, Any], system: Optional[str], chat: bool) -> bytes:
+    """A request body with the judged settings where it has none, and the judged system prompt where a chat has no
+    system message. A body that is not a JSON object passes unchanged (the server answers it with its own error)."""
+    try:
+        req = json.loads(body or b"null")
+    except ValueError:
+        return body
+    if not isinstance(req, dict):
+        return body
+    for key, value in settings.items():
+        if req.get(key) is None:
+            req[key] = value
+    messages = req.get("messages")
+    if chat and system and isinstance(messages, list) and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        req["messages"] = [{"role": "system", "content": system}, *messages]
+    return json.dumps(req).encode("utf-8")
+
+
+class JudgedDefaults:
+    """ASGI middleware: every chat or text completion request passes through ``fill`` before the server reads it."""
+
+    def __init__(self, app, settings: dict[str, Any], system: Optional[str]):
+        self.app, self.settings, self.system = app, settings, system
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") != "POST" or path not in (CHAT, COMPLETIONS):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        body = fill(body, self.settings, self.system, path == CHAT)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client's disconnect, if it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        await self.app(dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())]), replay, send)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--alias", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--n_ctx", type=int, default=4096)
+    p.add_argument("--settings", default="{}", help="JSON: the judged request fields")
+    p.add_argument("--system", default=None, help="the judged system prompt")
+    args = p.parse_args(argv)
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=args.port),
+                     model_settings=[ModelSettings(model=args.model, model_alias=args.alias, n_ctx=args.n_ctx, verbose=False,
+                                                   seed=0, n_threads=os.cpu_count())])  # as the round-trip check ran it
+    uvicorn.run(JudgedDefaults(app, json.loads(args.settings), args.system), host="127.0.0.1", port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
