@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def requests(n: int):
-    from opensem.config import ForgeConfig
+    from opensem.forge.config import ForgeConfig
     from opensem.forge.documents import chunk_document, read_documents
     from opensem.forge.stage import plan_requests
 

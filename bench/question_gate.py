@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from opensem.config import QualityConfig
+from opensem.forge.config import QualityConfig
 from opensem.forge.quality import question_reason, shape_reason
 
 LABELS = Path(__file__).parent / "data" / "question_labels.jsonl"

@@ -196,7 +196,7 @@ def test_embedding_learning_rate_is_its_own_optimizer_group(base_models_dir, tmp
     from datasets import Dataset
     from trl import SFTConfig
 
-    from opensem.config import TrainConfig
+    from opensem.kernel.config import TrainConfig
     from opensem.kernel import engines
 
     cfg = TrainConfig(lora_modules_to_save=["embed_tokens", "lm_head"], learning_rate=1e-3, embedding_learning_rate=2e-5,

@@ -131,7 +131,7 @@ def test_the_modelfile_template_renders_the_tokenizers_prompt_in_go(exported, tm
 @pytest.mark.slow
 def test_a_gguf_with_a_wrong_chat_template_fails_the_round_trip_check(exported, tmp_path):
     """The most common 'my GGUF answers worse' bug: the template in the file is not the one the model learned."""
-    from opensem.config import VerifyConfig
+    from opensem.export.config import VerifyConfig
     from opensem.export import llamacpp, verify
 
     ws, _ = exported
@@ -248,7 +248,7 @@ def test_the_server_fills_in_the_judged_settings_and_system_prompt_only_where_a_
 
 
 def test_an_export_that_changes_a_number_a_name_or_a_yes_no_is_refused_whatever_its_agreement():
-    from opensem.config import VerifyConfig
+    from opensem.export.config import VerifyConfig
     from opensem.export.verify import changed_facts, compare, fail
 
     questions = ["How much can the MX-3 lift?", "Who guards the Quillon bridge?", "Is the H-40 waterproof?", "Which colour?"]

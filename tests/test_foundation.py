@@ -257,7 +257,7 @@ def test_template_configs_state_the_schema_defaults():
     from opensem.config import SECTIONS
 
     for section in SECTIONS.values():
-        rel, model = section.file, section.schema
+        rel, model = section.file, section.model
         template = yaml.safe_load((REPO / "src/opensem/assets/workspace" / rel).read_text())
         assert template, rel
         for key, value in _leaves(template):
@@ -267,7 +267,7 @@ def test_template_configs_state_the_schema_defaults():
 def test_readme_configuration_table_states_the_schema_defaults():
     import re
 
-    from opensem.config import TrainConfig
+    from opensem.kernel.config import TrainConfig
 
     text = (REPO / "README.md").read_text()
     table = text.split("`configs/train_config.yaml` uses Axolotl's key names:", 1)[1].split("\n\n", 2)[1]

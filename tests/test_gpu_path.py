@@ -9,7 +9,7 @@ import types
 import pytest
 from rich.console import Console
 
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.kernel import engines, hardware
 

@@ -254,7 +254,7 @@ def test_allow_outside_workspace_is_explicit(workspace, fake, tmp_path):
 
 
 def test_names_match_whole_and_set_errors_name_the_flag(workspace):
-    from opensem.config import RUN_NAME_RE, TrainConfig
+    from opensem.kernel.config import RUN_NAME_RE, TrainConfig
 
     assert RUN_NAME_RE.fullmatch("run-1") and not RUN_NAME_RE.fullmatch("run-1\n")
     with pytest.raises(Exception, match="plain folder name"):
@@ -370,7 +370,7 @@ def test_a_local_prompt_past_the_context_is_a_failed_call_not_a_runaway(base_mod
 
 
 def test_replay_skips_prompts_longer_than_the_context(workspace, base_models_dir):
-    from opensem.config import TrainConfig
+    from opensem.kernel.config import TrainConfig
     from opensem.models import resolve_base_model
     from opensem.kernel.data import build_replay
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, interrupt_midway, make_workspace, run_cli, set_config
 
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError
 from opensem.kernel.hardware import Hardware, make_profile
 from opensem.workspace import Workspace
@@ -277,7 +277,7 @@ def test_a_run_is_the_same_whatever_ran_before_in_the_process(tmp_path, base_mod
 
 # --- training length: exposures per fact, within a time budget -------------------------------------------------------
 def test_training_length_comes_from_exposures_per_fact_and_the_time_budget_says_what_it_gave_up():
-    from opensem.config import TrainConfig
+    from opensem.kernel.config import TrainConfig
     from opensem.kernel.plan import gave_up_line, plan_steps
 
     cfg = TrainConfig(exposures_per_fact=24)

@@ -13,3 +13,16 @@ The pipeline, one package per stage:
 """
 
 __version__ = "0.1.0"
+
+
+def lazy_names(package: str, names: dict[str, str]):
+    """A package's ``__getattr__`` for its public functions, each imported from its module on first use, so that the
+    package's config schema (``package.config``) loads without its stage."""
+    import importlib
+
+    def __getattr__(name: str):
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json, write_json
 from opensem.stages import Artifact, StageResult

@@ -19,9 +19,19 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opensem.config import (CptConfig, EvalConfig, ExportConfig, ForgeConfig, LaunchConfig, PipelineConfig, PreferenceConfig, TrainConfig,
-                            load_section)
+from typing import TYPE_CHECKING
+
+from opensem.config import PipelineConfig, load_section
 from opensem.errors import ConfigError, OpenSEMError
+
+if TYPE_CHECKING:  # each schema lives next to its stage (config.py: SECTIONS), loaded with the section
+    from opensem.cpt.config import CptConfig
+    from opensem.export.config import ExportConfig
+    from opensem.forge.config import ForgeConfig
+    from opensem.judge.config import EvalConfig
+    from opensem.kernel.config import TrainConfig
+    from opensem.launch.config import LaunchConfig
+    from opensem.prefs.config import PreferenceConfig
 
 LAYOUT_DIRS = ["configs", "data/raw", "data/processed", "evals", "models/base", "models/adapters"]
 GITIGNORE = """\

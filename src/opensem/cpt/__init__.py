@@ -1,6 +1,7 @@
 """Continued pre-training: next-token loss on the raw documents (and teacher rewrites of them), before
 instruction tuning. corpus.py builds the corpus, recipe.py trains, stage.py is the pipeline stage."""
 
-from opensem.cpt.recipe import run_cpt
+from opensem import lazy_names
 
-__all__ = ["run_cpt"]
+__getattr__ = lazy_names(__name__, {"run_cpt": "opensem.cpt.recipe"})
+__all__ = ['run_cpt']

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from opensem.config import CptConfig, ForgeConfig
+from opensem.cpt.config import CptConfig
+from opensem.forge.config import ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.forge.documents import Chunk, chunk_document
 from opensem.forge.quality import grounding

@@ -22,7 +22,8 @@ from typing import Optional
 
 
 from opensem.adapters import base_record, find_resumable
-from opensem.config import CptConfig, TrainConfig
+from opensem.cpt.config import CptConfig
+from opensem.kernel.config import TrainConfig
 from opensem.cpt.corpus import Corpus, build_corpus
 from opensem.errors import OpenSEMError
 from opensem.kernel import engines

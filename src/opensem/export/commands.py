@@ -22,7 +22,7 @@ def export(
 ):
     """A trained run -> merged safetensors, GGUF, an Ollama Modelfile, a LoRA GGUF (models/exports/RUN), each checked
     against the evaluated model."""
-    from opensem.config import GGUF_TYPE_NAMES
+    from opensem.export.config import GGUF_TYPE_NAMES
     from opensem.export.formats import FORMATS
     from opensem.export.stage import EXPORT_MANIFEST, export_result, export_run, find_run
     from opensem.lineage import read_json

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from opensem.config import ForgeConfig
+from opensem.forge.config import ForgeConfig
 from opensem.encoding import NotText, decode_text
 from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from opensem.config import QualityConfig
+from opensem.forge.config import QualityConfig
 from opensem.forge.synthesis import NOT_STANDALONE, QUESTION_START
 from opensem.text import content_words, embed, normalize, shingles
 

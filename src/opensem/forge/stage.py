@@ -17,7 +17,7 @@ from typing import Optional
 from rich.markup import escape
 from rich.table import Table
 
-from opensem.config import ForgeConfig
+from opensem.forge.config import ForgeConfig
 from opensem.errors import OpenSEMError, StageInterrupted
 from opensem.forge import commands
 from opensem.forge.documents import Chunk, ingest, raw_inputs

@@ -3,7 +3,7 @@ forge and continued pre-training's rewrites both pay for teacher calls through t
 
 from __future__ import annotations
 
-from opensem.config import ForgeConfig
+from opensem.forge.config import ForgeConfig
 from opensem.errors import ConfigError
 from opensem.forge.documents import count_tokens
 from opensem.workspace import Workspace

@@ -1,5 +1,6 @@
 """Stages 2 and 4, the Judge: golden set -> promptfoo + 1-5 judge -> Baseline vs Fine-Tuned report."""
 
-from opensem.judge.stage import run_calibration, run_judge
+from opensem import lazy_names
 
-__all__ = ["run_judge", "run_calibration"]
+__getattr__ = lazy_names(__name__, {"run_judge": "opensem.judge.stage", "run_calibration": "opensem.judge.stage"})
+__all__ = ['run_calibration', 'run_judge']

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from opensem.adapters import adapter_hash
-from opensem.config import AnswerConfig
+from opensem.judge.config import AnswerConfig
 from opensem.inference import answer_cache_dir, answer_key, cached_answers
 from opensem.workspace import Workspace
 

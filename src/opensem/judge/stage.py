@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from opensem.judge import commands
 from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
-from opensem.config import EvalConfig
+from opensem.judge.config import EvalConfig
 from opensem.errors import OpenSEMError
 from opensem.golden import GoldenItem, duplicate_questions, load_golden
 from opensem.judge import promptfoo, report

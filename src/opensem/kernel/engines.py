@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import OpenSEMError
 
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import ConfigError
 
 CONSUMER_MARKERS = ("rtx", "geforce", "titan")

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from opensem.config import EMBEDDED_MODEL, TrainConfig
+from opensem.config import EMBEDDED_MODEL
+from opensem.kernel.config import TrainConfig
 from opensem.lineage import read_json
 
 # measured: the embedded model (135M), LoRA r32 on all linear layers, fp32, 2 CPU cores, ShareGPT pairs of one

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from opensem.adapters import CHECKPOINTS, MANIFEST, RUN_STATUS, TRAINING_LOG, last_checkpoint
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.kernel import engines
 from opensem.kernel.data import TokenizedSet

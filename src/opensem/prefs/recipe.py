@@ -20,7 +20,8 @@ from typing import Optional
 
 
 from opensem.adapters import Chain, base_record, find_adapter, find_resumable
-from opensem.config import PreferenceConfig, TrainConfig
+from opensem.kernel.config import TrainConfig
+from opensem.prefs.config import PreferenceConfig
 from opensem.errors import OpenSEMError
 from opensem.kernel import engines
 from opensem.kernel import run as kernel

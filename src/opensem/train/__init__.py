@@ -1,5 +1,6 @@
 """Stage 3, the Training Floor: train.jsonl -> LoRA adapter in models/adapters/{run_name}."""
 
-from opensem.train.recipe import run_training
+from opensem import lazy_names
 
-__all__ = ["run_training"]
+__getattr__ = lazy_names(__name__, {"run_training": "opensem.train.recipe"})
+__all__ = ['run_training']

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from opensem.adapters import Chain, base_record, find_resumable
-from opensem.config import TrainConfig
+from opensem.kernel.config import TrainConfig
 from opensem.errors import OpenSEMError
 from opensem.kernel import engines
 from opensem.kernel.hardware import check_adapter, detect_hardware
