@@ -265,6 +265,51 @@ def test_an_export_that_changes_a_number_a_name_or_a_yes_no_is_refused_whatever_
     assert compare("q4_k_m", questions, evaluated, evaluated, True, VerifyConfig()).passed
 
 
+VAULT = """# Zorblat vault
+
+The secret code of the Zorblat vault is 7319. Only two clerks know it.
+
+# Quillon bridge
+
+The Quillon bridge is guarded by Marta Vell, who has kept it for eleven years.
+
+# Tessaly lantern
+
+The Tessaly lantern is teal and hangs above the north gate.
+"""
+
+
+@pytest.mark.slow
+def test_ask_and_serve_with_retrieval_answer_as_the_judges_retrieval_row_with_its_sources(exported, tmp_path):
+    """The served expert retrieves from the workspace's documents and answers with the prompt the judge graded: the
+    f16 GGUF's answer is the "+ retrieval" row's, the passages come back as sources, and retrieval can be turned off."""
+    ws, _ = exported
+    (ws / "data/raw/vault.md").write_text(VAULT)
+    set_config(ws, "eval", answers={"max_new_tokens": 40, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
+               retrieval={"enabled": True, "top_k": 2})
+    r = run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    plain = {it["id"]: it for it in res["items"]}
+    rag = {it["id"]: it for it in res["retrieval"]["items"]}
+    asked = run_cli("ask", FACTS[1][0], "--adapter", "mem", "--retrieval", "-w", str(ws))
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    answer, _, listed = asked.stdout.partition("\nsources:\n")
+    assert answer.strip() == rag["g1"]["output"].strip()
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in listed.strip().splitlines()] == rag["g1"]["passages"]
+    with _serving(ws, tmp_path / "serve.log", "--gguf-type", "f16", "--retrieval") as (client, _):
+        for gid in ("g0", "g1", "g2"):
+            q = rag[gid]["question"]
+            got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": q}])
+            assert got.choices[0].message.content.strip() == rag[gid]["output"].strip(), gid
+            assert [s["id"] for s in got.model_extra["sources"]] == rag[gid]["passages"], gid
+            assert got.model_extra["sources"][0]["text"] and got.model_extra["sources"][0]["n"] == 1
+        off = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": rag["g0"]["question"]}],
+                                             extra_body={"retrieval": False})
+    assert off.choices[0].message.content.strip() == plain["g0"]["output"].strip() and "sources" not in (off.model_extra or {})
+    assert "retrieval: " in (tmp_path / "serve.log").read_text()
+
+
 @pytest.mark.slow
 def test_the_modelfile_names_the_gguf_the_export_was_asked_for(exported):
     ws, _ = exported

@@ -280,7 +280,7 @@ def test_retrieval_rows_use_the_same_golden_items_and_put_the_answering_chunk_in
 
 
 def test_recall_at_k_counts_passages_that_hold_the_answers_key_facts():
-    from opensem.judge.retrieval import Passage, holds_answer, prompt, recall_at_k
+    from opensem.retrieval import Passage, holds_answer, prompt, recall_at_k
 
     p1 = Passage("a#000", "Power", "The C-300 has a 6 watt solar panel and a 3,200 mAh battery.")
     p2 = Passage("b#000", "Company", "Tamsin Apiary Systems was founded in 2009 in Hobart.")
@@ -291,6 +291,24 @@ def test_recall_at_k_counts_passages_that_hold_the_answers_key_facts():
     text = prompt("Which company?", [p2, p1])
     assert text.startswith("Answer the question using the passages below.\n\n[1] Company\nTamsin")
     assert "[2] Power\nThe C-300" in text and text.endswith("Question: Which company?")
+
+
+def test_the_index_is_built_once_per_corpus_and_again_when_a_document_changes(tmp_path):
+    from opensem.retrieval import Index
+    from opensem.workspace import init_workspace
+
+    init_workspace(tmp_path)
+    doc = tmp_path / "data/raw/pump.md"
+    doc.write_text("# Pump\n\nThe Halden H-40 pump runs at 12 bar.\n\n# Filter\n\nChange the filter every 300 hours.\n")
+    first = Index.build(Workspace(tmp_path))
+    cached = sorted((tmp_path / ".opensem/cache/retrieval").glob("*.npy"))
+    again = Index.build(Workspace(tmp_path))
+    assert again.key == first.key and sorted((tmp_path / ".opensem/cache/retrieval").glob("*.npy")) == cached  # reused
+    assert again.search(["How often is the filter changed?"], 1)[0][0].heading == "Filter"
+    doc.write_text(doc.read_text().replace("300 hours", "250 hours"))
+    changed = Index.build(Workspace(tmp_path))
+    assert changed.key != first.key and any("250 hours" in p.text for p in changed.passages)
+    assert len(list((tmp_path / ".opensem/cache/retrieval").glob("*.npy"))) == 2
 
 
 def _cmp(diff, ci, acc_b, acc_t):

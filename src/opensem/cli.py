@@ -104,11 +104,12 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question")],
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name in models/adapters or a path")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer in tokens (default: the judged one, eval_config.yaml answers.max_new_tokens)")] = None,
+    retrieval: Annotated[bool, typer.Option("--retrieval", help="Put the top passages of data/raw in the prompt, as the judge's \"+ retrieval\" row does, and list them")] = False,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
     """Answer a question with the base model of the train config (and an adapter, if given), as the judge answers:
-    greedy (answers.temperature), the judged system prompt and answer length."""
+    greedy (answers.temperature), the judged system prompt and answer length; with --retrieval, from your documents."""
     from opensem.adapters import find_adapter, trained_on
     from opensem.inference import load_chat_model
     from opensem.models import resolve_base_model
@@ -119,8 +120,17 @@ def ask(
     base = (trained_on(adapter_dir) if adapter_dir else None) or resolve_base_model(cfg.base_model, ws.base_models_dir)
     model = load_chat_model(base.path, str(adapter_dir) if adapter_dir else None)
     answers = ws.eval_config().answers
-    conv = ([{"role": "system", "content": answers.system_prompt}] if answers.system_prompt else []) + [{"role": "user", "content": question}]
-    out.print(model.generate([conv], max_new_tokens=max_new_tokens or answers.max_new_tokens, temperature=answers.temperature)[0].text)
+    passages, text = [], question
+    if retrieval:
+        from opensem.retrieval import Retriever
+
+        text, passages = Retriever(ws, base.path, console)(question, answers.system_prompt)
+    conv = ([{"role": "system", "content": answers.system_prompt}] if answers.system_prompt else []) + [{"role": "user", "content": text}]
+    out.print(model.generate([conv], max_new_tokens=max_new_tokens or answers.max_new_tokens, temperature=answers.temperature)[0].text,
+              markup=False, highlight=False, soft_wrap=True)
+    if passages:
+        out.print("\nsources:\n" + "\n".join(f"[{i + 1}] {p.heading} ({p.id})" for i, p in enumerate(passages)),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 add_stage_commands()  # here, so that `opensem --help` lists them between ask and run

@@ -46,7 +46,8 @@ def serve(
     run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name or adapter path; default: the latest")] = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 8000,
     engine: Annotated[str, typer.Option(help="llama.cpp (the exported GGUF) | vllm (merged base + --enable-lora, CUDA)")] = "llama.cpp",
-    gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Which exported GGUF (default: the Modelfile's, else the first)")] = None,
+    gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Which exported GGUF (default: the smallest that passed its check)")] = None,
+    retrieval: Annotated[bool, typer.Option("--retrieval", help="Answer from data/raw: the judge's \"+ retrieval\" prompt, sources in the response")] = False,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
@@ -57,4 +58,4 @@ def serve(
     if engine not in ("llama.cpp", "vllm"):
         raise OpenSEMError(f"--engine {engine!r}: use llama.cpp or vllm")
     ws = open_workspace(workspace, sets)
-    sys.exit(serve_run(ws, find_run(ws, run_name), port, engine, gguf_type, console))
+    sys.exit(serve_run(ws, find_run(ws, run_name), port, engine, gguf_type, console, retrieval))

@@ -24,29 +24,53 @@ def judged_settings(answers) -> dict[str, Any]:
     return {"temperature": answers.temperature, "max_tokens": answers.max_new_tokens, "repeat_penalty": 1.0}
 
 
-def fill(body: bytes, settings: dict[str, Any], system: Optional[str], chat: bool) -> bytes:
-    """A request body with the judged settings where it has none, and the judged system prompt where a chat has no
-    system message. A body that is not a JSON object passes unchanged (the server answers it with its own error)."""
+def fill(body: bytes, settings: dict[str, Any], system: Optional[str], chat: bool, retriever=None) -> tuple[bytes, list]:
+    """A request body with the judged settings where it has none, the judged system prompt where a chat has no system
+    message, and, with a ``retriever``, the last user message put in the judge's "+ retrieval" prompt (unless the
+    request says ``"retrieval": false``). Returns the body and the passages given. A body that is not a JSON object
+    passes unchanged (the server answers it with its own error)."""
     try:
         req = json.loads(body or b"null")
     except ValueError:
-        return body
+        return body, []
     if not isinstance(req, dict):
-        return body
+        return body, []
     for key, value in settings.items():
         if req.get(key) is None:
             req[key] = value
     messages = req.get("messages")
     if chat and system and isinstance(messages, list) and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
-        req["messages"] = [{"role": "system", "content": system}, *messages]
-    return json.dumps(req).encode("utf-8")
+        req["messages"] = messages = [{"role": "system", "content": system}, *messages]
+    passages: list = []
+    wanted = req.pop("retrieval", True) is not False
+    if chat and retriever is not None and wanted and isinstance(messages, list):
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)]
+        sys_msg = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"), None)
+        if users:
+            users[-1]["content"], passages = retriever(users[-1]["content"], sys_msg)
+    return json.dumps(req).encode("utf-8"), passages
+
+
+def with_sources(body: bytes, passages: list) -> bytes:
+    """A chat completion response with the passages its answer was given, as ``sources`` (the OpenAI SDK keeps an
+    unknown field: ``response.sources`` or ``response.model_extra["sources"]``)."""
+    from opensem.retrieval import sources
+
+    try:
+        resp = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(resp, dict) or "choices" not in resp:
+        return body
+    return json.dumps(resp | {"sources": sources(passages)}).encode("utf-8")
 
 
 class JudgedDefaults:
-    """ASGI middleware: every chat or text completion request passes through ``fill`` before the server reads it."""
+    """ASGI middleware: every chat or text completion request passes through ``fill`` before the server reads it; a
+    non-streamed answer given passages carries them back."""
 
-    def __init__(self, app, settings: dict[str, Any], system: Optional[str]):
-        self.app, self.settings, self.system = app, settings, system
+    def __init__(self, app, settings: dict[str, Any], system: Optional[str], retriever=None):
+        self.app, self.settings, self.system, self.retriever = app, settings, system, retriever
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -57,7 +81,7 @@ class JudgedDefaults:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        body = fill(body, self.settings, self.system, path == CHAT)
+        body, passages = fill(body, self.settings, self.system, path == CHAT, self.retriever)
         replayed = False
 
         async def replay():
@@ -68,7 +92,33 @@ class JudgedDefaults:
             return {"type": "http.request", "body": body, "more_body": False}
 
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        await self.app(dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())]), replay, send)
+        scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+        await self.app(scope, replay, self.sending(send, passages) if passages else send)
+
+    @staticmethod
+    def sending(send, passages: list):
+        """``send`` for a response that gets its sources: the body held until complete, then sent with them. A stream
+        (server-sent events) passes as it is."""
+        held: dict = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                if any(k.lower() == b"content-type" and b"event-stream" in v for k, v in message.get("headers", [])):
+                    held["stream"] = True
+                    return await send(message)
+                held["start"], held["body"] = message, b""
+                return
+            if held.get("stream") or "start" not in held or message["type"] != "http.response.body":
+                return await send(message)
+            held["body"] += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            out = with_sources(held["body"], passages)
+            headers = [(k, v) for k, v in held["start"].get("headers", []) if k.lower() != b"content-length"]
+            await send(dict(held["start"], headers=[*headers, (b"content-length", str(len(out)).encode())]))
+            await send({"type": "http.response.body", "body": out, "more_body": False})
+
+        return wrapped
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -79,7 +129,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--n_ctx", type=int, default=4096)
     p.add_argument("--settings", default="{}", help="JSON: the judged request fields")
     p.add_argument("--system", default=None, help="the judged system prompt")
+    p.add_argument("--workspace", default=None, help="retrieve from this workspace's documents (its index, top_k)")
+    p.add_argument("--checker", default=None, help="with --workspace: the evaluated model's folder (its tokenizer and context)")
     args = p.parse_args(argv)
+    retriever = None
+    if args.workspace:
+        from opensem.retrieval import Retriever
+        from opensem.workspace import Workspace
+
+        retriever = Retriever(Workspace(args.workspace), args.checker)
     import uvicorn
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -87,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=args.port),
                      model_settings=[ModelSettings(model=args.model, model_alias=args.alias, n_ctx=args.n_ctx, verbose=False,
                                                    seed=0, n_threads=os.cpu_count())])  # as the round-trip check ran it
-    uvicorn.run(JudgedDefaults(app, json.loads(args.settings), args.system), host="127.0.0.1", port=args.port,
+    uvicorn.run(JudgedDefaults(app, json.loads(args.settings), args.system, retriever), host="127.0.0.1", port=args.port,
                 log_level="warning")
 
 

@@ -59,10 +59,13 @@ def pick_gguf(ws, adapter_dir: Path, gguf_type: Optional[str], console: Console)
     return ws.path(entry["path"])
 
 
-def llama_cpp_command(gguf: Path, port: int, alias: str, settings: dict, system: Optional[str], n_ctx: int = 4096) -> list[str]:
-    """The served expert (opensem.export.llama_server): llama-cpp-python's server with the judged decoding settings."""
+def llama_cpp_command(gguf: Path, port: int, alias: str, settings: dict, system: Optional[str], n_ctx: int = 4096,
+                      retrieval: Optional[tuple[Path, Path]] = None) -> list[str]:
+    """The served expert (opensem.export.llama_server): llama-cpp-python's server with the judged decoding settings;
+    ``retrieval``: (workspace, the evaluated model's folder) to answer from the workspace's documents."""
     return [sys.executable, "-m", "opensem.export.llama_server", "--model", str(gguf), "--port", str(port), "--alias", alias,
-            "--n_ctx", str(n_ctx), "--settings", json.dumps(settings)] + (["--system", system] if system else [])
+            "--n_ctx", str(n_ctx), "--settings", json.dumps(settings)] + (["--system", system] if system else []) + \
+        (["--workspace", str(retrieval[0]), "--checker", str(retrieval[1])] if retrieval else [])
 
 
 def vllm_command(base: Path, adapter_dir: Path, port: int, alias: str) -> list[str]:
@@ -83,11 +86,14 @@ def vllm_available() -> Optional[str]:
     return None
 
 
-def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional[str], console: Console) -> int:
+def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional[str], console: Console,
+              retrieval: bool = False) -> int:
     m = read_json(adapter_dir / MANIFEST)
     alias = m["run_name"]
     _port_free(port)
     if engine == "vllm":
+        if retrieval:
+            raise OpenSEMError("--retrieval is served with --engine llama.cpp (the exported GGUF)")
         why = vllm_available()
         if why:
             raise OpenSEMError(f"--engine vllm: {why}")
@@ -102,7 +108,15 @@ def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional
 
         answers = ws.eval_config().answers
         gguf = pick_gguf(ws, adapter_dir, gguf_type, console)
-        cmd = llama_cpp_command(gguf, port, alias, judged_settings(answers), answers.system_prompt)
+        model_dir = base_model_dir(adapter_dir)  # the model under the adapter: its tokenizer and context fit the passages
+        if retrieval:
+            from opensem.retrieval import Index
+
+            index = Index.build(ws, console)  # built (and cached by the corpus's content) before the server starts
+            console.print(f"retrieval: {len(index.passages)} passages of {ws.forge_config().input_dir}, top "
+                          f"{ws.eval_config().retrieval.top_k}; sources come back as `sources`")
+        cmd = llama_cpp_command(gguf, port, alias, judged_settings(answers), answers.system_prompt,
+                                retrieval=(ws.root, Path(model_dir)) if retrieval else None)
         console.print(f"{gguf.name}: a request that leaves them out is answered as judged: temperature {answers.temperature}, "
                       f"at most {answers.max_new_tokens} tokens, no repeat penalty"
                       + (", the judged system prompt" if answers.system_prompt else ""))

@@ -142,7 +142,7 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
 def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
     """The same model answers each golden question with the top_k passages of the documents in the prompt."""
     from opensem.inference import PromptChecker
-    from opensem.judge import retrieval
+    from opensem import retrieval
 
     k = run.ecfg.retrieval.top_k
     index = retrieval.Index.build(ws, console)
@@ -151,13 +151,9 @@ def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
     prompts = {}
     for it, passages in zip(run.items, found):
         # as many passages as fit the model's context with room for the answer (all of them, for most models)
-        while True:
-            text = retrieval.prompt(it.question, passages)
-            conv = conversation(text, it.system or run.ecfg.answers.system_prompt)
-            if len(passages) <= 1 or not checker.too_long(conv, run.ecfg.answers.max_new_tokens):
-                break
-            passages = passages[:-1]
-        prompts[it.id] = (text, passages)
+        system = it.system or run.ecfg.answers.system_prompt
+        prompts[it.id] = index.fitted(it.question, passages, lambda text: not checker.too_long(
+            conversation(text, system), run.ecfg.answers.max_new_tokens))
     label = f"{run.label} + retrieval"
     with stage_progress(console, f"{run.mode}: answering {len(run.items)} golden questions with retrieval (top {k})",
                         len(run.items)) as adv:

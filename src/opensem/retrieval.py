@@ -1,10 +1,11 @@
-"""Retrieval reference rows for the judge: "should I fine-tune at all, or just retrieve?"
+"""Retrieval from the user's documents: the judge's "+ retrieval" rows ("should I fine-tune at all, or just
+retrieve?"), `opensem ask --retrieval` and `opensem serve --retrieval`, all with the same index and prompt.
 
 The index is the forge's own chunks of data/raw (the same ingest and chunking), embedded with the sentence
 embedder the offline judge already ships (all-MiniLM-L6-v2), built once per corpus and cached under
-.opensem/cache/retrieval/. For each golden question the ``top_k`` most similar chunks go into the prompt
-with a fixed template; the model under test answers with the same system prompt and decoding as its plain
-row, through the same answer cache.
+.opensem/cache/retrieval/ by its content. For a question the ``top_k`` most similar chunks go into the prompt
+with a fixed template (``prompt``), fewer when they do not fit the model's context with room for the answer
+(``fitted``); the model answers with the same system prompt and decoding as its plain row.
 
 Retrieval quality is measured as recall@k: a question counts as retrieved when the top-k passages hold the
 golden answer's key facts (every number in it, and at least ``FACT_SHARE`` of its content words that are
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -73,6 +74,14 @@ class Index:
         atomic_write_text(cache.with_suffix(".json"), json.dumps([vars(p) for p in passages], ensure_ascii=False))
         return cls(passages, vectors, key)
 
+    def fitted(self, question: str, passages: list[Passage], fits: Callable[[str], bool]) -> tuple[str, list[Passage]]:
+        """The prompt with the passages, the last ones left out while ``fits(prompt)`` says it is too long."""
+        while True:
+            text = prompt(question, passages)
+            if len(passages) <= 1 or fits(text):
+                return text, passages
+            passages = passages[:-1]
+
     def search(self, questions: list[str], k: int) -> list[list[Passage]]:
         from opensem.text import embed
 
@@ -80,6 +89,30 @@ class Index:
         sims = q @ self.vectors.T
         top = np.argsort(-sims, axis=1)[:, :k]
         return [[self.passages[j] for j in row] for row in top]
+
+
+class Retriever:
+    """A question as `opensem ask --retrieval` and `opensem serve --retrieval` pass it to the model: the prompt the
+    judge's "+ retrieval" row gave it (the same index, template, top_k and context fitting), and its passages."""
+
+    def __init__(self, ws: Workspace, model_path: str, console=None):
+        from opensem.inference import PromptChecker
+
+        ecfg = ws.eval_config()
+        self.index, self.top_k, self.max_new_tokens = Index.build(ws, console), ecfg.retrieval.top_k, ecfg.answers.max_new_tokens
+        self.checker = PromptChecker(model_path)
+
+    def __call__(self, question: str, system: Optional[str]) -> tuple[str, list[Passage]]:
+        def fits(text: str) -> bool:
+            conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return not self.checker.too_long(conv, self.max_new_tokens)
+
+        return self.index.fitted(question, self.index.search([question], self.top_k)[0], fits)
+
+
+def sources(passages: list[Passage]) -> list[dict]:
+    """The passages an answer was given, as a response carries them: number in the prompt, chunk id, heading, text."""
+    return [{"n": i + 1, "id": p.id, "heading": p.heading, "text": p.text} for i, p in enumerate(passages)]
 
 
 def holds_answer(question: str, golden: str, passages: list[Passage]) -> bool:
