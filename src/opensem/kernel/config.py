@@ -80,6 +80,14 @@ class RunKeys(Strict):
         return v
 
 
+class RaftConfig(Strict):
+    """RAFT (train/raft.py): train on the retrieval prompt, the source chunk among distractors."""
+
+    enabled: bool = Field(False, description="Train on the judge's retrieval prompt (top_k of eval_config.yaml) for each forge example")
+    p: float = Field(0.8, ge=0.0, le=1.0, description="RAFT's P: share of examples whose passages hold the source chunk; "
+                     "the rest hold distractors only")
+
+
 class TrainConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
     base_model: str = EMBEDDED_MODEL
     datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/train.jsonl")])
@@ -119,6 +127,7 @@ class TrainConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
     max_vram_gb: float = Field(22.0, gt=0, description="Hard VRAM cap on consumer GPUs (RTX 4090 safety)")
     wandb_project: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    raft: RaftConfig = Field(default_factory=RaftConfig)
 
     @field_validator("gradient_checkpointing")
     @classmethod

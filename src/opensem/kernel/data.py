@@ -69,6 +69,7 @@ class TokenizedSet:
     rows: list[dict]  # {"input_ids": [...], "assistant_masks": [...]}
     dropped_no_target: int
     truncated: int
+    longest: int = 0  # tokens of the longest example before truncation
 
     @property
     def tokens(self) -> int:
@@ -76,12 +77,13 @@ class TokenizedSet:
 
 
 def tokenize_conversations(tokenizer, convs: list[list[dict]], sequence_len: int, train_on_inputs: bool = False) -> TokenizedSet:
-    rows, dropped, truncated = [], 0, 0
+    rows, dropped, truncated, longest = [], 0, 0, 0
     for msgs in convs:
         ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
+        longest = max(longest, len(ids))
         mask = [1 if train_on_inputs else 0] * len(ids)
         # every assistant turn: the tokens between the prompt (with generation prompt) and the turn's end
         for i, m in enumerate(msgs):
@@ -98,7 +100,7 @@ def tokenize_conversations(tokenizer, convs: list[list[dict]], sequence_len: int
             dropped += 1
             continue
         rows.append({"input_ids": ids, "assistant_masks": mask})
-    return TokenizedSet(rows, dropped, truncated)
+    return TokenizedSet(rows, dropped, truncated, longest)
 
 
 def _ids(tokenizer, msgs, add_generation_prompt: bool) -> list[int]:

@@ -74,6 +74,7 @@ class Data:
     test_files: list[dict]
     facts: int = 0  # distinct facts the examples name (the forge's metadata.fact)
     fact_examples: int = 0  # examples that name one
+    raft: Optional[dict] = None  # what RAFT made of the examples (train/raft.py), when it is on
 
 
 

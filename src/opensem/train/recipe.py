@@ -96,8 +96,22 @@ def load_data(ws: Workspace, run: Run, base, tok) -> Data:
 
     cfg = run.cfg
     convs, files, facts = [], [], []
-    for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets)):
-        part = load_conversations(path, spec.field_messages)
+    parts = [(path, load_conversations(path, spec.field_messages)) for spec, path in zip(cfg.datasets, data_paths(ws, cfg.datasets))]
+    tests = [(path, load_conversations(path, spec.field_messages), spec.path)
+             for spec, path in zip(cfg.test_datasets, data_paths(ws, cfg.test_datasets)) if path.exists() and path.stat().st_size > 0]
+    raft = None
+    if cfg.raft.enabled:  # every example on the retrieval prompt (train/raft.py); the test files alike
+        from opensem.train import raft as raft_recipe
+
+        done, raft = raft_recipe.apply(ws, cfg, parts + [(path, c) for path, c, _ in tests], run.say)
+        parts = [(path, c) for (path, _), c in zip(parts, done[:len(parts)])]
+        tests = [(path, c, shown) for (path, _, shown), c in zip(tests, done[len(parts):])]
+        longest = tokenize_conversations(tok, convs_of(parts), cfg.sequence_len, cfg.train_on_inputs)
+        if longest.truncated:
+            raise OpenSEMError(f"configs/train_config.yaml: key 'sequence_len': {longest.truncated} RAFT examples are longer than "
+                               f"{cfg.sequence_len} tokens with their passages (the longest {longest.longest}): set sequence_len "
+                               f"to {-(-longest.longest // 256) * 256} or more")
+    for spec, (path, part) in zip(cfg.datasets, parts):
         convs += part
         facts += [f"{spec.path}\x00{f}" for f in load_facts(path) if f]
         files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
@@ -110,11 +124,9 @@ def load_data(ws: Workspace, run: Run, base, tok) -> Data:
     replay = build_replay(ws, cfg, replay_base, len(convs), run.say)  # same on every rank: greedy answers, cached
     train_set = tokenize_conversations(tok, convs + replay, cfg.sequence_len, cfg.train_on_inputs)
     test_convs, test_files = [], []
-    for spec, path in zip(cfg.test_datasets, data_paths(ws, cfg.test_datasets)):
-        if path.exists() and path.stat().st_size > 0:
-            part = load_conversations(path, spec.field_messages)
-            test_convs += part
-            test_files.append({"path": spec.path, "sha256": file_sha256(path), "examples": len(part)})
+    for path, part, shown in tests:
+        test_convs += part
+        test_files.append({"path": shown, "sha256": file_sha256(path), "examples": len(part)})
     test_set = tokenize_conversations(tok, test_convs, cfg.sequence_len, cfg.train_on_inputs) if test_convs else None
     if not train_set.rows:
         raise OpenSEMError(f"{cfg.datasets[0].path}: no example has a trainable answer token within sequence_len={cfg.sequence_len}")
@@ -123,7 +135,11 @@ def load_data(ws: Workspace, run: Run, base, tok) -> Data:
         f"{len(test_set.rows) if test_set else 0} test; {train_set.truncated} truncated to {cfg.sequence_len} tokens, "
         f"{train_set.dropped_no_target} dropped with no answer token left"
     )
-    return Data(train_set, test_set, len(replay), files, test_files, len(set(facts)), len(facts))
+    return Data(train_set, test_set, len(replay), files, test_files, len(set(facts)), len(facts), raft)
+
+
+def convs_of(parts: list[tuple]) -> list[list[dict]]:
+    return [c for part in parts for c in part[1]]
 
 
 def plan_length(ws: Workspace, run: Run, profile, data: Data) -> StepPlan:
@@ -160,6 +176,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
             "test": {"files": data.test_files, "examples": len(data.test.rows)} if data.test else None,
             "forge_manifest_sha256": forge_manifests.pop() if len(forge_manifests) == 1 else sorted(forge_manifests) or None,
             "replay": {"source": cfg.replay, "examples": data.replay},
+            "raft": data.raft,
         },
         "base_model": base_record(base, run.run_dir, n_params),
         "chain": run.chain,
