@@ -277,6 +277,7 @@ def test_retrieval_rows_use_the_same_golden_items_and_put_the_answering_chunk_in
     md = (ws / tuned["run_dir"] / "report.md").read_text()
     assert "| metric | Baseline | Baseline + retrieval | Fine-Tuned | Fine-Tuned + retrieval |" in md
     assert "Fine-tuned vs baseline + retrieval: mean score" in md and "retrieval recall@k" in md
+    assert tuned["recommendation"].startswith("On your data: ") and f"**{tuned['recommendation']}**" in md
 
 
 def test_recall_at_k_counts_passages_that_hold_the_answers_key_facts():
@@ -309,6 +310,23 @@ def test_the_index_is_built_once_per_corpus_and_again_when_a_document_changes(tm
     changed = Index.build(Workspace(tmp_path))
     assert changed.key != first.key and any("250 hours" in p.text for p in changed.passages)
     assert len(list((tmp_path / ".opensem/cache/retrieval").glob("*.npy"))) == 2
+
+
+def test_the_report_recommends_the_best_row_or_a_cheaper_one_level_with_it():
+    from opensem.judge.report import recommend
+
+    def rows(b, br, f, fr):
+        make = lambda scores: [{"id": f"q{i}", "question": "?", "golden": "g", "output": "o", "score": s}  # noqa: E731
+                               for i, s in enumerate(scores)]
+        return {"baseline": make(b), "baseline_retrieval": make(br), "fine_tuned": make(f), "fine_tuned_retrieval": make(fr)}
+
+    best = recommend(rows([1] * 20, [2] * 20, [2, 3] * 10, [4, 5] * 10), 4, 500, 0)
+    assert best.startswith("On your data: Fine-Tuned + retrieval is best (+") and "over Fine-Tuned)" in best, best
+    level = recommend(rows([1] * 20, [2] * 20, [3, 4, 3, 4] * 5, [4, 3, 4, 4] * 5), 4, 500, 0)
+    assert level.startswith("On your data: Fine-Tuned is level with Fine-Tuned + retrieval (") and level.endswith(
+        "and cheaper to serve: use Fine-Tuned"), level
+    worse = recommend(rows([1] * 20, [4, 5] * 10, [2, 3] * 10, [2, 3] * 10), 4, 500, 0)
+    assert worse.startswith("On your data: Baseline + retrieval is best ("), worse
 
 
 def _cmp(diff, ci, acc_b, acc_t):

@@ -130,8 +130,9 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     console.print(f"run {run_id}: {_rel(ws, run_dir)}/" + ", ".join(["run_manifest.json", *reports]))
     if manifest.get("headline"):
         console.print(f"[bold]{manifest['headline']}[/]")
-    if manifest.get("retrieval_line"):
-        console.print(f"[bold]{manifest['retrieval_line']}[/]")
+    for key in ("retrieval_line", "recommendation"):
+        if manifest.get(key):
+            console.print(f"[bold]{manifest[key]}[/]")
     return manifest
 
 
@@ -157,7 +158,7 @@ def run_manifest(ws: Workspace, run_id: str, p: Pipeline, stages: list[Stage]) -
     for s in stages:
         result = p.results[s.name]
         manifest[s.name.replace("-", "_")] = result.summary | {"artifacts": {k: vars(a) for k, a in result.artifacts.items()}}
-        for key in ("judge", "headline", "comparison", "retrieval_line"):  # the last stage that reports one is the run's
+        for key in ("judge", "headline", "comparison", "retrieval_line", "recommendation"):  # the last stage reporting one: the run's
             if result.summary.get(key) is not None:
                 manifest[key] = result.summary[key]
     manifest["versions"] = versions()
@@ -191,7 +192,8 @@ def write_reports(ws: Workspace, run_dir: Path, manifest: dict, results: dict[st
     written = ["report.md"]
     (run_dir / "report.md").write_text(
         jreport.markdown(shown.get("judge", ""), base_res, ft_res, (ft_res or {}).get("comparison"), shown.get("lineage", {}),
-                         (ft_res or {}).get("forgetting"), (ft_res or {}).get("retrieval_comparisons"))
+                         (ft_res or {}).get("forgetting"), (ft_res or {}).get("retrieval_comparisons"),
+                         (ft_res or {}).get("recommendation"))
         + "".join("\n" + sec.markdown() for sec in sections if sec.shown),
         encoding="utf-8",
     )

@@ -91,7 +91,8 @@ def _retrieval_section(base_res: dict, ft_res: dict) -> str:
         f"<td class='num'>[{_f(c['mean_diff_ci'][0])}, {_f(c['mean_diff_ci'][1])}]</td>"
         f"<td class='num'>{c['wins']} / {c['ties']} / {c['losses']}</td></tr>"
         for a, b in report.RETRIEVAL_PAIRS for c in [rcmp[f"{b}__{a}"]])
-    return (f"<h2>Fine-tune or retrieve?</h2><p class='headline flat'>{escape(report.retrieval_line(rcmp) or '')}</p>"
+    rec = f"<p class='headline flat'>{escape(ft_res['recommendation'])}</p>" if ft_res.get("recommendation") else ""
+    return (f"<h2>Fine-tune or retrieve?</h2><p class='headline flat'>{escape(report.retrieval_line(rcmp) or '')}</p>{rec}"
             f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table>"
             f"<table><thead><tr><th>comparison</th><th>mean score difference</th><th>95% CI</th><th>win / tie / loss</th></tr></thead>"
             f"<tbody>{pairs}</tbody></table>")

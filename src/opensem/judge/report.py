@@ -191,6 +191,32 @@ def retrieval_line(rcmp: Optional[dict]) -> Optional[str]:
             f"fine-tuned + retrieval vs fine-tuned: {said(both)}")
 
 
+SERVING_COST = ["baseline", "fine_tuned", "baseline_retrieval", "fine_tuned_retrieval"]  # cheapest to serve first
+
+
+def recommend(rows: dict[str, list[dict]], pass_threshold: int, samples: int, seed: int) -> str:
+    """Which of the four rows to ship: the best by mean score, unless a cheaper one is level with it (paired CI
+    holding 0), then the cheapest such one, saying so. Retrieval costs an index and longer prompts on every answer."""
+    def mean(items):
+        scores = [it["score"] for it in items if it.get("score") is not None]
+        return sum(scores) / len(scores) if scores else float("-inf")
+
+    def said(c):
+        return f"{c['mean_diff']:+.2f}, 95% CI {_ci(c['mean_diff_ci'])}"
+
+    best = max(SERVING_COST, key=lambda r: (mean(rows[r]), -SERVING_COST.index(r)))
+    for cheaper in SERVING_COST[:SERVING_COST.index(best)]:
+        c = compare(rows[cheaper], rows[best], pass_threshold, samples, seed)
+        if c["mean_diff_ci"][0] <= 0:
+            return (f"On your data: {ROW_NAMES[cheaper]} is level with {ROW_NAMES[best]} ({ROW_NAMES[best]} - {ROW_NAMES[cheaper]}: "
+                    f"{said(c)}) and cheaper to serve: use {ROW_NAMES[cheaper]}")
+    runner = max((r for r in SERVING_COST if r != best), key=lambda r: mean(rows[r]))
+    c = compare(rows[runner], rows[best], pass_threshold, samples, seed)
+    level = c["mean_diff_ci"][0] <= 0
+    return (f"On your data: {ROW_NAMES[best]} is best ({said(c)} over {ROW_NAMES[runner]}"
+            + (", which is level with it and costs more to serve)" if level else ")"))
+
+
 def render_retrieval(console: Console, base: Optional[dict], tuned: Optional[dict], rcmp: Optional[dict]) -> None:
     if not rcmp:
         return
@@ -203,10 +229,12 @@ def render_retrieval(console: Console, base: Optional[dict], tuned: Optional[dic
                   f"{c['wins']} / {c['ties']} / {c['losses']}", f"{c['accuracy_diff_pp']:+.1f}")
     console.print(t)
     console.print(f"[bold]{retrieval_line(rcmp)}[/]")
+    if tuned and tuned.get("recommendation"):
+        console.print(f"[bold]{tuned['recommendation']}[/]")
 
 
 def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: Optional[dict], lineage: dict,
-             forgetting: Optional[dict] = None, rcmp: Optional[dict] = None) -> str:
+             forgetting: Optional[dict] = None, rcmp: Optional[dict] = None, recommendation: Optional[str] = None) -> str:
     cols = columns(base, tuned)
     lines = ["# OpenSEM judge report", "", f"Judge: **{judge_name}**", "", "| metric | " + " | ".join(n for n, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -224,7 +252,7 @@ def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: 
         if forgetting:
             lines += ["", f"- forgetting check: {forgetting['message']}"]
     if rcmp:
-        lines += ["", "## With retrieval", "", f"**{retrieval_line(rcmp)}**", "",
+        lines += ["", "## With retrieval", "", f"**{retrieval_line(rcmp)}**", ""] + ([f"**{recommendation}**", ""] if recommendation else []) + [
                   "| comparison | mean score difference | 95% CI | win / tie / loss |", "|---|---:|---:|---:|"]
         for a, b in RETRIEVAL_PAIRS:
             c = rcmp[f"{b}__{a}"]

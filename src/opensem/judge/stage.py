@@ -114,7 +114,8 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     tuned_res = result if mode == "fine-tuned" else None
     cmp, forgetting = result.get("comparison"), result.get("forgetting")
     (run_dir / "report.md").write_text(report.markdown(run.judge.name, base_res, tuned_res, cmp, result["lineage"], forgetting,
-                                                       result.get("retrieval_comparisons")), encoding="utf-8")
+                                                       result.get("retrieval_comparisons"), result.get("recommendation")),
+                                       encoding="utf-8")
     report.render(console, run.judge.name, base_res, tuned_res, cmp, forgetting)
     report.render_retrieval(console, base_res, tuned_res, result.get("retrieval_comparisons"))
     console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
@@ -276,6 +277,7 @@ def compare_with_baseline(ws: Workspace, run: JudgeRun, result: dict, console: C
             f"{b}__{a}": {k: v for k, v in report.compare(rows[a], rows[b], ecfg.pass_threshold, ecfg.bootstrap_samples,
                                                             ecfg.seed).items() if k != "regressions"}
             for a, b in report.RETRIEVAL_PAIRS}
+        result["recommendation"] = report.recommend(rows, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
     return base_res
 
 
@@ -374,6 +376,7 @@ def judge_result(ws: Workspace, stage: str, result: dict) -> StageResult:
         summary["retrieval"] = {"top_k": r["top_k"], "recall_at_k": r["recall_at_k"], "summary": r["summary"]}
     if result.get("retrieval_comparisons"):
         summary["retrieval_line"] = report.retrieval_line(result["retrieval_comparisons"])
+        summary["recommendation"] = result.get("recommendation")
         summary["retrieval_comparisons"] = result["retrieval_comparisons"]
     return StageResult(stage, {"results": art}, summary)
 
