@@ -201,15 +201,17 @@ def test_a_bad_golden_set_stops_the_run_before_the_forge_pays_for_anything(tmp_p
     assert not (tmp_path / "data/processed/train.jsonl").exists() and not (tmp_path / ".opensem/cache").exists()
 
 
-def _judged_run(ws: Path, run_id: str, scores: list[int], golden: str = "evals/golden_set.json sha256:g", chain=None) -> None:
-    items = [{"id": f"q{i}", "question": f"Question {i}?", "golden": "Gold.", "output": "Out.", "score": s, "reason": ""}
-             for i, s in enumerate(scores)]
+def _judged_run(ws: Path, run_id: str, scores: list[int], golden: str = "evals/golden_set.json sha256:g", chain=None,
+                retrieval: list[int] | None = None) -> None:
+    def items(scores):
+        return [{"id": f"q{i}", "question": f"Question {i}?", "golden": "Gold.", "output": "Out.", "score": s, "reason": ""}
+                for i, s in enumerate(scores)]
     res = ws / "evals/reports" / run_id / "results.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     lineage = {"golden_set": golden, "judge": "reference-scorer-v1", "adapter": f"{ws}/models/adapters/sft-{run_id} sha256:a",
                **({"chain": chain} if chain else {})}
-    res.write_text(json.dumps({"items": items, "pass_threshold": 4, "summary": {"mean_score": sum(scores) / len(scores)},
-                               "lineage": lineage}))
+    res.write_text(json.dumps({"items": items(scores), "pass_threshold": 4, "summary": {"mean_score": sum(scores) / len(scores)},
+                               "lineage": lineage, **({"retrieval": {"items": items(retrieval)}} if retrieval else {})}))
     (ws / "runs" / run_id).mkdir(parents=True)
     (ws / "runs" / run_id / "run_manifest.json").write_text(json.dumps({
         "run_id": run_id, "pipeline": ["train", "fine-tuned"], "train": {"run_name": f"sft-{run_id}"},
@@ -239,6 +241,22 @@ def test_two_runs_are_compared_question_by_question(tmp_path):
     (ws / "evals/reports/A/results.json").write_text("{}")
     r = run_cli("runs", "-w", str(ws), "--compare", "A", "B")
     assert r.returncode == 2 and "runs/A: its judge results were changed or removed since the run" in r.stderr
+
+
+def test_two_runs_judged_with_retrieval_are_compared_on_all_their_rows(tmp_path):
+    """A RAFT adapter against plain SFT: each with and without retrieval, paired question by question."""
+    from opensem.workspace import init_workspace
+
+    ws = tmp_path / "ws"
+    init_workspace(ws)
+    _judged_run(ws, "sft", [2, 3] * 6, retrieval=[3, 3] * 6)
+    _judged_run(ws, "raft", [2, 2] * 6, retrieval=[5, 4] * 6)
+    r = run_cli("runs", "-w", str(ws), "--compare", "sft", "raft", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())
+    assert "raft - sft: -0.50" in said
+    assert "raft + retrieval vs sft + retrieval │ +1.50" in said and "raft + retrieval vs sft │ +2.00" in said, said
+    assert "raft vs sft + retrieval │ -1.00" in said
 
 
 def test_the_runs_table_is_each_stages_own_cells_then_the_comparison():

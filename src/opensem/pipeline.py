@@ -301,7 +301,29 @@ def compare_runs(ws: Workspace, a: str, b: str, console: Optional[Console] = Non
     verdict = ("better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no different (the interval holds 0)")
     console.print(f"mean score difference {b} - {a}: {cmp['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]; "
                   f"win / tie / loss {cmp['wins']} / {cmp['ties']} / {cmp['losses']}: {b} is {verdict}", soft_wrap=True)
+    if ra.get("retrieval") and rb.get("retrieval"):
+        cmp["with_retrieval"] = _compare_with_retrieval(console, a, b, ra, rb, ecfg)
     return cmp
+
+
+def _compare_with_retrieval(console: Console, a: str, b: str, ra: dict, rb: dict, ecfg) -> dict:
+    """Both runs judged with retrieval too: their four rows paired (e.g. a RAFT adapter against plain SFT, each with
+    and without retrieval)."""
+    from opensem.judge import report
+
+    rows = {a: ra["items"], f"{a} + retrieval": ra["retrieval"]["items"], b: rb["items"], f"{b} + retrieval": rb["retrieval"]["items"]}
+    pairs = [(f"{a} + retrieval", f"{b} + retrieval"), (a, f"{b} + retrieval"), (f"{a} + retrieval", b)]
+    t = Table(title="with retrieval: paired on the same golden questions")
+    for col in ("", "mean score difference", "95% CI", "win / tie / loss"):
+        t.add_column(col)
+    out = {}
+    for x, y in pairs:
+        c = report.compare(rows[x], rows[y], ra["pass_threshold"], ecfg.bootstrap_samples, ecfg.seed)
+        t.add_row(f"{y} vs {x}", f"{c['mean_diff']:+.2f}", f"[{c['mean_diff_ci'][0]:.2f}, {c['mean_diff_ci'][1]:.2f}]",
+                  f"{c['wins']} / {c['ties']} / {c['losses']}")
+        out[f"{y} vs {x}"] = {k: v for k, v in c.items() if k != "regressions"}
+    console.print(t)
+    return out
 
 
 def _judged_model(m: dict) -> Optional[tuple[Stage, StageResult]]:
