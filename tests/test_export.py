@@ -171,8 +171,9 @@ def test_a_broken_merge_stops_the_export_with_the_differing_answers(tmp_path, ba
     assert check["passed"] is False and check["differing"]
 
 
-def _serving(ws: Path, log_path: Path, *args: str):
-    """`opensem serve mem ARGS` in a child process; yields (an OpenAI client on it once it answers, the process)."""
+def _serving(ws: Path, log_path: Path, *args: str, command: list[str] | None = None, cwd: Path | None = None):
+    """`opensem serve mem ARGS` (or ``command``) in a child process; yields (an OpenAI client on it once it answers,
+    its port)."""
     import contextlib
 
     from openai import OpenAI
@@ -183,8 +184,8 @@ def _serving(ws: Path, log_path: Path, *args: str):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         exe = Path(sys.executable).parent / "opensem"
-        with open(log_path, "w") as log, child([str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), *args],
-                                               stdout=log, stderr=subprocess.STDOUT, text=True) as proc:
+        cmd = [*command, "--port", str(port)] if command else [str(exe), "serve", "mem", "-w", str(ws), "--port", str(port), *args]
+        with open(log_path, "w") as log, child(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd) as proc:
             try:
                 client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
                 deadline = time.time() + 120
@@ -308,6 +309,33 @@ def test_ask_and_serve_with_retrieval_answer_as_the_judges_retrieval_row_with_it
                                              extra_body={"retrieval": False})
     assert off.choices[0].message.content.strip() == plain["g0"]["output"].strip() and "sources" not in (off.model_extra or {})
     assert "retrieval: " in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_exported_index_serves_the_retrieval_row_on_a_machine_without_the_workspace(exported, tmp_path):
+    ws, _ = exported
+    (ws / "data/raw/vault.md").write_text(VAULT)
+    set_config(ws, "eval", answers={"max_new_tokens": 40, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
+               retrieval={"enabled": True, "top_k": 2})
+    res = read_json(ws / "evals/reports/fine-tuned-latest.json", None)
+    if not (res and res.get("retrieval") and res["retrieval"]["top_k"] == 2):  # the test before did not run
+        assert run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws)).returncode == 0
+        res = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    rag = {it["id"]: it for it in res["retrieval"]["items"]}
+    r = run_cli("export", "mem", "--format", "retrieval", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = ws / "models/exports/mem/retrieval"
+    meta = json.loads((folder / "retrieval.json").read_text())
+    assert meta["top_k"] == 2 and meta["index"] == res["retrieval"]["index"] and meta["settings"]["repeat_penalty"] == 1.0
+    assert "python -m opensem.export.llama_server" in (folder / "README.md").read_text()
+    elsewhere = tmp_path / "elsewhere"  # another machine: the GGUF and the index, no workspace
+    shutil.copytree(folder, elsewhere / "retrieval")
+    shutil.copy(ws / "models/exports/mem/mem-f16.gguf", elsewhere)
+    cmd = [sys.executable, "-m", "opensem.export.llama_server", "--model", "mem-f16.gguf", "--alias", "mem", "--index", "retrieval"]
+    with _serving(ws, tmp_path / "runner.log", command=cmd, cwd=elsewhere) as (client, _):
+        got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": rag["g1"]["question"]}])
+    assert got.choices[0].message.content.strip() == rag["g1"]["output"].strip()
+    assert [s["id"] for s in got.model_extra["sources"]] == rag["g1"]["passages"]
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def ask(
     if retrieval:
         from opensem.retrieval import Retriever
 
-        text, passages = Retriever(ws, base.path, console)(question, answers.system_prompt)
+        text, passages = Retriever.for_workspace(ws, base.path, console)(question, answers.system_prompt)
     conv = ([{"role": "system", "content": answers.system_prompt}] if answers.system_prompt else []) + [{"role": "user", "content": text}]
     out.print(model.generate([conv], max_new_tokens=max_new_tokens or answers.max_new_tokens, temperature=answers.temperature)[0].text,
               markup=False, highlight=False, soft_wrap=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -93,14 +94,27 @@ class Index:
 
 class Retriever:
     """A question as `opensem ask --retrieval` and `opensem serve --retrieval` pass it to the model: the prompt the
-    judge's "+ retrieval" row gave it (the same index, template, top_k and context fitting), and its passages."""
+    judge's "+ retrieval" row gave it (the same index, template, top_k and context fitting), and its passages.
+    ``model_path``: a folder with the evaluated model's tokenizer and config (how many passages fit its context)."""
 
-    def __init__(self, ws: Workspace, model_path: str, console=None):
+    def __init__(self, index: Index, top_k: int, max_new_tokens: int, model_path: str):
         from opensem.inference import PromptChecker
 
-        ecfg = ws.eval_config()
-        self.index, self.top_k, self.max_new_tokens = Index.build(ws, console), ecfg.retrieval.top_k, ecfg.answers.max_new_tokens
+        self.index, self.top_k, self.max_new_tokens = index, top_k, max_new_tokens
         self.checker = PromptChecker(model_path)
+
+    @classmethod
+    def for_workspace(cls, ws: Workspace, model_path: str, console=None) -> "Retriever":
+        ecfg = ws.eval_config()
+        return cls(Index.build(ws, console), ecfg.retrieval.top_k, ecfg.answers.max_new_tokens, model_path)
+
+    @classmethod
+    def from_export(cls, folder: Path) -> "Retriever":
+        """An exported index (the export format ``retrieval``): its passages, vectors, settings and tokenizer."""
+        meta = json.loads((folder / "retrieval.json").read_text(encoding="utf-8"))
+        passages = [Passage(**p) for p in json.loads((folder / "passages.json").read_text(encoding="utf-8"))]
+        index = Index(passages, np.load(folder / "vectors.npy"), meta["index"])
+        return cls(index, meta["top_k"], meta["settings"]["max_tokens"], str(folder / "tokenizer"))
 
     def __call__(self, question: str, system: Optional[str]) -> tuple[str, list[Passage]]:
         def fits(text: str) -> bool:

@@ -14,7 +14,7 @@ from opensem.errors import OpenSEMError
 
 def export(
     run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name (see `opensem runs`) or an adapter path; default: the latest")] = None,
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", help="merged | gguf | ollama | lora-gguf | a plugin's | package.module:Class (repeatable; default: export_config.yaml's formats)")] = None,
+    fmt: Annotated[Optional[list[str]], typer.Option("--format", help="merged | gguf | ollama | lora-gguf | retrieval | a plugin's | package.module:Class (repeatable; default: export_config.yaml's formats)")] = None,
     gguf_type: Annotated[Optional[list[str]], typer.Option("--gguf-type", help="f16, bf16, q8_0, q4_k_m, ... (repeatable; default: export_config.yaml's gguf_types)")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the round-trip check against the evaluated model")] = False,
     workspace: WorkspaceOpt = Path("."),

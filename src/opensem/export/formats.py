@@ -39,7 +39,7 @@ class ExportFormat(Protocol):
     def write(self, job) -> None: ...
 
 
-FORMATS = Registry("export format", "opensem.exports", ("opensem.export.formats",),
+FORMATS = Registry("export format", "opensem.exports", ("opensem.export.formats", "opensem.export.retrieval_index"),
                    lambda obj: all(hasattr(obj, a) for a in ("name", "space", "write")))
 
 

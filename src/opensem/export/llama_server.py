@@ -131,13 +131,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--system", default=None, help="the judged system prompt")
     p.add_argument("--workspace", default=None, help="retrieve from this workspace's documents (its index, top_k)")
     p.add_argument("--checker", default=None, help="with --workspace: the evaluated model's folder (its tokenizer and context)")
+    p.add_argument("--index", default=None, help="retrieve from an exported index folder (`opensem export --format retrieval`); "
+                   "its retrieval.json gives the judged settings and system prompt")
     args = p.parse_args(argv)
-    retriever = None
+    retriever, settings, system = None, json.loads(args.settings), args.system
     if args.workspace:
         from opensem.retrieval import Retriever
         from opensem.workspace import Workspace
 
-        retriever = Retriever(Workspace(args.workspace), args.checker)
+        retriever = Retriever.for_workspace(Workspace(args.workspace), args.checker)
+    elif args.index:
+        from pathlib import Path
+
+        from opensem.retrieval import Retriever
+
+        retriever = Retriever.from_export(Path(args.index))
+        meta = json.loads((Path(args.index) / "retrieval.json").read_text(encoding="utf-8"))
+        settings, system = settings or meta["settings"], system or meta["system_prompt"]
     import uvicorn
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -145,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=args.port),
                      model_settings=[ModelSettings(model=args.model, model_alias=args.alias, n_ctx=args.n_ctx, verbose=False,
                                                    seed=0, n_threads=os.cpu_count())])  # as the round-trip check ran it
-    uvicorn.run(JudgedDefaults(app, json.loads(args.settings), args.system, retriever), host="127.0.0.1", port=args.port,
+    uvicorn.run(JudgedDefaults(app, settings, system, retriever), host="127.0.0.1", port=args.port,
                 log_level="warning")
 
 
