@@ -79,7 +79,7 @@ def main() -> None:
         if kind == "transformers":
             print(json.dumps(transformers_side(*rest)))
         else:
-            from opensem.export import llamacpp
+            from opensem import llamacpp
 
             got = llamacpp.answers(Path(rest[0]), json.loads(Path(rest[1]).read_text()), MAX_NEW)
             print(json.dumps({"tokens": got.completion_tokens, "seconds": got.seconds}))

@@ -92,7 +92,7 @@ def test_the_merged_export_reloads_in_transformers_and_answers_like_base_plus_ad
 
 @pytest.mark.slow
 def test_the_gguf_files_load_in_llama_cpp_and_keep_the_trained_facts(exported):
-    from opensem.export import llamacpp
+    from opensem import llamacpp
 
     ws, _ = exported
     out = ws / "models/exports/mem"
@@ -132,7 +132,8 @@ def test_the_modelfile_template_renders_the_tokenizers_prompt_in_go(exported, tm
 def test_a_gguf_with_a_wrong_chat_template_fails_the_round_trip_check(exported, tmp_path):
     """The most common 'my GGUF answers worse' bug: the template in the file is not the one the model learned."""
     from opensem.export.config import VerifyConfig
-    from opensem.export import llamacpp, verify
+    from opensem import llamacpp
+    from opensem.export import verify
 
     ws, _ = exported
     out = ws / "models/exports/mem"
@@ -336,6 +337,26 @@ def test_the_exported_index_serves_the_retrieval_row_on_a_machine_without_the_wo
         got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": rag["g1"]["question"]}])
     assert got.choices[0].message.content.strip() == rag["g1"]["output"].strip()
     assert [s["id"] for s in got.model_extra["sources"]] == rag["g1"]["passages"]
+
+
+@pytest.mark.slow
+def test_the_judge_grades_the_exported_gguf_as_a_row_of_its_own(exported):
+    """The number for what ships: the judge answers with the exported GGUF in llama.cpp and compares it with the
+    baseline; the f16 GGUF answers word for word as the evaluated model did."""
+    ws, _ = exported
+    set_config(ws, "eval", answers={"max_new_tokens": 40, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
+               retrieval={"enabled": False, "top_k": 2})
+    assert run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws)).returncode == 0
+    evaluated = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    gguf = ws / "models/exports/mem/mem-f16.gguf"
+    r = run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "--gguf", str(gguf), "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    shipped = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    assert shipped["label"] == "Fine-Tuned (mem-f16.gguf)" and shipped["lineage"]["gguf"].endswith(file_sha256(gguf))
+    assert [it["output"].strip() for it in shipped["items"]] == [it["output"].strip() for it in evaluated["items"]]
+    assert shipped["comparison"]["paired_n"] == len(FACTS) and shipped["run_dir"] != evaluated["run_dir"]
+    bad = run_cli("judge", "--mode", "baseline", "--gguf", str(gguf), "-w", str(ws))
+    assert bad.returncode == 2 and "use it with --mode fine-tuned" in bad.stderr
 
 
 @pytest.mark.slow

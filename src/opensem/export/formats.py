@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Protocol
 
 from opensem.errors import OpenSEMError
-from opensem.export import converter, llamacpp, verify
+from opensem import llamacpp
+from opensem.export import converter, verify
 from opensem.lineage import read_json, versions
 from opensem.plugins import Registry
 

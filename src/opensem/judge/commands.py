@@ -14,6 +14,8 @@ from opensem.errors import OpenSEMError
 def judge(
     mode: Annotated[Optional[str], typer.Option(help="baseline | fine-tuned")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name or path (default: the latest)")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(
+        "--gguf", help="With --mode fine-tuned: answer with this exported GGUF of the adapter's run (llama.cpp), the model that ships")] = None,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="Report each judge's agreement with human scores: the shipped set, or FILE")] = False,
     file: Annotated[Optional[Path], typer.Argument(
@@ -35,4 +37,4 @@ def judge(
         return
     if mode not in ("baseline", "fine-tuned"):
         raise OpenSEMError("--mode must be 'baseline' or 'fine-tuned' (or use --calibrate)")
-    remember(ws, judge_result(ws, mode, run_judge(ws, mode=mode, adapter=adapter, console=out)), f"opensem judge --mode {mode}")
+    remember(ws, judge_result(ws, mode, run_judge(ws, mode=mode, adapter=adapter, console=out, gguf=gguf)), f"opensem judge --mode {mode}")

@@ -83,22 +83,24 @@ class JudgeRun:
     promptfoo_cmd: list[str]
     reports_dir: Path
     weights: Any = None  # the model under the adapter: the base, or the merged result it was chained from
+    gguf: Optional[Path] = None  # answers from this exported GGUF in llama.cpp instead (the model that ships)
     store: Optional[Path] = None  # promptfoo's store for this workspace (PROMPTFOO_CONFIG_DIR): concurrent runs elsewhere never touch it
 
     @property
     def label(self) -> str:
-        return "Fine-Tuned" if self.adapter_dir else "Baseline"
+        return (f"Fine-Tuned ({self.gguf.name})" if self.gguf else "Fine-Tuned") if self.adapter_dir else "Baseline"
 
 
-def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: Optional[Console] = None) -> dict:
-    """setup -> answers -> promptfoo grades the golden set -> forgetting check -> results -> comparison."""
+def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: Optional[Console] = None,
+              gguf: Optional[Path] = None) -> dict:
+    """setup -> answers -> promptfoo grades the golden set -> forgetting check -> results -> comparison. ``gguf``: the
+    fine-tuned model answers as exported (a GGUF of the adapter's run, in llama.cpp), so the row is what ships."""
     console = console or Console()
     t0 = time.time()
-    run = setup_judge(ws, mode, adapter, console)
+    run = setup_judge(ws, mode, adapter, console, gguf)
     everything = [(it.id, it.question, it.system) for it in run.items] + [("forget:" + it.id, it.question, None) for it in run.forget]
     with stage_progress(console, f"{mode}: answering {len(run.items)} golden + {len(run.forget)} general questions", len(everything)) as adv:
-        answers = generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir, everything, run.ecfg.answers,
-                                   progress=adv)
+        answers = answer_all(ws, run, everything, adv)
     rag = retrieval_answers(ws, run, console) if run.ecfg.retrieval.enabled else None
     run_dir = _new_run_dir(run.reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith("forget:")})
@@ -123,7 +125,22 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     return result
 
 
-def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Console) -> JudgeRun:
+def answer_all(ws: Workspace, run: JudgeRun, items: list[tuple[str, str, Optional[str]]], progress=None) -> dict[str, str]:
+    """The model under test answers (id, question, system) items: base + adapter through the answer cache, or the
+    exported GGUF in llama.cpp's runtime (greedy, the judged length and system prompt, no repeat penalty)."""
+    if run.gguf is None:
+        return generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir, items, run.ecfg.answers,
+                                progress=progress)
+    from opensem.llamacpp import answers
+
+    acfg = run.ecfg.answers
+    got = answers(run.gguf, [conversation(q, system or acfg.system_prompt) for _, q, system in items], acfg.max_new_tokens)
+    if progress:
+        progress(len(items))
+    return {item_id: text for (item_id, _, _), text in zip(items, got.answers)}
+
+
+def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Console, gguf: Optional[Path] = None) -> JudgeRun:
     """Everything checked before any work: configs, golden set, promptfoo, model, adapter, context, judge."""
     ecfg, tcfg = ws.eval_config(), ws.train_config()
     reports_dir = ws.output_path(ecfg.reports_dir, "eval.reports_dir")
@@ -137,7 +154,14 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
     forget = _forgetting_items(ecfg, ws)
     _check_context(base.path, ecfg, [(ecfg.golden_set, it) for it in items] + [(ecfg.forgetting_set, it) for it in forget])
     judge = reachable_judge(ws, ecfg, console)
-    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights, store=ws.state_dir / "promptfoo")
+    if gguf is not None:
+        if mode != "fine-tuned":
+            raise OpenSEMError("--gguf: the exported GGUF is the fine-tuned model: use it with --mode fine-tuned")
+        if not Path(gguf).is_file() or Path(gguf).suffix != ".gguf":
+            raise OpenSEMError(f"--gguf {gguf}: no GGUF file there: export one first (opensem export RUN --format gguf)")
+        gguf = Path(gguf).resolve()
+    return JudgeRun(mode, ecfg, items, forget, base, adapter_dir, judge, cmd, reports_dir, weights, store=ws.state_dir / "promptfoo",
+                    gguf=gguf)
 
 
 def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
@@ -158,8 +182,7 @@ def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
     label = f"{run.label} + retrieval"
     with stage_progress(console, f"{run.mode}: answering {len(run.items)} golden questions with retrieval (top {k})",
                         len(run.items)) as adv:
-        got = generate_answers(ws, run.weights.path, run.weights.fingerprint, run.adapter_dir,
-                               [(it.id, prompts[it.id][0], it.system) for it in run.items], run.ecfg.answers, progress=adv)
+        got = answer_all(ws, run, [(it.id, prompts[it.id][0], it.system) for it in run.items], adv)
     hits = {it.id: retrieval.holds_answer(it.question, it.answer, prompts[it.id][1]) for it in run.items}
     return {"label": label, "answers": got, "passages": {i: [p.id for p in ps] for i, (_, ps) in prompts.items()},
             "prompts": {i: t for i, (t, _) in prompts.items()}, "hits": hits, "top_k": k, "index": index.key,
@@ -247,6 +270,7 @@ def results_record(ws: Workspace, run: JudgeRun, run_dir: Path, per_item: list[d
             "adapter": f"{adapter_dir} {adapter_hash(adapter_dir)}" if adapter_dir else "none",
             "adapter_manifest": file_sha256(adapter_manifest) if adapter_manifest and adapter_manifest.exists() else "none",
             **({"chain": chain_text(adapter_dir)} if adapter_dir and chain_text(adapter_dir) else {}),
+            **({"gguf": f"{run.gguf} {file_sha256(run.gguf)}"} if run.gguf else {}),
             "judge": run.judge.name,
             "promptfoo": f"{promptfoo.PROMPTFOO_VERSION} {run_dir.name}/promptfooconfig.yaml",
         },

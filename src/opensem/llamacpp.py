@@ -41,7 +41,7 @@ def answers(gguf: Path, conversations: list[list[dict]], max_new_tokens: int, lo
            "max_new_tokens": max_new_tokens, "n_ctx": n_ctx}
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     try:
-        r = subprocess.run([sys.executable, "-m", "opensem.export.llamacpp"], input=json.dumps(job), capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "opensem.llamacpp"], input=json.dumps(job), capture_output=True,
                            text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise OpenSEMError(f"{gguf.name}: llama.cpp did not answer {len(conversations)} questions in {timeout} s") from None
