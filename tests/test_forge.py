@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -227,6 +228,9 @@ def test_killed_midway_resumes_with_zero_repeated_calls(workspace, fake, tmp_pat
     fake.behaviour.delay_s = 0
     r = run_cli("forge", "-w", str(workspace), env={"FAKE_KEY": "k"})
     assert r.returncode == 0, r.stderr
+    # stderr is a pipe here, not a terminal: the progress comes as plain lines, the last one complete
+    progress = [x for x in r.stderr.splitlines() if re.search(r": \d+/12 \(\d+%\), [\d.]+/s, ", x)]
+    assert progress and "12/12 (100%)" in progress[-1], r.stderr[-2000:]
     total_requests = 12  # 6 documents x 2 chunks
     resumed = fake.requests[first:]
     assert len(resumed) == total_requests - len(saved)

@@ -105,6 +105,27 @@ def test_a_renamed_key_still_works_with_a_warning_naming_the_new_one(tmp_path, m
         load_section("train", tmp_path)
 
 
+def test_progress_comes_as_lines_when_the_output_is_not_a_terminal(monkeypatch):
+    import io
+
+    from opensem.progress import stage_progress
+    from opensem.terminal import Console
+
+    buf = io.StringIO()
+    monkeypatch.setenv("OPENSEM_PROGRESS_SECONDS", "1000")
+    with stage_progress(Console(file=buf, width=200), "forge: teacher calls", 20) as advance:
+        for _ in range(20):
+            advance()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 10, lines  # one at every tenth of the work
+    assert lines[0].startswith("forge: teacher calls: 2/20 (10%), ") and ", eta " in lines[0]
+    assert lines[-1].startswith("forge: teacher calls: 20/20 (100%), ") and "eta" not in lines[-1]
+    buf = io.StringIO()
+    with stage_progress(Console(file=buf, width=200), "judge", 100) as advance:
+        advance(3)  # stopped early: the last line says where
+    assert buf.getvalue().splitlines()[-1].startswith("judge: 3/100 (3%)")
+
+
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     init_workspace(tmp_path)
     (tmp_path / "configs" / "eval_config.yaml").write_text("pass_treshold: 3\n")
