@@ -360,6 +360,30 @@ def test_the_judge_grades_the_exported_gguf_as_a_row_of_its_own(exported):
 
 
 @pytest.mark.slow
+def test_every_export_carries_a_model_card_with_the_judged_numbers(exported):
+    import yaml
+
+    ws, _ = exported
+    if run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws)).returncode != 0:
+        raise AssertionError("the judge did not run")
+    res = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    r = run_cli("export", "mem", "--format", "ollama", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (ws / "models/exports/mem/README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "other" and "opensem" in meta["tags"]
+    c = res["comparison"]
+    assert f"| accuracy | {c['accuracy_baseline'] * 100:.1f}% | {c['accuracy_fine_tuned'] * 100:.1f}% |" in text
+    assert (f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{c['mean_diff_ci'][0]:.2f}, {c['mean_diff_ci'][1]:.2f}]"
+            in text) and res["judge"] in text
+    assert f"It answered {c['accuracy_fine_tuned'] * 100:.0f}% of {c['paired_n']} golden questions correctly" in text
+    m = read_json(ws / "models/adapters/mem/manifest.json")
+    assert m["data"]["train"]["sha256"] in text and f"{m['steps']} steps" in text
+    assert read_json(ws / "models/exports/mem/export_manifest.json")["card"] == file_sha256(ws / "models/exports/mem/README.md")
+
+
+@pytest.mark.slow
 def test_the_modelfile_names_the_gguf_the_export_was_asked_for(exported):
     ws, _ = exported
     r = run_cli("export", "mem", "--format", "gguf", "--gguf-type", "q8_0", "--format", "ollama", "-w", str(ws))
@@ -399,6 +423,37 @@ def test_the_space_an_export_needs_is_known_before_it_starts(exported, monkeypat
     with pytest.raises(OpenSEMError, match=r"export of mem needs about 0\.\d GB in .* \(merged 0\.\d.*\) and 0\.0 GB are free: "
                                            r"free some space, or export fewer formats"):
         export_run(Workspace(ws), adapter, ["merged", "gguf"], ["q8_0"], True)
+
+
+def test_push_uploads_the_adapter_and_its_card_and_writes_the_token_nowhere(tmp_path, base_models_dir, memorised_adapter):
+    """`opensem push` against a stand-in for the Hub's HTTP API (HF_ENDPOINT): the repository created, the adapter's
+    files and the model card in one commit, the token sent as the Authorization header and found in no file or log."""
+    from fake_hub import FakeHub
+
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    token = "hf_opensemTestToken0123456789"
+    with FakeHub() as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf-home")}
+        dry = run_cli("push", "mem", "--repo", "me/mem-expert", "--dry-run", "-w", str(ws), env=env)
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        assert "adapter_model.safetensors" in dry.stdout and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in dry.stdout
+        assert not hub.requests  # a dry run calls nobody
+        r = run_cli("push", "mem", "--repo", "me/mem-expert", "--private", "-w", str(ws), env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        bad = run_cli("push", "mem", "--repo", "me/mem-expert", "-w", str(ws), env=env | {"HF_TOKEN": ""})
+    assert hub.created and hub.created[0]["private"] is True and hub.created[0]["name"] == "mem-expert"
+    [files] = hub.commits
+    adapter = ws / "models/adapters/mem"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files) and "manifest.json" not in files
+    assert files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    assert files["README.md"].startswith(b"---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlibrary_name: peft\n")
+    assert b"Not judged in the workspace it was exported from." in files["README.md"]
+    assert hub.validated and hub.validated[0]["library_name"] == "peft"  # the Hub's own check of the card's front matter
+    assert all(q["headers"].get("authorization", q["headers"].get("Authorization")) == f"Bearer {token}" for q in hub.requests)
+    assert bad.returncode == 2 and "no Hugging Face token" in bad.stderr
+    for out in (dry.stdout, dry.stderr, r.stdout, r.stderr, bad.stderr):
+        assert token not in out
+    assert not [p for p in ws.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
 
 
 def test_export_refuses_bad_input_with_one_line(tmp_path, base_models_dir, memorised_adapter):

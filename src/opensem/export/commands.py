@@ -59,3 +59,23 @@ def serve(
         raise OpenSEMError(f"--engine {engine!r}: use llama.cpp or vllm")
     ws = open_workspace(workspace, sets)
     sys.exit(serve_run(ws, find_run(ws, run_name), port, engine, gguf_type, console, retrieval))
+
+
+def push(
+    run_name: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="A run name or adapter path; default: the latest")] = None,
+    repo: Annotated[str, typer.Option("--repo", help="The Hub repository, user/name or org/name (created if new)")] = "",
+    what: Annotated[str, typer.Option("--what", help="adapter | merged | gguf (what `opensem export` made)")] = "adapter",
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and print the model card; upload nothing")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    sets: SetOpt = None,
+):
+    """A trained run to the Hugging Face Hub with its model card (token: HF_TOKEN or `hf auth login`, never written)."""
+    from opensem.export.push import WHAT, push as push_run
+    from opensem.export.stage import find_run
+
+    if not repo:
+        raise OpenSEMError("--repo: name the Hub repository, e.g. --repo your-name/pump-expert")
+    choices("--what", [what], WHAT)
+    ws = open_workspace(workspace, sets)
+    push_run(ws, find_run(ws, run_name), repo, what, private, dry_run, console if not dry_run else out)

@@ -21,6 +21,14 @@ class VerifyConfig(Strict):
     min_agreement_quantized: float = Field(3.0, ge=1.0, le=5.0, description="Quantized: mean agreement (offline scorer, 1-5)")
 
 
+class CardConfig(Strict):
+    """The model card's metadata (README.md of every export, Hugging Face's front matter)."""
+
+    license: Optional[str] = Field(None, description="A Hugging Face license id (apache-2.0, mit, ...); null: other")
+    datasets: list[str] = Field(default_factory=list, description="Hub datasets to name, if your documents are one")
+    tags: list[str] = Field(default_factory=list, description="Extra tags")
+
+
 class ExportConfig(Strict):
     formats: list[str] = Field(
         default_factory=lambda: ["merged", "gguf", "ollama"],
@@ -31,6 +39,7 @@ class ExportConfig(Strict):
         None, description="The GGUF the Modelfile's FROM names (default: the smallest of this export's that passed its check)")
     output_dir: str = "models/exports"
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    card: CardConfig = Field(default_factory=CardConfig)
 
     @field_validator("formats")
     @classmethod

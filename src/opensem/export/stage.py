@@ -177,6 +177,10 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
     if not job.keep_merged and (out / "merged").exists():
         shutil.rmtree(out / "merged")
         job.files.pop("merged", None)
+    from opensem.export.card import card
+
+    (out / "README.md").write_text(card(ws, adapter_dir, cfg, job.files), encoding="utf-8")  # what it learned, how it was judged
+    record["card"] = file_sha256(out / "README.md")
     job.save()
     return out
 
@@ -246,7 +250,7 @@ class ExportStage:
 
     name = "export"
     configs = ("export", "eval", "train", "preference", "cpt")
-    commands = {"export": commands.export, "serve": commands.serve}
+    commands = {"export": commands.export, "serve": commands.serve, "push": commands.push}
 
     def outputs(self, ws: Workspace) -> list[str]:
         return [ws.export_config().output_dir]

@@ -1,0 +1,120 @@
+"""The model card every export carries: ``models/exports/{run}/README.md``, a Hugging Face model card (YAML front
+matter, then Markdown) that tells what the model was trained on, how it was judged and where it is weak, from the
+records themselves: the adapter's manifest, the forge's, and the judge's results for this very adapter.
+
+The judge's results and the forge's manifest are found as the pipeline passes results on (opensem.stages.recall:
+the last finished `fine-tuned` or `preferred` stage, and `forge`), and used only when their lineage names this
+adapter (and its training data). A model that was never judged here says so instead of showing numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import yaml
+
+from opensem.lineage import read_json
+from opensem.stages import load_stage, recall
+
+HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the embedded model's own repository
+
+
+def judged(ws, adapter_sha: str) -> Optional[dict]:
+    """The judge's latest results for this adapter (the preference-tuned model's judge first), or None."""
+    for name in ("preferred", "fine-tuned"):
+        result = recall(ws, name)
+        if result is None:
+            continue
+        details = load_stage(name).details(ws, result)
+        if adapter_sha in str((details.get("lineage") or {}).get("adapter", "")) and details.get("comparison"):
+            return details
+    return None
+
+
+def forged(ws, train_manifest: dict) -> Optional[dict]:
+    """The forge's manifest of the data this adapter was trained on, or None."""
+    result = recall(ws, "forge")
+    if result is None or result.summary.get("manifest_sha256") != (train_manifest.get("data") or {}).get("forge_manifest_sha256"):
+        return None
+    return load_stage("forge").details(ws, result)
+
+
+def front_matter(m: dict, cfg, library: str) -> str:
+    base = (m.get("base_model") or {}).get("name") or "unknown"
+    meta = {"base_model": HF_IDS.get(base, base), "library_name": library,
+            "tags": ["opensem", "lora", "domain-expert", *cfg.card.tags], "license": cfg.card.license or "other"}
+    if cfg.card.datasets:
+        meta["datasets"] = list(cfg.card.datasets)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _f(x, fmt=".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def evaluation(res: dict) -> list[str]:
+    """The judged numbers: the table with CIs, the judge, retrieval rows, forgetting, top regressions."""
+    c, s = res["comparison"], res["summary"]
+    ci = c["mean_diff_ci"]
+    lines = ["## Evaluation", "", f"Judged on {c['paired_n']} hand-written golden questions by **{res.get('judge')}** "
+             f"(a score of {res.get('pass_threshold')} or more out of 5 counts as correct).", "",
+             "| | Baseline | Fine-Tuned |", "|---|---:|---:|",
+             f"| accuracy | {c['accuracy_baseline'] * 100:.1f}% | {c['accuracy_fine_tuned'] * 100:.1f}% |", "",
+             f"Fine-tuned mean score {_f(s.get('mean_score'))} of 5.",
+             f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired bootstrap), "
+             f"win / tie / loss {c['wins']} / {c['ties']} / {c['losses']}, p = {_f(c.get('p_value'), '.4f')}."]
+    if res.get("retrieval_comparisons"):
+        lines += ["", f"With retrieval: {res.get('recommendation') or ''}".rstrip()]
+    if res.get("forgetting"):
+        lines += ["", f"Forgetting check: {res['forgetting']['message']}"]
+    regressions = c.get("regressions") or []
+    if regressions:
+        lines += ["", f"Questions it answers worse than the base model ({len(regressions)}):", ""]
+        lines += [f"- {g['question']} ({g['baseline_score']:.1f} -> {g['fine_tuned_score']:.1f})" for g in regressions[:5]]
+    return lines
+
+
+def limitations(res: Optional[dict]) -> list[str]:
+    """Stated from the measured results, not boilerplate."""
+    if res is None:
+        return ["- It was not judged in the workspace it was exported from: its quality is not measured."]
+    c = res["comparison"]
+    acc, n = c["accuracy_fine_tuned"], c["paired_n"]
+    out = [f"- It answered {acc * 100:.0f}% of {n} golden questions correctly: check its answers against the documents."]
+    if c["mean_diff_ci"][0] <= 0:
+        out.append("- Fine-tuning made no significant difference on the golden set (the paired CI holds 0).")
+    if (res.get("forgetting") or {}).get("flagged"):
+        out.append(f"- It lost general knowledge: {res['forgetting']['message']}")
+    if c.get("regressions"):
+        out.append(f"- It answers {len(c['regressions'])} golden question(s) worse than the base model (listed above).")
+    return out
+
+
+def card(ws, adapter_dir, cfg, files: dict) -> str:
+    """The model card's text for a trained run (``files``: what its export holds, by format key; none for the adapter
+    alone). ``cfg``: export_config.yaml's schema (the card's license, datasets and tags)."""
+    from opensem.adapters import adapter_hash, chain_text
+
+    m = read_json(adapter_dir / "manifest.json")
+    sha, run_name, chain = adapter_hash(adapter_dir), m.get("run_name"), chain_text(adapter_dir)
+    res, forge = judged(ws, sha), forged(ws, m)
+    library = "peft" if not any(k.startswith("gguf:") for k in files) or "lora-gguf" in files else "gguf"
+    data = m.get("data") or {}
+    teacher = (forge or {}).get("teacher") or {}
+    tcfg = m.get("config") or {}
+    lines = [front_matter(m, cfg, library), f"# {run_name}", "",
+             f"A small domain expert: {(m.get('base_model') or {}).get('name')} with a LoRA adapter trained by OpenSEM on "
+             f"question/answer pairs written from {(forge or {}).get('counts', {}).get('files', 'its')} documents.", ""]
+    lines += evaluation(res) if res else ["## Evaluation", "", "Not judged in the workspace it was exported from."]
+    lines += ["", "## Intended use and limitations", "",
+              "Answering questions about the documents it was trained on, best checked against them."] + limitations(res)
+    lines += ["", "## Lineage", "", f"- training data: `{(data.get('train') or {}).get('sha256')}` "
+              f"({(data.get('train') or {}).get('examples')} examples)",
+              f"- teacher: {teacher.get('provider')}/{teacher.get('model')}" if teacher else "- teacher: not recorded here",
+              f"- chain: {chain or 'base -> sft'}",
+              f"- adapter: `{sha}`",
+              "", "## Training", "",
+              f"- engine {m.get('engine')}, {m.get('steps')} steps, {m.get('wall_time_s')} s, on {(m.get('hardware') or {}).get('device')}",
+              f"- LoRA r {tcfg.get('lora_r')}, alpha {tcfg.get('lora_alpha')}, learning rate {tcfg.get('learning_rate')}, "
+              f"sequence_len {tcfg.get('sequence_len')}, exposures per fact {tcfg.get('exposures_per_fact')}"]
+    return "\n".join(lines) + "\n"

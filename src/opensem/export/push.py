@@ -1,0 +1,92 @@
+"""`opensem push`: a trained run to the Hugging Face Hub, with its model card.
+
+    adapter   the LoRA adapter (weights, config, tokenizer and chat template) and the card: load it with PEFT on the
+              base model the card names
+    merged    the merged model folder of `opensem export --format merged`, and the card
+    gguf      the exported GGUF files that passed their check, the Modelfile if there is one, and the card
+
+The token comes from HF_TOKEN or the huggingface_hub login (`hf auth login`); it is passed to huggingface_hub and
+never written anywhere by us. HF_ENDPOINT points at another Hub.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from opensem.errors import OpenSEMError
+from opensem.lineage import read_json
+from opensem.terminal import Console
+from opensem.workspace import Workspace
+
+WHAT = ("adapter", "merged", "gguf")
+ADAPTER_FILES = re.compile(r"adapter_model\.safetensors|adapter_config\.json|tokenizer.*|special_tokens_map\.json|chat_template\.jinja"
+                           r"|vocab\.json|merges\.txt")
+
+
+def files_to_push(ws: Workspace, adapter_dir: Path, what: str) -> list[tuple[Path, str]]:
+    """(local file, path in the repository) for what is pushed, the card aside."""
+    from opensem.export.stage import EXPORT_MANIFEST
+    from opensem.export.verify import passed
+
+    run = read_json(adapter_dir / "manifest.json")["run_name"]
+    folder = ws.output_path(ws.export_config().output_dir, "export.output_dir") / run
+    if what == "adapter":
+        return [(p, p.name) for p in sorted(adapter_dir.iterdir()) if p.is_file() and ADAPTER_FILES.fullmatch(p.name)]
+    exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
+    if what == "merged":
+        if "merged" not in exported or not (folder / "merged").is_dir():
+            raise OpenSEMError(f"push --what merged: {run} has no merged export: run `opensem export {run} --format merged` first")
+        return [(p, p.relative_to(folder / "merged").as_posix()) for p in sorted((folder / "merged").rglob("*")) if p.is_file()
+                and p.name != "opensem_merged.json"]
+    ggufs = [ws.path(f["path"]) for k, f in exported.items() if k.startswith("gguf:") and passed(f) and ws.path(f["path"]).exists()]
+    if not ggufs:
+        raise OpenSEMError(f"push --what gguf: {run} has no exported GGUF that passed its check: run `opensem export {run} "
+                           f"--format gguf` first")
+    return [(p, p.name) for p in ggufs] + ([(folder / "Modelfile", "Modelfile")] if (folder / "Modelfile").exists() else [])
+
+
+def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, dry_run: bool, console: Console) -> list[str]:
+    """Create the repository (if new) and upload the files and the card in one commit; returns the paths uploaded."""
+    from opensem.export.card import card
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo):
+        raise OpenSEMError(f"--repo {repo!r}: expected user/name (or org/name)")
+    files = files_to_push(ws, adapter_dir, what)
+    exported = read_json(ws.output_path(ws.export_config().output_dir, "export.output_dir")
+                         / read_json(adapter_dir / "manifest.json")["run_name"] / "export_manifest.json", {}).get("files", {})
+    text = card(ws, adapter_dir, ws.export_config(), exported if what == "gguf" else {})
+    paths = [name for _, name in files] + ["README.md"]
+    console.print(f"push {what} of {adapter_dir.name} to {repo}{' (private)' if private else ''}: "
+                  f"{len(files)} files and the model card, {sum(p.stat().st_size for p, _ in files) / 1e6:.1f} MB")
+    for path, name in files:
+        console.print(f"  {name}  ({path.stat().st_size / 1e6:.1f} MB)", markup=False, highlight=False)
+    if dry_run:
+        console.print("  README.md (the model card below)\n" + text, markup=False, highlight=False, soft_wrap=True)
+        return paths
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    if not _token():
+        raise OpenSEMError("push: no Hugging Face token: set HF_TOKEN or run `hf auth login` (it is never written by opensem)")
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        ops = [CommitOperationAdd(name, str(path)) for path, name in files] + [CommitOperationAdd("README.md", text.encode("utf-8"))]
+        info = api.create_commit(repo, ops, commit_message=f"{adapter_dir.name}: {what}, pushed by opensem")
+    except HfHubHTTPError as e:
+        raise OpenSEMError(f"push to {repo}: the Hub answered {_status(e)}: check the token's write access and the name") from None
+    console.print(f"pushed: {info.commit_url}")
+    return paths
+
+
+def _token() -> Optional[str]:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _status(e) -> str:
+    response = getattr(e, "response", None)
+    return f"{response.status_code}" if response is not None else type(e).__name__
