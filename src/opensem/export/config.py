@@ -34,7 +34,8 @@ class ExportConfig(Strict):
         default_factory=lambda: ["merged", "gguf", "ollama"],
         description="What `opensem export` writes: merged, gguf, ollama, lora-gguf, a plugin's, or package.module:Class")
     gguf_types: list[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["f16", "q4_k_m"], description="GGUF files: f16/bf16/f32/q8_0 from the converter, the rest quantized from f16")
+        default_factory=lambda: ["f16", "q8_0"], description="GGUF files: f16/bf16/f32/q8_0 from the converter, the rest quantized "
+        "from f16 (q4_k_m and below change facts of small models more often: the check says so)")
     ollama_gguf: Optional[Literal[GGUF_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
         None, description="The GGUF the Modelfile's FROM names (default: the smallest of this export's that passed its check)")
     output_dir: str = "models/exports"
