@@ -159,8 +159,14 @@ class Stage(Protocol):
 STATE_FILE = "pipeline_state.json"
 
 
-def remember(ws: Workspace, result: StageResult, by: str) -> None:
-    """Record a stage's finished result, for the stages that need it later (a stage's own command calls this)."""
+def remember(ws: Workspace, result: Optional[StageResult] = None, by: str = "", make: Optional[Callable[[], StageResult]] = None) -> None:
+    """Record a stage's finished result (``result``, or ``make()`` for it), for the stages that need it later; a stage's
+    own command calls this. In a data-parallel run only the main process records (the others write no outputs)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    result = result if result is not None else make()
     path = ws.state_dir / STATE_FILE
     state = read_json(path, {}) or {}
     state.setdefault("results", {})[result.stage] = result.to_json() | {"finished": now(), "by": by}

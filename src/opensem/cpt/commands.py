@@ -33,4 +33,4 @@ def cpt(
     from opensem.stages import remember
 
     run_dir = run_cpt(ws, resume=resume, run_name=run_name, console=console)
-    remember(ws, adapter_result(ws, run_dir, "cpt", cpt_summary), "opensem cpt")
+    remember(ws, by="opensem cpt", make=lambda: adapter_result(ws, run_dir, "cpt", cpt_summary))

@@ -41,4 +41,4 @@ def prefer(
     ws = open_workspace(workspace, sets, lock="prefer")
     sft = None if resume else find_adapter(ws, ws.train_config(), adapter)
     run_dir = run_preference(ws, sft, resume=resume, run_name=run_name, console=console)
-    remember(ws, adapter_result(ws, run_dir, "preference", preference_summary), "opensem prefer")
+    remember(ws, by="opensem prefer", make=lambda: adapter_result(ws, run_dir, "preference", preference_summary))

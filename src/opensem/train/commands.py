@@ -31,4 +31,4 @@ def train(
 
         chain = chain_from(find_cpt(ws, None if from_cpt == "latest" else from_cpt), ws.train_config().after_cpt)
     run_dir = run_training(ws, resume=resume, run_name=run_name, console=console, chain=chain)
-    remember(ws, adapter_result(ws, run_dir, "train", train_summary), "opensem train")
+    remember(ws, by="opensem train", make=lambda: adapter_result(ws, run_dir, "train", train_summary))
