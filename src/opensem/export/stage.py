@@ -237,7 +237,9 @@ def export_result(ws: Workspace, out: Path) -> StageResult:
     for key, f in record.get("files", {}).items():
         if isinstance(f, dict):
             p = ws.path(f["path"])
-            arts[key] = Artifact.of(ws, p / "model.safetensors" if p.is_dir() else p)
+            main = p / "model.safetensors" if p.is_dir() else p  # a folder: its weights; one without (an index): the manifest holds it
+            if main.is_file():
+                arts[key] = Artifact.of(ws, main)
     checks = {k: (f.get("check") or {}).get("agreement") for k, f in record.get("files", {}).items() if isinstance(f, dict)}
     return StageResult("export", arts, {"run_name": record["source"]["run_name"], "adapter_sha256": record["source"]["adapter_sha256"],
                                         "folder": str(out), "agreement": checks})
