@@ -181,7 +181,7 @@ def test_an_export_format_of_ones_own_exports_and_verifies(tmp_path, base_models
     assert "adapter-copy" in r.stdout
 
     bad = run_cli("export", "mem", "--format", "adapter-kopy", "-w", str(ws), env=env)
-    assert bad.returncode == 2 and "--format 'adapter-kopy': use one of merged, gguf, ollama, lora-gguf, adapter-copy" in bad.stderr
+    assert bad.returncode == 2 and "--format 'adapter-kopy': use one of merged, gguf, ollama, lora-gguf, retrieval, adapter-copy" in bad.stderr
     (ws / "configs/export_config.yaml").write_text("formats: [adapter-copy]\n")
     r = run_cli("export", "mem", "-w", str(ws), env=env)  # named in export_config.yaml
     assert r.returncode == 0, r.stderr[-2000:]
