@@ -437,7 +437,9 @@ def test_push_uploads_the_adapter_and_its_card_and_writes_the_token_nowhere(tmp_
     ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
     token = "hf_opensemTestToken0123456789"
     with FakeHub() as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf-home")}
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+        offline = run_cli("push", "mem", "--repo", "me/mem-expert", "-w", str(ws), env=env | {"HF_HUB_OFFLINE": "1"})
+        assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr and "Traceback" not in offline.stderr
         dry = run_cli("push", "mem", "--repo", "me/mem-expert", "--dry-run", "-w", str(ws), env=env)
         assert dry.returncode == 0, dry.stderr[-2000:]
         assert "adapter_model.safetensors" in dry.stdout and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in dry.stdout

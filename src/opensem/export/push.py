@@ -65,8 +65,8 @@ def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, 
     if dry_run:
         console.print("  README.md (the model card below)\n" + text, markup=False, highlight=False, soft_wrap=True)
         return paths
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi()
     if not _token():
@@ -77,6 +77,13 @@ def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, 
         info = api.create_commit(repo, ops, commit_message=f"{adapter_dir.name}: {what}, pushed by opensem")
     except HfHubHTTPError as e:
         raise OpenSEMError(f"push to {repo}: the Hub answered {_status(e)}: check the token's write access and the name") from None
+    except OfflineModeIsEnabled:
+        raise OpenSEMError("push: HF_HUB_OFFLINE is set, so huggingface_hub reaches no Hub: unset it to push") from None
+    except Exception as e:  # the network (the HTTP client's own errors): no route, refused, timed out
+        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
+            raise
+        raise OpenSEMError(f"push to {repo}: could not reach {constants.ENDPOINT} ({type(e).__name__}): check the "
+                           f"connection (or HF_ENDPOINT)") from None
     console.print(f"pushed: {info.commit_url}")
     return paths
 
