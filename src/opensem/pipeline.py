@@ -20,8 +20,8 @@ from rich.table import Table
 
 from opensem.errors import ConfigError, OpenSEMError, StageInterrupted
 from opensem.lineage import json_sha256, now, read_json, versions, write_json
-from opensem.stages import (STATE_FILE, Artifact, Context, Stage, StageResult, load_stage, needed_results, stage_configs,
-                             stage_report)
+from opensem.stages import (STATE_FILE, Artifact, Context, Stage, StageResult, finished_record, load_stage, needed_results,
+                             stage_configs, stage_report)
 from opensem.terminal import Console
 from opensem.workspace import Workspace
 
@@ -81,7 +81,7 @@ class Pipeline:
         self.timings[name] = time.time() - t0
         self.state[name] = {"inputs": key, "status": "done", "finished": now(), "seconds": round(self.timings[name], 1),
                             "result": result.to_json()}
-        self.state.setdefault("results", {})[name] = result.to_json() | {"finished": now(), "by": "opensem run"}
+        self.state.setdefault("results", {})[name] = finished_record(result, "opensem run")
         self.save()
         return result
 

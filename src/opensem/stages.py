@@ -169,8 +169,13 @@ def remember(ws: Workspace, result: Optional[StageResult] = None, by: str = "", 
     result = result if result is not None else make()
     path = ws.state_dir / STATE_FILE
     state = read_json(path, {}) or {}
-    state.setdefault("results", {})[result.stage] = result.to_json() | {"finished": now(), "by": by}
+    state.setdefault("results", {})[result.stage] = finished_record(result, by)
     write_json(path, state)
+
+
+def finished_record(result: StageResult, by: str) -> dict:
+    """How pipeline_state.json's "results" keeps a stage's last finished result, whoever finished it."""
+    return result.to_json() | {"finished": now(), "by": by}
 
 
 def recall(ws: Workspace, name: str) -> Optional[StageResult]:

@@ -25,16 +25,14 @@ ADAPTER_FILES = re.compile(r"adapter_model\.safetensors|adapter_config\.json|tok
                            r"|vocab\.json|merges\.txt")
 
 
-def files_to_push(ws: Workspace, adapter_dir: Path, what: str) -> list[tuple[Path, str]]:
-    """(local file, path in the repository) for what is pushed, the card aside."""
-    from opensem.export.stage import EXPORT_MANIFEST
+def files_to_push(ws: Workspace, adapter_dir: Path, what: str, folder: Path, exported: dict) -> list[tuple[Path, str]]:
+    """(local file, path in the repository) for what is pushed, the card aside; ``folder`` and ``exported``: the run's
+    export folder and its export manifest's files."""
     from opensem.export.verify import passed
 
-    run = read_json(adapter_dir / "manifest.json")["run_name"]
-    folder = ws.output_path(ws.export_config().output_dir, "export.output_dir") / run
+    run = folder.name
     if what == "adapter":
         return [(p, p.name) for p in sorted(adapter_dir.iterdir()) if p.is_file() and ADAPTER_FILES.fullmatch(p.name)]
-    exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
     if what == "merged":
         if "merged" not in exported or not (folder / "merged").is_dir():
             raise OpenSEMError(f"push --what merged: {run} has no merged export: run `opensem export {run} --format merged` first")
@@ -50,12 +48,13 @@ def files_to_push(ws: Workspace, adapter_dir: Path, what: str) -> list[tuple[Pat
 def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, dry_run: bool, console: Console) -> list[str]:
     """Create the repository (if new) and upload the files and the card in one commit; returns the paths uploaded."""
     from opensem.export.card import card
+    from opensem.export.stage import EXPORT_MANIFEST, export_folder
 
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo):
         raise OpenSEMError(f"--repo {repo!r}: expected user/name (or org/name)")
-    files = files_to_push(ws, adapter_dir, what)
-    exported = read_json(ws.output_path(ws.export_config().output_dir, "export.output_dir")
-                         / read_json(adapter_dir / "manifest.json")["run_name"] / "export_manifest.json", {}).get("files", {})
+    folder = export_folder(ws, adapter_dir)
+    exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
+    files = files_to_push(ws, adapter_dir, what, folder, exported)
     text = card(ws, adapter_dir, ws.export_config(), exported if what == "gguf" else {})
     paths = [name for _, name in files] + ["README.md"]
     console.print(f"push {what} of {adapter_dir.name} to {repo}{' (private)' if private else ''}: "

@@ -39,11 +39,11 @@ def _port_free(port: int) -> None:
 def pick_gguf(ws, adapter_dir: Path, gguf_type: Optional[str], console: Console) -> Path:
     """The run's exported GGUF: the type asked for (exported now if missing), else the smallest one that passed its
     round-trip check (numbers, names and yes/no kept), else the first of gguf_types, exported now."""
-    from opensem.export.stage import EXPORT_MANIFEST, export_run
+    from opensem.export.stage import EXPORT_MANIFEST, export_folder, export_run
     from opensem.export.verify import passed
 
     cfg = ws.export_config()
-    folder = ws.output_path(cfg.output_dir, "export.output_dir") / read_json(adapter_dir / MANIFEST)["run_name"]
+    folder = export_folder(ws, adapter_dir)
     files = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
     ggufs = {f["type"]: f for k, f in files.items() if k.startswith("gguf:") and ws.path(f["path"]).exists()}
     good = sorted((f["bytes"], t) for t, f in ggufs.items() if passed(f))

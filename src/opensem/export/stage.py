@@ -55,6 +55,11 @@ def find_run(ws: Workspace, name: Optional[str]) -> Path:
     return latest(runs)
 
 
+def export_folder(ws: Workspace, adapter_dir: Path) -> Path:
+    """Where a run's exports go: models/exports/{run_name} (export_config.yaml's output_dir)."""
+    return ws.output_path(ws.export_config().output_dir, "export.output_dir") / read_json(adapter_dir / MANIFEST)["run_name"]
+
+
 def golden_sample(ws: Workspace, n: int) -> tuple[list[str], list[list[dict]]]:
     from opensem.golden import load_golden
 
@@ -152,7 +157,7 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
     m = read_json(adapter_dir / MANIFEST)
     run_name, sha = m["run_name"], adapter_hash(adapter_dir)
     base_path = base_model_dir(adapter_dir)  # on this machine, or a clear error now, before any work
-    out = ws.output_path(cfg.output_dir, "export.output_dir") / run_name
+    out = export_folder(ws, adapter_dir)
     record = read_json(out / EXPORT_MANIFEST, {})
     if record.get("source", {}).get("adapter_sha256") != sha:
         shutil.rmtree(out, ignore_errors=True)  # exports of an earlier adapter of the same name
