@@ -85,7 +85,13 @@ def test_replay_prompts_are_kept_apart_from_the_forgetting_check():
 def test_profiles_per_hardware():
     cfg = TrainConfig()
     cpu = make_profile(cfg, Hardware("cpu", "x", 24, True, "x", 2))
-    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None and cpu.checkpoint_layers == 0.5
+    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None
+    # CPU: activations kept (no recompute) while the longest batch's fit in half the memory
+    small = make_profile(cfg, Hardware("cpu", "x", 24, False, "x", 2), 0.135, 576, 30)
+    assert small.checkpoint_layers == 0 and not small.gradient_checkpointing  # 16 x 256 tokens: about 5.7 GB
+    long = TrainConfig(sequence_len=1024)
+    assert make_profile(long, Hardware("cpu", "x", 24, False, "x", 2), 0.135, 576, 30).checkpoint_layers == 0.5
+    assert make_profile(long, Hardware("cpu", "x", 8, False, "x", 2), 0.135, 576, 30).checkpoint_layers == 1.0
     assert make_profile(TrainConfig(gradient_checkpointing=False), Hardware("cpu", "x", 24, True, "x", 2)).checkpoint_layers == 0
     assert make_profile(TrainConfig(gradient_checkpointing=0.25), Hardware("cpu", "x", 24, True, "x", 2)).checkpoint_layers == 0.25
     assert make_profile(cfg, Hardware("cpu", "x", 24, False, "x", 2)).precision == "fp32"
@@ -318,3 +324,68 @@ def test_a_run_trains_the_exposures_its_data_asks_for(workspace):
     # 6 facts x 2 wordings, 4 exposures: 2 passes over 12 examples, 4 a step: 6 steps
     assert m["steps"] == 6 and m["length"]["by"] == "exposures_per_fact" and m["length"]["facts"] == 6
     assert m["length"]["exposures_per_fact"] == 4.0 and m["length"]["wordings_per_fact"] == 2.0
+
+
+def test_the_fast_step_trains_as_the_slow_path_does(base_models_dir):
+    """The speed-ups change no arithmetic that matters: the LM head on answer positions only (row by row) and no
+    activation recompute give the loss and LoRA gradients of the slow path (every position's logits,
+    transformers' own loss, every other layer recomputed), and the same losses over three optimizer steps."""
+    import copy
+    import types
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from opensem.kernel import engines
+    from opensem.kernel.data import tokenize_conversations
+
+    path = str(base_models_dir / "smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in [
+        ("What colour is the Tessaly lantern?", "The Tessaly lantern is teal."),
+        ("How many moons does Orvane have?", "Planet Orvane has eleven moons, all of them small and grey."),
+        ("Who built the Kelder bridge?", "It was built by the Marsh guild in 1821."),
+        ("Where is the spare key?", "Under the blue flowerpot by the door.")]]
+    rows = tokenize_conversations(tok, convs, 256).rows
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+    batch = {"input_ids": torch.tensor([pad(r["input_ids"], tok.pad_token_id) for r in rows]),
+             "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+             "labels": torch.tensor([pad([i if m else -100 for i, m in zip(r["input_ids"], r["assistant_masks"])], -100) for r in rows])}
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(average_tokens_across_devices=False))
+
+    torch.manual_seed(0)
+    slow, _ = engines.load_hf(path, TrainConfig(lora_r=8, lora_alpha=16), "fp32", "cpu")
+    with torch.no_grad():  # LoRA B starts at zero: give it weights so every gradient is non-trivial
+        for n, p in slow.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    fast = copy.deepcopy(slow)
+    assert engines.apply_checkpointing(slow, 0.5) > 0
+    slow.train()
+    fast.train()
+
+    def slow_loss():
+        return slow(**batch, use_cache=False).loss  # every position's logits; transformers' shifted, masked mean
+
+    def fast_loss():
+        return engines.answer_only_loss(trainer, fast, {k: batch[k] for k in ("input_ids", "attention_mask")},
+                                        batch["labels"], None)
+
+    opt_slow = torch.optim.AdamW([p for p in slow.parameters() if p.requires_grad], lr=1e-3)
+    opt_fast = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(3):
+        ls, lf = slow_loss(), fast_loss()
+        first = first if step else lf.item()
+        assert abs(ls.item() - lf.item()) < 1e-4 * max(1.0, ls.item()), (step, ls.item(), lf.item())
+        ls.backward()
+        lf.backward()
+        if step == 0:
+            grads = [(n, p.grad, q.grad) for (n, p), q in zip(slow.named_parameters(), fast.parameters()) if p.requires_grad]
+            assert grads and all(torch.allclose(g, h, rtol=1e-3, atol=1e-6) for _, g, h in grads), \
+                max(((g - h).abs().max().item(), n) for n, g, h in grads)
+        opt_slow.step()
+        opt_fast.step()
+        opt_slow.zero_grad()
+        opt_fast.zero_grad()
+    assert fast_loss().item() < first - 0.1 and slow_loss().item() < first - 0.1  # both learnt the batch

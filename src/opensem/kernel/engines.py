@@ -150,7 +150,10 @@ def apply_checkpointing(model, share: float) -> int:
     if share <= 0:
         return 0
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers 5's name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in base.modules() if hasattr(m, "_gradient_checkpointing_func") or type(m).__name__.endswith("DecoderLayer")]
     layers = [m for m in layers if hasattr(m, "gradient_checkpointing")]
     every = max(1, round(1 / share))
@@ -165,8 +168,8 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
     """SFTTrainer whose loss looks only at answer positions, and which counts real (non-pad) tokens.
 
     The logits (and the lm_head work) are computed only for positions that predict an answer token
-    (``logits_to_keep``), which saves time and, above all, memory on large vocabularies. On the unsloth engine,
-    whose forward ignores ``logits_to_keep``, Unsloth's own fused loss does the same from the labels. The call goes
+    (``answer_only_loss``), which saves time and, above all, memory on large vocabularies. On the unsloth engine,
+    whose forward makes its own logits, Unsloth's own fused loss does the same from the labels. The call goes
     through the (DDP-wrapped) model as usual, so data-parallel training still syncs gradients.
 
     Modules trained in full (``lora_modules_to_save``: embed_tokens, lm_head) get their own, smaller learning
@@ -199,7 +202,7 @@ def make_trainer_class(engine: str = "hf", embedding_learning_rate: Optional[flo
                 self.real_tokens += int(mask.sum()) if mask is not None else labels.numel()
             fed = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             if engine == "unsloth":
-                # Unsloth's forward computes every position's logits whatever logits_to_keep asks for; given the
+                # Unsloth's forward computes its own logits (every position's); given the
                 # labels it computes its own chunked cross-entropy instead and never holds them all. The prompt's
                 # labels are -100, so it is the same answer-only loss, summed over num_items_in_batch as below.
                 loss = model(**fed, labels=labels, num_items_in_batch=num_items_in_batch, use_cache=False).loss
@@ -225,23 +228,43 @@ def param_groups(trainer, model, embedding_learning_rate: float) -> list[dict]:
 
 
 def answer_only_loss(trainer, model, fed: dict, labels, num_items_in_batch):
-    """Cross-entropy on the answer positions alone: logits only where some row predicts an answer token."""
+    """Cross-entropy on the answer positions alone. The LM head (a 49k-vocabulary matmul on the embedded model)
+    runs only on the hidden states that predict an answer token, row by row: a hook on the head gathers them, so the
+    call still goes through the whole (DDP- or PEFT-wrapped) model and no prompt or padding position gets logits."""
+    import torch
     import torch.nn.functional as F
 
-    shift = labels[:, 1:]
-    keep = (shift != -100).any(dim=0).nonzero().squeeze(-1)
-    out = model(**fed, logits_to_keep=keep, use_cache=False)
-    logits = out.logits  # [batch, len(keep), vocab]
-    if logits.size(1) != keep.numel():  # a forward that keeps every position whatever it is asked
-        logits = logits[:, keep]
-    targets = shift[:, keep]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][select[:, :-1]]
+    head, fired = lm_head_of(model), []
+
+    def gather(module, args):
+        fired.append(True)
+        return (args[0][select].unsqueeze(0),) + tuple(args[1:])
+
+    hook = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(**fed, use_cache=False).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = logits[0] if fired else logits[select]  # a forward that bypasses the head's hook: every position
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
         if trainer.args.average_tokens_across_devices:
             loss = loss * trainer.accelerator.num_processes
         return loss
-    return loss / (targets != -100).sum().clamp(min=1)
+    return loss / max(1, targets.numel())
+
+
+def lm_head_of(model):
+    """The module the model calls as its LM head (the outermost one named lm_head, through DDP and PEFT wrappers)."""
+    for name, module in model.named_modules():
+        if name == "lm_head" or name.endswith(".lm_head"):
+            return module
+    return None
 
 
 def world() -> tuple[int, int]:
