@@ -47,7 +47,7 @@ def _sky_parse(py: Path, task_file: Path) -> dict:
             "print(json.dumps({'nodes': t.num_nodes, 'cloud': str(r.cloud), 'acc': r.accelerators, 'run': t.run, 'setup': t.setup,"
             " 'autostop': r.autostop_config.idle_minutes if r.autostop_config else None,"
             " 'down': r.autostop_config.down if r.autostop_config else None, 'mounts': list((t.file_mounts or {}).keys()),"
-            " 'secrets': sorted(t.secrets)}))")
+            " 'secrets': sorted(t.secrets), 'storage': {k: [str(v.source), v.mode.name] for k, v in (t.storage_mounts or {}).items()}}))")
     r = subprocess.run([str(py), "-c", code, str(task_file)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -83,6 +83,30 @@ def test_the_task_is_valid_for_skypilot_single_and_multi_node(tmp_path, base_mod
     assert not (up / "models").exists() and not (up / ".opensem").exists()
 
 
+def test_a_spot_launch_is_a_managed_job_with_its_workspace_on_the_bucket(tmp_path, base_models_dir, skypilot):
+    """SkyPilot's own parser takes the spot task: the bucket mounted (MOUNT_CACHED), the run in the bucket's workspace
+    with its deadline from the first node; on RunPod, which mounts no bucket, the plan says what a preemption loses."""
+    ws = _ws(tmp_path / "ws", base_models_dir)
+    r = run_cli("launch", "--cloud", "aws", "--gpu", "A10G:1", "--spot", "--set", "launch.bucket=s3://my-bucket/opensem",
+                "--dry-run", "-w", str(ws))
+    assert r.returncode == 0, r.stderr
+    assert "spot        a managed job: a preempted node is replaced by a new one, which resumes from s3://my-bucket/opensem" in r.stdout
+    task_file = ws / ".opensem/launch/opensem-ws/task.yaml"
+    t = _sky_parse(skypilot, task_file)
+    assert t["mounts"] == ["~/opensem-src"] and t["storage"] == {"~/opensem-bucket": ["s3://my-bucket/opensem", "MOUNT_CACHED"]}
+    task = yaml.safe_load(task_file.read_text())
+    assert task["file_mounts"]["~/opensem-bucket"] == {"source": "s3://my-bucket/opensem", "mode": "MOUNT_CACHED"}
+    assert task["resources"]["use_spot"] is True and task["envs"]["OPENSEM_LAUNCH_ID"].startswith("opensem-ws-")
+    run = task["run"]
+    assert 'cd "$WS"' in run and 'LEFT=$(( 7200 - ( $(date +%s) - $(cat "$STARTED") ) ))' in run
+    assert 'timeout --signal=INT --kill-after=300 "$LEFT" opensem run' in run
+
+    r = run_cli("launch", "--cloud", "runpod", "--spot", "--dry-run", "-w", str(ws))
+    assert r.returncode == 0, r.stderr
+    assert "SkyPilot mounts no bucket on runpod: the new node starts the pipeline over" in r.stdout
+    assert "aws, gcp, azure, lambda, kubernetes" in r.stdout
+
+
 def test_dry_run_prints_the_plan_without_credentials_or_network(tmp_path, base_models_dir, skypilot):
     ws = _ws(tmp_path / "ws", base_models_dir)
     env = {k: "" for k in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
@@ -108,6 +132,9 @@ def test_launch_refuses_what_it_cannot_do_before_anything_starts(tmp_path, base_
         (["--cloud", "aws", "--max-cost", "2", "--set", "launch.price_per_hour=null", "--gpu", "NoSuchGPU:1"], "price_per_hour"),
         (["--cloud", "aws", "--set", "launch.secrets=[sk-live-123]"], "is not an environment variable name"),
         (["--cloud", "aws", "--nodes", "0"], "--nodes 0"),
+        (["--cloud", "aws", "--spot"], "key 'bucket': a spot launch keeps its checkpoints"),
+        (["--cloud", "aws", "--spot", "--set", "launch.bucket=my-bucket"], "'my-bucket' is not a bucket URL"),
+        (["--cloud", "aws", "--spot", "--nodes", "2", "--stages", "train"], "a managed spot job runs on one node"),
     ]
     for args, message in cases:
         r = run_cli("launch", *args, "-w", str(ws))
@@ -170,3 +197,99 @@ def test_the_task_runs_on_the_local_backend_and_its_results_come_home(tmp_path, 
     r = run_cli("run", "--set", "pipeline.stages=[train]", "-w", str(ws))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train: up to date" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+
+def test_a_spot_job_survives_preemption_and_resumes_from_the_bucket(tmp_path, base_models_dir, fake, monkeypatch):
+    """--cloud local --spot: the managed-job controller on this machine. The node is killed with SIGKILL mid-train
+    (a preemption); a fresh node on the same bucket resumes from the last complete checkpoint, skips the finished
+    forge (no teacher call paid twice), and ends with the adapter an uninterrupted run trains."""
+    import os
+    import shutil
+    import signal
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from test_forge import use_openai, write_docs
+
+    monkeypatch.setenv("FAKE_KEY", "sk-fake-spot")
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    write_docs(ws, 2)
+    use_openai(ws, fake)
+    set_config(ws, "train", max_steps=10, micro_batch_size=2, replay=None, save_steps=2, run_name="spotrun", logging_steps=1)
+    set_config(ws, "pipeline", stages=["forge", "train"])
+    set_config(ws, "launch", secrets=["FAKE_KEY"], use_spot=True, max_hours=1)
+    reference = tmp_path / "ref"
+    shutil.copytree(ws, reference, symlinks=True)
+
+    bucket = ws / ".opensem/launch/opensem-ws/bucket/workspace"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "opensem"), "launch", "--cloud", "local", "-w", str(ws)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    pid_file = ws / ".opensem/launch/opensem-ws/local/node.pid"
+    deadline = time.time() + 900
+    while not list(bucket.glob("models/adapters/spotrun/checkpoints/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None else "timeout")[-3000:]
+        time.sleep(0.2)
+    node = int(pid_file.read_text())
+    for stat in Path("/proc").glob("[0-9]*/stat"):  # the cloud takes the node back: every process of its session at once
+        try:
+            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if session == node:
+            os.kill(int(stat.parent.name), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    calls_launched = len(fake.requests)
+
+    log = (ws / ".opensem/launch/opensem-ws/job.log").read_text()
+    assert "== node 0 lost (signal 9): a new node takes over ==" in log and "== node 1: run ==" in log
+    assert "resuming" in log.split("== node 1: run ==")[1]  # from the bucket's checkpoint, not from step 0
+    assert "forge: up to date" in log.split("== node 1: run ==")[1]
+    assert read_json(ws / ".opensem/launch/opensem-ws/launch.json")["recoveries"] == 1
+    status = run_cli("launch", "status", "-w", str(ws)).stdout
+    assert "recoveries  1 (2 node(s) started)" in status and "h left of 1.0 h" in status and "cost" in status
+
+    # the same pipeline, never interrupted: as many teacher calls, the same adapter
+    before = len(fake.requests)
+    r = run_cli("run", "-w", str(reference))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(fake.requests) - before == calls_launched > 0
+    r = run_cli("launch", "fetch", "-w", str(ws))
+    assert r.returncode == 0, r.stderr
+    got = load_file(ws / "models/adapters/spotrun/adapter_model.safetensors")
+    want = load_file(reference / "models/adapters/spotrun/adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    worst = max(float((got[k] - want[k]).abs().max()) for k in got)
+    assert worst < 1e-4, worst
+
+
+def test_the_workspace_lock_on_a_bucket_mount_without_locks(tmp_path, monkeypatch):
+    """A spot job's workspace is a bucket mount, where flock may not exist (ENOSYS): the job runs unlocked; a lock held by
+    another process still stops a second command."""
+    import errno
+    import fcntl
+
+    from opensem.errors import OpenSEMError
+    from opensem.workspace import _HELD, Workspace, init_workspace
+
+    init_workspace(tmp_path / "ws")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ws = Workspace(tmp_path / "ws")
+    try:
+        ws.lock("run")
+        assert _HELD.get(ws.root) is not None
+    finally:
+        _HELD.pop(ws.root, None)
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(OpenSEMError, match="the workspace is in use"):
+        Workspace(tmp_path / "ws").lock("run")

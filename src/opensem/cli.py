@@ -177,6 +177,8 @@ def launch_cmd(
     stages: Annotated[Optional[str], typer.Option(help="Comma-separated stages (default: pipeline_config.yaml's)")] = None,
     max_hours: Annotated[Optional[float], typer.Option(help="The job ends itself after this long")] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="USD: refuse to launch when price x max-hours is above it")] = None,
+    spot: Annotated[Optional[bool], typer.Option("--spot/--no-spot", help="Spot instances as a managed job that recovers from "
+                                                 "preemption (checkpoints on launch.bucket); default: use_spot")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the task YAML; no credentials, no network")] = False,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
@@ -192,7 +194,8 @@ def launch_cmd(
         raise OpenSEMError(f"--max-hours {max_hours}: use a positive number of hours")
     ws = _ws(workspace, sets, lock=None if dry_run else "launch")
     launch(ws, console if not dry_run else out, dry_run=dry_run, cloud=cloud, gpu=gpu, nodes=nodes,
-           stages=[x.strip() for x in stages.split(",") if x.strip()] if stages else None, max_hours=max_hours, max_cost=max_cost)
+           stages=[x.strip() for x in stages.split(",") if x.strip()] if stages else None, max_hours=max_hours, max_cost=max_cost,
+           spot=spot)
 
 
 @launch_app.command("status")

@@ -79,6 +79,7 @@ class Workspace:
         """Hold the workspace for this process: a second command that writes here exits with who holds it. An
         advisory lock on .opensem/lock (released by the system when the holder ends, however it ends: a stale
         lock cannot outlive its process), with the holder's pid, command and start time written inside."""
+        import errno
         import fcntl
         import json
         import os
@@ -93,7 +94,10 @@ class Workspace:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):  # a filesystem without locks (a bucket mount):
+                _HELD[self.root] = fd  # one job writes there; run unlocked rather than not at all
+                return
             os.close(fd)
             try:
                 holder = json.loads(path.read_text(encoding="utf-8") or "{}")

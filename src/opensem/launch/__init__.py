@@ -1,7 +1,8 @@
 """`opensem launch`: the pipeline on a rented GPU through SkyPilot, with a budget, autodown, and results brought home.
 
     launch  plan (GPU, stages, what syncs, what comes back, the budget rule) -> task.yaml, checked by SkyPilot's
-            parser -> the budget refused or accepted -> `sky launch` (or this machine with --cloud local)
+            parser -> the budget refused or accepted -> `sky launch` (or this machine with --cloud local); a spot
+            launch is a managed job that survives preemption (launch/managed.py)
     status / logs / fetch / down    the cluster's job queue, its log, the outputs rsynced home (each fetched run
             manifest then records where it ran: cloud, GPU, hours, cost), teardown
 """
@@ -15,6 +16,7 @@ from typing import Optional
 from rich.markup import escape
 
 from opensem.errors import OpenSEMError
+from opensem.launch import managed
 from opensem.launch.task import Plan, check_budget, launch_dir, make_plan, stage
 from opensem.lineage import now, read_json, write_json
 from opensem.terminal import Console, visible
@@ -23,10 +25,14 @@ from opensem.workspace import Workspace
 RECORD = "launch.json"
 
 
-def backend_for(ws: Workspace, cloud: str, cluster: str):
+def backend_for(ws: Workspace, plan: dict, cluster: str):
+    """Where a launch runs: this machine (``local``), SkyPilot's managed jobs (spot), or a SkyPilot cluster."""
     from opensem.launch.backends import LocalBackend, SkyBackend
+    from opensem.launch.managed import SkyJobsBackend
 
-    return LocalBackend(launch_dir(ws, cluster) / "local") if cloud == "local" else SkyBackend()
+    if plan["cloud"] == "local":
+        return LocalBackend(launch_dir(ws, cluster) / "local", managed=bool(plan.get("use_spot")))
+    return SkyJobsBackend(plan.get("bucket")) if plan.get("use_spot") else SkyBackend()
 
 
 def describe(plan: Plan, task_text: str, validated: Optional[str]) -> str:
@@ -44,6 +50,7 @@ def describe(plan: Plan, task_text: str, validated: Optional[str]) -> str:
         f"budget      {budget}{cap}",
         f"deadline    the job is interrupted (Ctrl-C, checkpoint saved) after {plan.max_hours} h; the cluster is deleted "
         f"after {plan.idle_minutes} idle minutes (autodown), even if this machine is off",
+        *managed.describe(plan),
     ]
     if validated:
         lines.append(f"SkyPilot    {validated}")
@@ -51,6 +58,8 @@ def describe(plan: Plan, task_text: str, validated: Optional[str]) -> str:
 
 
 def launch(ws: Workspace, console: Console, dry_run: bool = False, **options) -> Path:
+    """Plan, stage, check, then launch; ``options`` override launch_config.yaml (cloud, gpu, nodes, stages, max_hours,
+    max_cost, spot)."""
     from opensem.launch.backends import validate
     from opensem.launch.task import sky_python
 
@@ -67,8 +76,14 @@ def launch(ws: Workspace, console: Console, dry_run: bool = False, **options) ->
     record = {"cluster": plan.cluster, "plan": plan.to_json(), "task": str(task_path), "launched": now(), "launched_ts": time.time(),
               "status": "launching"}
     write_json(d / RECORD, record)
+    def recovered(count: int) -> None:  # a node lost and replaced (the local controller)
+        record["recoveries"] = count
+        write_json(d / RECORD, record)
+        console.print(f"[yellow]{plan.cluster}: node lost; recovery {count} on a new node[/]")
+
     try:
-        backend_for(ws, plan.cloud, plan.cluster).launch(task_path, plan.cluster, plan.secrets, d / "job.log")
+        backend_for(ws, plan.to_json(), plan.cluster).launch(task_path, plan.cluster, plan.secrets, d / "job.log",
+                                                             on_recovery=recovered)
     except BaseException:
         record["status"] = "launch failed"
         write_json(d / RECORD, record)
@@ -91,12 +106,20 @@ def _record(ws: Workspace, cluster: Optional[str]) -> dict:
 
 def status(ws: Workspace, cluster: Optional[str]) -> str:
     r = _record(ws, cluster)
-    return f"{r['cluster']}: {r['status']} (launched {r['launched']})\n" + backend_for(ws, r["plan"]["cloud"], r["cluster"]).status(r["cluster"])
+    text = f"{r['cluster']}: {r['status']} (launched {r['launched']})\n"
+    if r["plan"].get("use_spot"):  # recoveries, cost so far, deadline
+        started, nodes = None, None
+        if r["plan"]["cloud"] == "local":  # the job's own record of its nodes, on the bucket
+            mark = launch_dir(ws, r["cluster"]) / "bucket" / managed.WORKSPACE / ".opensem" / f"launch-{r['plan'].get('launch_id')}"
+            started = float(mark.read_text().strip()) if mark.exists() and mark.read_text().strip() else None
+            nodes = len(mark.with_name(mark.name + ".nodes").read_text().split()) if mark.with_name(mark.name + ".nodes").exists() else None
+        text += managed.progress(r, started, nodes)
+    return text + backend_for(ws, r["plan"], r["cluster"]).status(r["cluster"])
 
 
 def logs(ws: Workspace, cluster: Optional[str], follow: bool = False) -> None:
     r = _record(ws, cluster)
-    backend_for(ws, r["plan"]["cloud"], r["cluster"]).logs(r["cluster"], follow)
+    backend_for(ws, r["plan"], r["cluster"]).logs(r["cluster"], follow)
 
 
 def fetch(ws: Workspace, cluster: Optional[str], console: Console) -> list[str]:
@@ -104,7 +127,7 @@ def fetch(ws: Workspace, cluster: Optional[str], console: Console) -> list[str]:
     r = _record(ws, cluster)
     plan = r["plan"]
     before = {p.parent.name for p in ws.path("runs").glob("*/run_manifest.json")}
-    got, refused = backend_for(ws, plan["cloud"], r["cluster"]).fetch(r["cluster"], plan["fetch"], ws.root,
+    got, refused = backend_for(ws, plan, r["cluster"]).fetch(r["cluster"], plan["fetch"], ws.root,
                                                                       launch_dir(ws, r["cluster"]) / "inbox")
     hours = round((time.time() - r["launched_ts"]) / 3600, 3)
     where = {"cloud": plan["cloud"], "gpu": plan["gpu"], "nodes": plan["nodes"], "cluster": r["cluster"], "launched": r["launched"],
@@ -127,7 +150,7 @@ def fetch(ws: Workspace, cluster: Optional[str], console: Console) -> list[str]:
 
 def down(ws: Workspace, cluster: Optional[str], console: Console) -> None:
     r = _record(ws, cluster)
-    backend_for(ws, r["plan"]["cloud"], r["cluster"]).down(r["cluster"])
+    backend_for(ws, r["plan"], r["cluster"]).down(r["cluster"])
     r["status"] = "down"
     write_json(launch_dir(ws, r["cluster"]) / RECORD, r)
     console.print(f"{r['cluster']} is down")

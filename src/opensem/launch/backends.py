@@ -48,7 +48,7 @@ class SkyBackend:
             raise OpenSEMError(f"`sky {' '.join(args[:2])}` failed (exit {r.returncode})" + (f": {r.stderr.strip().splitlines()[-1]}" if capture and r.stderr.strip() else ""))
         return r
 
-    def launch(self, task_path: Path, cluster: str, secrets: list[str], log: Path) -> None:
+    def launch(self, task_path: Path, cluster: str, secrets: list[str], log: Path, **_) -> None:
         self._sky("launch", "-c", cluster, str(task_path), "--yes", "--detach-run", secrets=secrets)
 
     def status(self, cluster: str) -> str:
@@ -80,15 +80,21 @@ class SkyBackend:
 
 
 class LocalBackend:
-    """A SkyPilot node on this machine, under ``home`` (one home folder per node)."""
+    """A SkyPilot node on this machine, under ``home`` (one home folder per node). With ``managed`` (a spot launch),
+    also the managed-job controller: a node killed by a signal is replaced by a fresh one on the same bucket."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, managed: bool = False) -> None:
         self.root = root
+        self.managed = managed
 
     def home(self, node: int = 0) -> Path:
         return self.root / f"node{node}"
 
-    def launch(self, task_path: Path, cluster: str, secrets: list[str], log: Path) -> None:
+    @property
+    def bucket(self) -> Path:
+        return self.root.parent / "bucket"
+
+    def launch(self, task_path: Path, cluster: str, secrets: list[str], log: Path, on_recovery=None) -> None:
         task = yaml.safe_load(task_path.read_text())
         nodes = int(task.get("num_nodes", 1))
         shutil.rmtree(self.root, ignore_errors=True)
@@ -98,29 +104,60 @@ class LocalBackend:
         for name in secrets:  # by name, from this environment, into the child's environment only
             if os.environ.get(name):
                 env_base[name] = os.environ[name]
-        procs = []
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w", encoding="utf-8") as out:
+            if self.managed:
+                return self._managed(task, cluster, env_base, out, log, on_recovery)
+            procs = []
             for node in range(nodes):
-                home = self.home(node)
-                work = home / "sky_workdir"
-                shutil.copytree(task["workdir"], work, symlinks=True)
-                for remote, local in (task.get("file_mounts") or {}).items():
-                    shutil.copytree(local, home / remote.removeprefix("~/"), symlinks=True)
-                env = env_base | {"HOME": str(home), "SKYPILOT_NODE_RANK": str(node), "SKYPILOT_NUM_NODES": str(nodes),
-                                  "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * nodes), "SKYPILOT_NUM_GPUS_PER_NODE": "0",
-                                  "SKYPILOT_TASK_ID": f"local-{cluster}"}
-                out.write(f"== node {node}: setup ==\n")
-                out.flush()
-                r = subprocess.run(["bash", "-c", task["setup"]], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
-                if r.returncode != 0:
-                    raise OpenSEMError(f"the task's setup failed on node {node} (exit {r.returncode}): see {log}")
-                out.write(f"== node {node}: run ==\n")
-                out.flush()
+                work, env = self._node(node, node, nodes, task, env_base, cluster, out, log)
                 procs.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT))
             codes = [p.wait() for p in procs]
         if any(codes):
             raise OpenSEMError(f"the task's run failed (exit codes by node {codes}): see {log}")
+
+    def _node(self, node: int, rank: int, nodes: int, task: dict, env_base: dict, cluster: str, out, log: Path):
+        """A fresh node: its home, the workdir and file mounts (a bucket linked: every node shares it), the setup run."""
+        from opensem.launch.managed import BUCKET_MOUNT
+
+        home = self.home(node)
+        work = home / "sky_workdir"
+        shutil.copytree(task["workdir"], work, symlinks=True)
+        for remote, local in (task.get("file_mounts") or {}).items():
+            target = home / remote.removeprefix("~/")
+            if remote == BUCKET_MOUNT:
+                Path(local).mkdir(parents=True, exist_ok=True)
+                target.symlink_to(Path(local).resolve(), target_is_directory=True)
+            else:
+                shutil.copytree(local, target, symlinks=True)
+        env = env_base | {"HOME": str(home), "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": str(nodes),
+                          "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * nodes), "SKYPILOT_NUM_GPUS_PER_NODE": "0",
+                          "SKYPILOT_TASK_ID": f"local-{cluster}"}
+        out.write(f"== node {node}: setup ==\n")
+        out.flush()
+        r = subprocess.run(["bash", "-c", task["setup"]], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise OpenSEMError(f"the task's setup failed on node {node} (exit {r.returncode}): see {log}")
+        out.write(f"== node {node}: run ==\n")
+        out.flush()
+        return work, env
+
+    def _managed(self, task: dict, cluster: str, env_base: dict, out, log: Path, on_recovery) -> None:
+        """SkyPilot's managed-job controller, here: run on a node; when a signal kills it (a preemption), a new node."""
+        from opensem.launch.managed import MAX_LOCAL_RECOVERIES, run_node
+
+        for node in range(MAX_LOCAL_RECOVERIES + 1):
+            work, env = self._node(node, 0, 1, task, env_base, cluster, out, log)
+            code = run_node(["bash", "-c", task["run"]], work, env, out, self.root / "node.pid")
+            if code == 0:
+                return
+            if code > 0:
+                raise OpenSEMError(f"the task's run failed on node {node} (exit {code}): see {log}")
+            out.write(f"== node {node} lost (signal {-code}): a new node takes over ==\n")
+            out.flush()
+            if on_recovery:
+                on_recovery(node + 1)
+        raise OpenSEMError(f"the job lost {MAX_LOCAL_RECOVERIES + 1} nodes in a row: see {log}")
 
     def status(self, cluster: str) -> str:
         return f"{cluster}: local, folders under {self.root}" if self.root.exists() else f"{cluster}: no local run"
@@ -130,8 +167,10 @@ class LocalBackend:
         sys.stdout.write(log.read_text() if log.exists() else "no log\n")
 
     def fetch(self, cluster: str, paths: list[str], dest: Path, inbox: Path) -> tuple[list[str], list[str]]:
+        from opensem.launch.managed import WORKSPACE
+
         got, refused = [], []
-        work = self.home(0) / "sky_workdir"
+        work = self.bucket / WORKSPACE if self.managed else self.home(0) / "sky_workdir"
         for rel in paths:
             src = work / rel
             if not src.exists() and not src.is_symlink():

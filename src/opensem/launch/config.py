@@ -21,7 +21,10 @@ class LaunchConfig(Strict):
     price_per_hour: Optional[float] = Field(None, gt=0, description="USD per hour for the whole cluster when the catalog has no price")
     idle_minutes: int = Field(10, ge=1, le=10_080, description="Autodown: the cluster is deleted after this long idle")
     region: Optional[str] = None
-    use_spot: bool = False
+    use_spot: bool = Field(False, description="Spot instances, as a SkyPilot managed job that recovers from preemption "
+                           "(checkpoints, replies and finished stages on `bucket`)")
+    bucket: Optional[str] = Field(None, description="Where a spot job keeps its workspace: s3://NAME/PATH, gs://, r2://, az://, ... "
+                                  "(mounted into the job; not needed with --cloud local)")
     disk_size: int = Field(100, ge=20, le=65_536, description="GB")
     cluster_name: Optional[str] = Field(None, description="Lower-case letters, digits and '-', starting with a letter; "
                                         "default: opensem-<workspace folder>")

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -62,6 +63,8 @@ class Plan:
     use_spot: bool = False
     disk_size: int = 100
     overrides: list[str] = field(default_factory=list)  # --set values given to `opensem launch`, passed on to the run
+    bucket: Optional[str] = None  # a spot launch's store (launch/managed.py)
+    launch_id: str = ""  # this launch, as the job sees it (a spot job's deadline counts from its first node)
     left_home: list = field(default_factory=list)  # (path, reason): links out, hidden and special files not uploaded
 
     @property
@@ -146,8 +149,11 @@ def catalog_price(cloud: str, gpu: Optional[str], region: Optional[str], use_spo
 
 def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = None, nodes: Optional[int] = None,
               stages: Optional[list[str]] = None, max_hours: Optional[float] = None, max_cost: Optional[float] = None,
-              price_lookup: bool = True) -> Plan:
+              price_lookup: bool = True, spot: Optional[bool] = None) -> Plan:
+    from opensem.launch.managed import check_bucket
+
     cfg = ws.launch_config()
+    use_spot = cfg.use_spot if spot is None else spot
     cloud = (cloud or cfg.cloud or "").lower()
     if not cloud:
         raise ConfigError("configs/launch_config.yaml: key 'cloud' is not set: pass --cloud runpod|aws|gcp|lambda|kubernetes|... or local")
@@ -159,6 +165,8 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     if cloud == "local":
         gpu = None  # this machine
     nodes = nodes or cfg.nodes
+    if nodes > 1 and use_spot:
+        raise ConfigError(f"--nodes {nodes} with spot: a managed spot job runs on one node here; use 1 node, or use_spot: false")
     if nodes > 1 and cloud in NO_MULTI_NODE:
         raise ConfigError(f"--nodes {nodes}: SkyPilot's {cloud} has no multi-node clusters: use 1 node, or kubernetes/aws/gcp/lambda")
     stages = stages or cfg.stages or ws.pipeline_config().stages
@@ -183,7 +191,7 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     elif cloud == "local":
         price, source = 0.0, "this machine"
     elif price_lookup:
-        price, source = catalog_price(cloud, gpu, cfg.region, cfg.use_spot, nodes)
+        price, source = catalog_price(cloud, gpu, cfg.region, use_spot, nodes)
     else:
         price, source = None, "not looked up (--dry-run)"
     sync = [p for p in SYNC if ws.path(p).exists()]
@@ -196,8 +204,9 @@ def make_plan(ws: Workspace, cloud: Optional[str] = None, gpu: Optional[str] = N
     check_cluster_name(cluster)
     return Plan(cluster, cloud, gpu, nodes, stages, engine, max_hours, cfg.idle_minutes, price, source, max_cost,
                 [n for n in names if os.environ.get(n)], [n for n in names if not os.environ.get(n)], sync,
-                fetch=fetch_list(ws, stages), region=cfg.region, use_spot=cfg.use_spot, disk_size=cfg.disk_size,
-                overrides=[o for o in ws.overrides if not o.strip().startswith(("launch.", "pipeline.stages"))])
+                fetch=fetch_list(ws, stages), region=cfg.region, use_spot=use_spot, disk_size=cfg.disk_size,
+                overrides=[o for o in ws.overrides if not o.strip().startswith(("launch.", "pipeline.stages"))],
+                bucket=check_bucket(cfg.bucket, cloud) if use_spot else None, launch_id=f"{cluster}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def fetch_list(ws: Workspace, stages: list[str]) -> list[str]:
@@ -255,6 +264,10 @@ def run_script(plan: Plan) -> str:
     if plan.engine != "auto":
         sets.append(f"--set train.engine={plan.engine}")
     sets += [f"--set {shlex.quote(o)}" for o in plan.overrides]
+    if plan.use_spot:  # a managed job: the workspace on the bucket, the deadline from the first node's start
+        from opensem.launch import managed
+
+        return managed.run_script(plan, head, sets)
     # the deadline: Ctrl-C (SIGINT) at max_hours, so training saves a checkpoint; killed 5 minutes later at the latest
     deadline = f"timeout --signal=INT --kill-after=300 {seconds}"
     if plan.nodes == 1:
@@ -278,8 +291,14 @@ def task_config(plan: Plan, workdir: Path, source: Path) -> dict:
         resources["region"] = plan.region
     if plan.use_spot:
         resources["use_spot"] = True
+    mounts: dict = {REMOTE_SRC: str(source)}
+    if plan.use_spot:
+        from opensem.launch.managed import file_mount
+
+        mounts |= file_mount(plan, workdir.parent / "bucket")  # --cloud local: a folder beside the workdir
     task = {"name": plan.cluster, "workdir": str(workdir), "num_nodes": plan.nodes, "resources": resources,
-            "file_mounts": {REMOTE_SRC: str(source)}, "envs": {"OPENSEM_LAUNCHED_ON": plan.cloud, "TOKENIZERS_PARALLELISM": "false"},
+            "file_mounts": mounts, "envs": {"OPENSEM_LAUNCHED_ON": plan.cloud, "OPENSEM_LAUNCH_ID": plan.launch_id,
+                                            "TOKENIZERS_PARALLELISM": "false"},
             "setup": setup_script(), "run": run_script(plan)}
     if plan.secrets:
         task["secrets"] = {name: None for name in plan.secrets}  # values are passed with --secret NAME at launch
