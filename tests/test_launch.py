@@ -227,20 +227,31 @@ def test_a_spot_job_survives_preemption_and_resumes_from_the_bucket(tmp_path, ba
     proc = subprocess.Popen([str(Path(sys.executable).parent / "opensem"), "launch", "--cloud", "local", "-w", str(ws)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     pid_file = ws / ".opensem/launch/opensem-ws/local/node.pid"
-    deadline = time.time() + 900
-    while not list(bucket.glob("models/adapters/spotrun/checkpoints/checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None else "timeout")[-3000:]
-        time.sleep(0.2)
-    node = int(pid_file.read_text())
-    for stat in Path("/proc").glob("[0-9]*/stat"):  # the cloud takes the node back: every process of its session at once
-        try:
-            session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
-        except (OSError, IndexError, ValueError):
-            continue
-        if session == node:
-            os.kill(int(stat.parent.name), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
+
+    def kill_node() -> None:  # what a preemption does: every process of the node's session at once
+        node = int(pid_file.read_text())
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+            except (OSError, IndexError, ValueError):
+                continue
+            if session == node:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+
+    try:
+        deadline = time.time() + 900
+        while not list(bucket.glob("models/adapters/spotrun/checkpoints/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None else "timeout")[-3000:]
+            time.sleep(0.2)
+        kill_node()  # the cloud takes the node back
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:]
+    finally:  # nothing this test started outlives it
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid_file.exists():
+            kill_node()
     calls_launched = len(fake.requests)
 
     log = (ws / ".opensem/launch/opensem-ws/job.log").read_text()
