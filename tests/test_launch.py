@@ -199,6 +199,23 @@ def test_the_task_runs_on_the_local_backend_and_its_results_come_home(tmp_path, 
     assert "train: up to date" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
 
+@pytest.mark.slow
+def test_a_launch_stopped_by_its_deadline_says_so_and_what_finished(tmp_path, base_models_dir, skypilot):
+    """max_hours ends the run: the launch's error, its status and the job's log say the deadline stopped it, in which
+    stage, and what had finished; the interrupted training left a checkpoint to resume from."""
+    ws = _ws(tmp_path / "ws", base_models_dir)
+    set_config(ws, "train", max_steps=100000, save_steps=100000)
+    r = run_cli("launch", "--cloud", "local", "--stages", "train", "--max-hours", "0.03", "-w", str(ws), timeout=900)
+    assert r.returncode != 0
+    said = "stopped by the deadline (max_hours 0.03 h) during train; finished: no stage"
+    assert said in r.stderr and "the task's run failed" not in r.stderr, r.stderr[-3000:]
+    assert said in " ".join(run_cli("launch", "status", "-w", str(ws)).stdout.split())
+    log = (ws / ".opensem/launch/opensem-ws/job.log").read_text()
+    assert said in log and "`opensem run` resumes it" in log, log[-3000:]
+    node = ws / ".opensem/launch/opensem-ws/local/node0/sky_workdir"
+    assert list((node / "models/adapters/remote/checkpoints").glob("checkpoint-*/adapter_model.safetensors")), "no checkpoint"
+
+
 def test_a_spot_job_survives_preemption_and_resumes_from_the_bucket(tmp_path, base_models_dir, fake, monkeypatch):
     """--cloud local --spot: the managed-job controller on this machine. The node is killed with SIGKILL mid-train
     (a preemption); a fresh node on the same bucket resumes from the last complete checkpoint, skips the finished

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from opensem.errors import OpenSEMError
 from opensem.launch import managed
-from opensem.launch.task import Plan, check_budget, launch_dir, make_plan, stage
+from opensem.launch.task import DeadlineReached, Plan, check_budget, launch_dir, make_plan, stage
 from opensem.lineage import now, read_json, write_json
 from opensem.terminal import Console, visible
 from opensem.workspace import Workspace
@@ -31,7 +31,7 @@ def backend_for(ws: Workspace, plan: dict, cluster: str):
     from opensem.launch.managed import SkyJobsBackend
 
     if plan["cloud"] == "local":
-        return LocalBackend(launch_dir(ws, cluster) / "local", managed=bool(plan.get("use_spot")))
+        return LocalBackend(launch_dir(ws, cluster) / "local", managed=bool(plan.get("use_spot")), max_hours=plan["max_hours"])
     return SkyJobsBackend(plan.get("bucket")) if plan.get("use_spot") else SkyBackend()
 
 
@@ -84,6 +84,10 @@ def launch(ws: Workspace, console: Console, dry_run: bool = False, **options) ->
     try:
         backend_for(ws, plan.to_json(), plan.cluster).launch(task_path, plan.cluster, plan.secrets, d / "job.log",
                                                              on_recovery=recovered)
+    except DeadlineReached as e:  # the run ended by max_hours: what it was doing, what finished
+        record["status"] = str(e).split(": see ")[0]
+        write_json(d / RECORD, record)
+        raise
     except BaseException:
         record["status"] = "launch failed"
         write_json(d / RECORD, record)

@@ -19,7 +19,7 @@ import yaml
 
 from opensem.errors import OpenSEMError
 from opensem.launch.files import bring_home
-from opensem.launch.task import REMOTE_WORKDIR, require_sky
+from opensem.launch.task import DEADLINE_CODES, REMOTE_WORKDIR, DeadlineReached, deadline_report, require_sky
 
 
 def validate(task_path: Path) -> str:
@@ -83,9 +83,10 @@ class LocalBackend:
     """A SkyPilot node on this machine, under ``home`` (one home folder per node). With ``managed`` (a spot launch),
     also the managed-job controller: a node killed by a signal is replaced by a fresh one on the same bucket."""
 
-    def __init__(self, root: Path, managed: bool = False) -> None:
+    def __init__(self, root: Path, managed: bool = False, max_hours: float = 0.0) -> None:
         self.root = root
         self.managed = managed
+        self.max_hours = max_hours  # what a run stopped by its deadline is told it ran into
 
     def home(self, node: int = 0) -> Path:
         return self.root / f"node{node}"
@@ -113,6 +114,8 @@ class LocalBackend:
                 work, env = self._node(node, node, nodes, task, env_base, cluster, out, log)
                 procs.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT))
             codes = [p.wait() for p in procs]
+        if codes[0] in DEADLINE_CODES:
+            raise DeadlineReached(f"{deadline_report(self.home(0) / 'sky_workdir', self.max_hours)}: see {log}")
         if any(codes):
             raise OpenSEMError(f"the task's run failed (exit codes by node {codes}): see {log}")
 
@@ -144,13 +147,15 @@ class LocalBackend:
 
     def _managed(self, task: dict, cluster: str, env_base: dict, out, log: Path, on_recovery) -> None:
         """SkyPilot's managed-job controller, here: run on a node; when a signal kills it (a preemption), a new node."""
-        from opensem.launch.managed import MAX_LOCAL_RECOVERIES, run_node
+        from opensem.launch.managed import MAX_LOCAL_RECOVERIES, WORKSPACE, run_node
 
         for node in range(MAX_LOCAL_RECOVERIES + 1):
             work, env = self._node(node, 0, 1, task, env_base, cluster, out, log)
             code = run_node(["bash", "-c", task["run"]], work, env, out, self.root / "node.pid")
             if code == 0:
                 return
+            if code in DEADLINE_CODES:
+                raise DeadlineReached(f"{deadline_report(self.bucket / WORKSPACE, self.max_hours)}: see {log}")
             if code > 0:
                 raise OpenSEMError(f"the task's run failed on node {node} (exit {code}): see {log}")
             out.write(f"== node {node} lost (signal {-code}): a new node takes over ==\n")

@@ -66,6 +66,8 @@ def describe(plan) -> list[str]:
 
 def run_script(plan, head: str, sets: list[str]) -> str:
     """The managed job's run: the workspace on the bucket, the deadline from the first node's start."""
+    from opensem.launch.task import after_deadline
+
     seconds = int(plan.max_hours * 3600)
     return head + f"""WS="$HOME/{BUCKET_MOUNT.removeprefix('~/')}/{WORKSPACE}"
 STARTED="$WS/.opensem/launch-$OPENSEM_LAUNCH_ID"
@@ -83,7 +85,7 @@ if [ "$LEFT" -le 0 ]; then echo "deadline: {plan.max_hours} h have passed since 
 echo "node $(wc -l < "$STARTED.nodes") of this launch, $LEFT s before the deadline"
 cd "$WS"
 timeout --signal=INT --kill-after=300 "$LEFT" opensem run {' '.join(sets)}
-"""
+""" + after_deadline(plan)
 
 
 def file_mount(plan, local_bucket: Path) -> dict:

@@ -253,6 +253,39 @@ fi
 """
 
 
+# `timeout`'s exit codes: the command outlived the deadline (Ctrl-C sent), or it was killed 5 minutes after that
+DEADLINE_CODES = (124, 137)
+
+
+class DeadlineReached(OpenSEMError):
+    """A launch's run stopped by its deadline (``max_hours``); the message says where it was and what had finished."""
+
+
+def deadline_report(workspace: Path, max_hours: float) -> str:
+    """What a run stopped by its deadline had done, from the workspace's pipeline state: the stage it was in, the ones
+    finished (up to date: `opensem launch fetch` brings them home, and `opensem run` resumes the rest)."""
+    from opensem.lineage import read_json
+    from opensem.stages import STATE_FILE
+
+    state = read_json(Path(workspace) / ".opensem" / STATE_FILE, {}) or {}
+    stages = {n: s for n, s in state.items() if isinstance(s, dict) and "inputs" in s}
+    finished = [n for n, s in stages.items() if s.get("status") == "done"]
+    during = [n for n, s in stages.items() if s.get("status") in ("running", "interrupted")]
+    if not stages:
+        return f"stopped by the deadline (max_hours {max_hours} h) before any stage had started"
+    return (f"stopped by the deadline (max_hours {max_hours} h)"
+            + (f" during {', '.join(during)}" if during else "")
+            + f"; finished: {', '.join(finished) or 'no stage'}"
+            + ("; an interrupted training keeps its last checkpoint, and `opensem run` resumes it" if "train" in during else ""))
+
+
+def after_deadline(plan: Plan) -> str:
+    """Shell lines after the command under the deadline: when the deadline ended it, the log says so, and what finished."""
+    report = f"from opensem.launch.task import deadline_report; print(deadline_report('.', {plan.max_hours}))"
+    return (f'rc=$?\nif [ "$rc" = {DEADLINE_CODES[0]} ] || [ "$rc" = {DEADLINE_CODES[1]} ]; then python -c "{report}"; fi\n'
+            'exit "$rc"\n')
+
+
 def run_script(plan: Plan) -> str:
     seconds = int(plan.max_hours * 3600)
     head = ("set -uo pipefail\n"
@@ -271,14 +304,15 @@ def run_script(plan: Plan) -> str:
     # the deadline: Ctrl-C (SIGINT) at max_hours, so training saves a checkpoint; killed 5 minutes later at the latest
     deadline = f"timeout --signal=INT --kill-after=300 {seconds}"
     if plan.nodes == 1:
-        return head + f"{deadline} opensem run {' '.join(sets)}\n"
+        return head + f"{deadline} opensem run {' '.join(sets)}\n" + after_deadline(plan)
     return head + (
         'MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n1)\n'
         'NPROC=${SKYPILOT_NUM_GPUS_PER_NODE:-1}; [ "$NPROC" -ge 1 ] || NPROC=1\n'
         f'{deadline} python -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --node_rank="$SKYPILOT_NODE_RANK" '
         '--nproc_per_node="$NPROC" --master_addr="$MASTER_ADDR" --master_port=29500 '
         f'"$(python -c "import opensem, pathlib; print(pathlib.Path(opensem.__file__).parents[1] / \'train.py\')")" '
-        + " ".join(["--set train.engine=hf", *[f"--set {shlex.quote(o)}" for o in plan.overrides]]) + "\n")
+        + " ".join(["--set train.engine=hf", *[f"--set {shlex.quote(o)}" for o in plan.overrides]]) + "\n"
+        + after_deadline(plan))
 
 
 def task_config(plan: Plan, workdir: Path, source: Path) -> dict:
