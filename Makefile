@@ -47,12 +47,18 @@ $(SKY_STAMP):
 
 setup-launch: $(SKY_STAMP)
 
+# For the tests of `opensem launch fetch` from a bucket: the AWS CLI and a local S3 server (moto) beside SkyPilot
+SKY_TEST_STAMP := .venv-sky/.opensem-test-doubles
+$(SKY_TEST_STAMP): $(SKY_STAMP)
+	.venv-sky/bin/pip install -q "awscli==1.46.3" "moto[s3,server]==5.2.5"
+	touch $(SKY_TEST_STAMP)
+
 # The whole happy path on the example domain, embedded models, CPU: forge -> baseline -> train -> fine-tuned -> report
 demo: setup
 	$(BIN)/opensem init . --example product-manual
 	$(BIN)/opensem run
 
-test: setup setup-export setup-launch
+test: setup setup-export setup-launch $(SKY_TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The GPU set (requirements-gpu.txt: the transformers/TRL/datasets releases Unsloth allows) in its own environment on

@@ -293,6 +293,79 @@ def test_a_spot_job_survives_preemption_and_resumes_from_the_bucket(tmp_path, ba
     assert worst < 1e-4, worst
 
 
+@pytest.fixture
+def s3_server(skypilot, monkeypatch):
+    """A local S3 server (moto, speaking S3's HTTP API) that the AWS CLI in SkyPilot's environment is pointed at."""
+    import socket
+    import time as _time
+
+    from conftest import child
+
+    moto = skypilot.parent / "moto_server"
+    if not moto.exists():
+        pytest.fail("the S3 stand-in is not installed: `make test` installs awscli and moto into .venv-sky")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with child([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                _time.sleep(0.2)
+        yield skypilot.parent / "aws"
+
+
+def test_a_spot_jobs_outputs_come_home_from_its_bucket(tmp_path, base_models_dir, s3_server):
+    """The managed job's node is gone; `opensem launch fetch` copies its outputs from the bucket's workspace with
+    SkyPilot's own download command for the store (here `aws s3 sync` against a local S3 server)."""
+    from opensem.launch.task import launch_dir, make_plan
+    from opensem.lineage import write_json
+    from opensem.workspace import Workspace
+
+    ws = _ws(tmp_path / "ws", base_models_dir)
+    set_config(ws, "launch", bucket="s3://opensem-test/jobs")
+    plan = make_plan(Workspace(ws), cloud="aws", gpu="A10G:1", spot=True, price_lookup=False)
+    write_json(launch_dir(Workspace(ws), plan.cluster) / "launch.json",
+               {"cluster": plan.cluster, "plan": plan.to_json(), "task": "task.yaml", "launched": "2026-01-01T00:00:00Z",
+                "launched_ts": 1.0e9, "status": "running"})
+    # what the job left in the bucket's workspace
+    job = tmp_path / "job"
+    (job / "models/adapters/remote").mkdir(parents=True)
+    (job / "models/adapters/remote/adapter_model.safetensors").write_bytes(b"weights")
+    (job / "runs/20260101-000000").mkdir(parents=True)
+    (job / "runs/20260101-000000/run_manifest.json").write_text(json.dumps({"run_id": "20260101-000000"}))
+    (job / ".opensem").mkdir()
+    (job / ".opensem/pipeline_state.json").write_text("{}")
+    aws = [str(s3_server)]
+    assert subprocess.run(aws + ["s3", "mb", "s3://opensem-test"], capture_output=True).returncode == 0
+    r = subprocess.run(aws + ["s3", "sync", str(job), "s3://opensem-test/jobs/workspace"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    r = run_cli("launch", "fetch", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (ws / "models/adapters/remote/adapter_model.safetensors").read_bytes() == b"weights"
+    assert (ws / ".opensem/pipeline_state.json").read_text() == "{}"
+    m = read_json(ws / "runs/20260101-000000/run_manifest.json")
+    assert m["launch"]["cloud"] == "aws" and m["launch"]["cluster"] == plan.cluster
+
+    # a store whose tool is not here: a one-line error that names it, before anything is copied
+    set_config(ws, "launch", bucket="gs://opensem-test/jobs")
+    plan = make_plan(Workspace(ws), cloud="gcp", gpu="A10G:1", spot=True, price_lookup=False)
+    rec = read_json(launch_dir(Workspace(ws), plan.cluster) / "launch.json")
+    rec["plan"] = plan.to_json()
+    rec["launched_ts"] = 2.0e9
+    write_json(launch_dir(Workspace(ws), plan.cluster) / "launch.json", rec)
+    r = run_cli("launch", "fetch", "-w", str(ws), env={"PATH": str(tmp_path / "no-tools")})
+    assert r.returncode != 0 and "fetching from gs:// needs `gsutil` on PATH" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 def test_the_workspace_lock_on_a_bucket_mount_without_locks(tmp_path, monkeypatch):
     """A spot job's workspace is a bucket mount, where flock may not exist (ENOSYS): the job runs unlocked; a lock held by
     another process still stops a second command."""

@@ -20,8 +20,9 @@ again) on the same bucket, a folder under the launch folder.
 
 from __future__ import annotations
 
+import os
 import re
-import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -133,13 +134,69 @@ class SkyJobsBackend:
         self.cli._sky("jobs", "logs", "-n", cluster, *([] if follow else ["--no-follow"]))
 
     def fetch(self, cluster: str, paths: list[str], dest: Path, inbox: Path) -> tuple[list[str], list[str]]:
-        where = f"{self.bucket.rstrip('/')}/{WORKSPACE}" if self.bucket else None
-        raise OpenSEMError(f"{cluster} ran as a managed job: its node is gone and its outputs are on the bucket, {where or 'none'}: "
-                           + (f"copy them with your store's tool, e.g. `aws s3 sync {shlex.quote(where + '/models')} models` "
-                              f"(gs: `gcloud storage rsync -r`)" if where else "nothing was kept"))
+        """The node is gone: the outputs come from the bucket's workspace, through SkyPilot's own download command for
+        the store (`aws s3 sync` for s3, `gsutil rsync` for gs, ...), into ``inbox``, then home as every fetch."""
+        from opensem.launch.files import bring_home
+
+        if not self.bucket:
+            raise OpenSEMError(f"{cluster} ran as a managed job without launch.bucket: its outputs went with its node")
+        base = f"{self.bucket.rstrip('/')}/{WORKSPACE}"
+        shutil.rmtree(inbox, ignore_errors=True)
+        inbox.mkdir(parents=True)
+        got, refused, failed = [], [], []
+        for rel in paths:
+            (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run(["bash", "-c", download_command(f"{base}/{rel}", inbox / rel, folder=not Path(rel).suffix)],
+                               capture_output=True, text=True, env=_with_sky_tools())
+            if r.returncode != 0:
+                failed.append(f"{base}/{rel}: not fetched: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}")
+            elif (inbox / rel).exists():
+                refused += bring_home(inbox / rel, dest / rel, dest)
+                got.append(rel)
+        if failed and not got:
+            raise OpenSEMError(f"nothing came from {base}: {failed[0]}")
+        return got, refused + failed
 
     def down(self, cluster: str) -> None:
         self.cli._sky("jobs", "cancel", "-n", cluster, "--yes")
+
+
+# the command line tool each store's download needs, and how to get it (checked first: SkyPilot's commands would install
+# it into your home folder)
+STORE_TOOLS = {"s3": ("aws", "make setup-launch SKY_EXTRAS=aws"), "r2": ("aws", "make setup-launch SKY_EXTRAS=aws"),
+               "gs": ("gsutil", "the Google Cloud SDK (gcloud, gsutil)"), "cos": ("rclone", "rclone"), "oci": ("oci", "the OCI CLI"),
+               "https": ("az", "make setup-launch SKY_EXTRAS=azure")}
+
+
+def _with_sky_tools() -> dict:
+    """This environment, with SkyPilot's environment's tools (its cloud CLIs) first on PATH."""
+    from opensem.launch.task import sky_python
+
+    env = dict(os.environ)
+    py = sky_python()
+    if py:
+        env["PATH"] = f"{Path(py).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def download_command(source: str, destination: Path, folder: bool) -> str:
+    """SkyPilot's command that copies ``source`` on a store to ``destination`` here (its cloud_stores module)."""
+    from opensem.launch.task import require_sky
+
+    scheme = source.split("://", 1)[0]
+    tool, how = STORE_TOOLS.get(scheme, (None, None))
+    if tool is None:
+        raise OpenSEMError(f"fetching from {scheme}:// is not supported here: copy {source} with your store's tool")
+    if not shutil.which(tool, path=_with_sky_tools()["PATH"]):
+        raise OpenSEMError(f"fetching from {scheme}:// needs `{tool}` on PATH: install {how}, or copy {source} by hand")
+    code = ("import sys; from sky import cloud_stores as c; s = c.get_storage_from_path(sys.argv[1]); "
+            "print(s.make_sync_dir_command(sys.argv[1], sys.argv[2]) if sys.argv[3] == 'dir' "
+            "else s.make_sync_file_command(sys.argv[1], sys.argv[2]))")
+    r = subprocess.run([str(require_sky()), "-c", code, source, str(destination), "dir" if folder else "file"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OpenSEMError(f"SkyPilot has no download command for {source}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return r.stdout.strip()
 
 
 def run_node(args: list[str], cwd: Path, env: dict, out, pid_file: Path) -> int:
