@@ -110,6 +110,9 @@ def load_model(run: Run, base, profile, engine: str, hw):
     n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
     if n_ckpt:
         run.say(f"gradient checkpointing on {n_ckpt} decoder layers")
+    from opensem.kernel import lean_mlp
+
+    lean_mlp.apply(model)  # the other layers' gated MLPs keep half their activations (recomputed bit for bit)
     return model, tok
 
 
