@@ -85,7 +85,7 @@ def launch(ws: Workspace, console: Console, dry_run: bool = False, **options) ->
         backend_for(ws, plan.to_json(), plan.cluster).launch(task_path, plan.cluster, plan.secrets, d / "job.log",
                                                              on_recovery=recovered)
     except DeadlineReached as e:  # the run ended by max_hours: what it was doing, what finished
-        record["status"] = str(e).split(": see ")[0]
+        record["status"] = e.report
         write_json(d / RECORD, record)
         raise
     except BaseException:

@@ -115,7 +115,7 @@ class LocalBackend:
                 procs.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT))
             codes = [p.wait() for p in procs]
         if codes[0] in DEADLINE_CODES:
-            raise DeadlineReached(f"{deadline_report(self.home(0) / 'sky_workdir', self.max_hours)}: see {log}")
+            raise DeadlineReached(deadline_report(self.home(0) / "sky_workdir", self.max_hours), log)
         if any(codes):
             raise OpenSEMError(f"the task's run failed (exit codes by node {codes}): see {log}")
 
@@ -155,7 +155,7 @@ class LocalBackend:
             if code == 0:
                 return
             if code in DEADLINE_CODES:
-                raise DeadlineReached(f"{deadline_report(self.bucket / WORKSPACE, self.max_hours)}: see {log}")
+                raise DeadlineReached(deadline_report(self.bucket / WORKSPACE, self.max_hours), log)
             if code > 0:
                 raise OpenSEMError(f"the task's run failed on node {node} (exit {code}): see {log}")
             out.write(f"== node {node} lost (signal {-code}): a new node takes over ==\n")

@@ -258,7 +258,11 @@ DEADLINE_CODES = (124, 137)
 
 
 class DeadlineReached(OpenSEMError):
-    """A launch's run stopped by its deadline (``max_hours``); the message says where it was and what had finished."""
+    """A launch's run stopped by its deadline (``max_hours``); ``report`` says where it was and what had finished."""
+
+    def __init__(self, report: str, log: Path) -> None:
+        super().__init__(f"{report}: see {log}")
+        self.report = report
 
 
 def deadline_report(workspace: Path, max_hours: float) -> str:
