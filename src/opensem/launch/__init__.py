@@ -31,7 +31,7 @@ def backend_for(ws: Workspace, plan: dict, cluster: str):
     from opensem.launch.managed import SkyJobsBackend
 
     if plan["cloud"] == "local":
-        return LocalBackend(launch_dir(ws, cluster) / "local", managed=bool(plan.get("use_spot")), max_hours=plan["max_hours"])
+        return LocalBackend(launch_dir(ws, cluster) / "local", managed=bool(plan.get("use_spot")), max_hours=plan.get("max_hours", 0.0))
     return SkyJobsBackend(plan.get("bucket")) if plan.get("use_spot") else SkyBackend()
 
 
