@@ -229,19 +229,27 @@ def param_groups(trainer, model, embedding_learning_rate: float) -> list[dict]:
 
 def answer_only_loss(trainer, model, fed: dict, labels, num_items_in_batch):
     """Cross-entropy on the answer positions alone. The LM head (a 49k-vocabulary matmul on the embedded model)
-    runs only on the hidden states that predict an answer token, row by row: a hook on the head gathers them, so the
-    call still goes through the whole (DDP- or PEFT-wrapped) model and no prompt or padding position gets logits."""
+    runs only on the hidden states that predict an answer token: a hook on the head gathers them, so the call still
+    goes through the whole (DDP- or PEFT-wrapped) model and no prompt or padding position gets logits. A frozen plain
+    head then runs with the loss a few hundred rows at a time, keeping no logits (``lean.head_loss``)."""
     import torch
     import torch.nn.functional as F
+
+    from opensem.kernel.lean import head_loss, plain_head
 
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][select[:, :-1]]
-    head, fired = lm_head_of(model), []
+    head, fired, kept = lm_head_of(model), [], []
+    lean = head is not None and plain_head(head)
 
     def gather(module, args):
         fired.append(True)
-        return (args[0][select].unsqueeze(0),) + tuple(args[1:])
+        hidden = args[0][select].unsqueeze(0)
+        if lean:  # the head's loss keeps no logits (kernel/lean.py): the head gets no rows here, it runs below
+            kept.append(hidden[0])
+            hidden = hidden[:, :0]
+        return (hidden,) + tuple(args[1:])
 
     hook = head.register_forward_pre_hook(gather) if head is not None else None
     try:
@@ -249,8 +257,11 @@ def answer_only_loss(trainer, model, fed: dict, labels, num_items_in_batch):
     finally:
         if hook is not None:
             hook.remove()
-    logits = logits[0] if fired else logits[select]  # a forward that bypasses the head's hook: every position
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if kept:
+        loss = head_loss(head, kept[0], targets)
+    else:
+        logits = logits[0] if fired else logits[select]  # a forward that bypasses the head's hook: every position
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
         if trainer.args.average_tokens_across_devices:

@@ -110,9 +110,9 @@ def load_model(run: Run, base, profile, engine: str, hw):
     n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
     if n_ckpt:
         run.say(f"gradient checkpointing on {n_ckpt} decoder layers")
-    from opensem.kernel import lean_mlp
+    from opensem.kernel import lean
 
-    lean_mlp.apply(model)  # the other layers' gated MLPs keep half their activations (recomputed bit for bit)
+    lean.apply(model)  # the other layers keep fewer activations (MLP, norms: recomputed bit for bit; GQA attention)
     return model, tok
 
 
