@@ -130,10 +130,8 @@ def sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
 
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups == 1 or query.device.type != "cpu" or query.shape[2] == 1 or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    if attention_mask is None and key.shape[2] != query.shape[2]:  # a cache without a mask: transformers aligns it
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
+            or (attention_mask is None and key.shape[2] != query.shape[2])):  # a cache without a mask: transformers aligns it
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -155,7 +153,7 @@ def _additive(mask, dtype):
         return mask
     last = _MASK[0]() if _MASK[0] is not None else None
     if last is not mask or _MASK[1].dtype != dtype:
-        _MASK[0], _MASK[1] = weakref.ref(mask), torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        _MASK[0], _MASK[1] = weakref.ref(mask), torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     return _MASK[1]
 
 
