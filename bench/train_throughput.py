@@ -143,11 +143,19 @@ def op_shares(prof, vocab: int) -> dict:
     return {"lm_head_and_loss": round(head / total, 3), "attention": round(attn / total, 3), "matmul": round(mm / total, 3)}
 
 
-def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
+def matmul_peak(dtype_name: str, seconds: float = 2.0, via_onednn: bool = False) -> float:
     """GFLOP/s of a square matmul in this dtype on this CPU (threads as torch sets them). Sized to take about
-    ``seconds``: bf16 without native support runs hundreds of times slower than fp32."""
+    ``seconds``: bf16 without native support runs hundreds of times slower than fp32. ``via_onednn``: fp32 through
+    oneDNN as OpenSEM's linear layers compute where that is exact and faster (opensem/onednn.py)."""
+    import contextlib
+
     import torch
 
+    if via_onednn:
+        from opensem import onednn
+
+        with onednn.on() if onednn.available() else contextlib.nullcontext():
+            return matmul_peak(dtype_name, seconds) if onednn.available() else 0.0
     dtype = getattr(torch, dtype_name)
     n = 256
     while True:
@@ -225,9 +233,9 @@ def run_opensem(model_dir: str, data: Path, steps: int, batch: int, out: Path, p
 
 def run_plain_trl(model_dir: str, data: Path, steps: int, batch: int, out: Path, profile: bool = False) -> dict:
     """What a user writes from the TRL docs: SFTTrainer + LoraConfig, everything else default, except the precision:
-    the same as OpenSEM's profile picks on this machine. (transformers 5 loads the embedded model's bf16 weights by
-    default; on a CPU without native bf16 every bf16 matmul is emulated, hundreds of times slower than fp32, and
-    the ratio would measure that, not the training step.)"""
+    the same as OpenSEM's profile picks (on a CPU fp32, on a GPU bf16 where it has it). (transformers 5 loads the
+    embedded model's bf16 weights by default; on a CPU without native bf16 every bf16 matmul is emulated, hundreds of
+    times slower than fp32, and the ratio would measure that, not the training step.)"""
     sys.path.insert(0, str(REPO / "src"))
     import torch
     from datasets import load_dataset
@@ -235,9 +243,10 @@ def run_plain_trl(model_dir: str, data: Path, steps: int, batch: int, out: Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from opensem.kernel.hardware import detect_hardware
+    from opensem.kernel.config import TrainConfig
+    from opensem.kernel.hardware import detect_hardware, make_profile
 
-    bf16 = detect_hardware().bf16
+    bf16 = make_profile(TrainConfig(), detect_hardware()).precision == "bf16"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     ds = load_dataset("json", data_files=str(data), split="train")
@@ -344,6 +353,7 @@ def main() -> None:
           "under torch.profiler)", flush=True)
     prof = {w: spawn(w, base.path, data, tmp, 4, a.batch, True, a.opensem_set or ())["steps"] for w in ("plain-trl", "opensem")}
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    peaks["float32 oneDNN"] = matmul_peak("float32", via_onednn=True)
     per_token = flops_per_real_token(base.path, 16, answer_share(base.path, data))
     side = {"plain-trl": [p for p, _ in rounds], "opensem": [o for _, o in rounds]}
     rows = [("step, s", lambda w: f"{med([r['steps']['step_s'] for r in side[w]]):.2f}"),
@@ -356,11 +366,12 @@ def main() -> None:
             ("matmul, share of op time", lambda w: f"{prof[w]['shares']['matmul']:.1%}"),
             ("real tokens/s", lambda w: f"{med([r['tokens_per_s'] for r in side[w]]):.1f}"),
             ("  share of the fp32 bound", lambda w: f"{med([r['tokens_per_s'] for r in side[w]]) / bound:.1%}")]
-    bound = peaks["float32"] * 1e9 / per_token
+    bound = max(peaks["float32"], peaks["float32 oneDNN"]) * 1e9 / per_token
     print(f"\n| {'':34} | {'plain TRL':>10} | {'opensem':>10} |\n|{'-' * 36}|{'-' * 12}|{'-' * 12}|")
     for name, f in rows:
         print(f"| {name:34} | {f('plain-trl'):>10} | {f('opensem'):>10} |")
-    print(f"\nthis CPU's matmul peak: fp32 {peaks['float32']:.1f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s; the least "
+    dnn = f"{peaks['float32 oneDNN']:.1f} GFLOP/s" if peaks["float32 oneDNN"] else "not used here"
+    print(f"\nthis CPU's matmul peak: fp32 {peaks['float32']:.1f} GFLOP/s (through oneDNN: {dnn}), bf16 {peaks['bfloat16']:.1f} GFLOP/s; the least "
           f"work per real token {per_token / 1e9:.2f} GFLOP, so the fp32 bound is {bound:.0f} real tokens/s")
 
 

@@ -85,7 +85,8 @@ def test_replay_prompts_are_kept_apart_from_the_forgetting_check():
 def test_profiles_per_hardware():
     cfg = TrainConfig()
     cpu = make_profile(cfg, Hardware("cpu", "x", 24, True, "x", 2))
-    assert cpu.precision == "bf16" and cpu.vram_cap_gb is None
+    assert cpu.precision == "fp32" and cpu.vram_cap_gb is None  # native bf16 or not: fp32 unless asked
+    assert make_profile(TrainConfig(precision="bf16"), Hardware("cpu", "x", 24, True, "x", 2)).precision == "bf16"
     # CPU: activations kept (no recompute) while the longest batch's fit in half the memory
     small = make_profile(cfg, Hardware("cpu", "x", 24, False, "x", 2), 0.135, 576, 30)
     assert small.checkpoint_layers == 0 and not small.gradient_checkpointing  # 16 x 256 tokens: about 5.7 GB
@@ -327,8 +328,8 @@ def test_a_run_trains_the_exposures_its_data_asks_for(workspace):
 
 
 def test_the_fast_step_trains_as_the_slow_path_does(base_models_dir):
-    """The speed-ups change no arithmetic that matters: the LM head on answer positions only (row by row) and no
-    activation recompute give the loss and LoRA gradients of the slow path (every position's logits,
+    """The speed-ups change no arithmetic that matters: the LM head on answer positions only (row by row), no
+    activation recompute and the linear layers through oneDNN (where it is exact and faster here) give the loss and LoRA gradients of the slow path (every position's logits,
     transformers' own loss, every other layer recomputed), and the same losses over three optimizer steps."""
     import copy
     import types
@@ -336,6 +337,7 @@ def test_the_fast_step_trains_as_the_slow_path_does(base_models_dir):
     import torch
     from transformers import AutoTokenizer
 
+    from opensem import onednn
     from opensem.kernel import engines, lean
     from opensem.kernel.data import tokenize_conversations
 
@@ -364,6 +366,7 @@ def test_the_fast_step_trains_as_the_slow_path_does(base_models_dir):
     assert engines.apply_checkpointing(slow, 0.5) > 0
     # every layer of the fast model keeps its activations, fewer of them (lean MLP and norms, GQA attention)
     assert lean.apply(fast) == {"mlp": 30, "norm": 60, "gqa_attention": 30}
+    onednn.apply(fast)  # and its linear layers through oneDNN where the probe says so, as training runs them
     slow.train()
     fast.train()
 
@@ -454,3 +457,46 @@ def test_the_lean_layers_keep_fewer_activations_and_give_the_same_gradients(base
     for model, same in ((exact, torch.equal), (gqa, lambda g, h: torch.allclose(g, h, rtol=1e-4, atol=1e-7))):
         pairs = [(n, p.grad, q.grad) for (n, p), q in zip(plain.named_parameters(), model.parameters()) if p.requires_grad]
         assert pairs and all(same(g, h) for _, g, h in pairs), [n for n, g, h in pairs if not same(g, h)][:3]
+
+
+def test_linear_layers_through_onednn_compute_what_torch_computes(monkeypatch):
+    """opensem/onednn.py: the linear layer's own forward and backward (checked in float64, where the setting does
+    nothing, so on any CPU), fp32 outputs and gradients equal to PyTorch's default to fp32 accuracy where this CPU
+    uses it, and nothing changed where the probe says no (OPENSEM_ONEDNN=0)."""
+    import copy
+
+    import torch
+
+    from opensem import onednn
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(onednn._Linear.apply, (x, w, b))
+    frozen = w.detach()  # a frozen weight: only the input's gradient, and the input is not kept
+    assert torch.autograd.gradcheck(lambda x_: onednn._Linear.apply(x_, frozen, None), (x,))
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(576, 1536, bias=False), torch.nn.SiLU(), torch.nn.Linear(1536, 576))
+    plain[0].weight.requires_grad_(False)  # a frozen base layer, as under LoRA
+    fast = copy.deepcopy(plain)
+    n = onednn.apply(fast)
+    assert n == (2 if onednn.available() else 0)
+    inp = torch.randn(8, 40, 576, requires_grad=True)
+    out_p, out_f = plain(inp), fast(inp)
+    assert torch.allclose(out_p, out_f, rtol=1e-5, atol=1e-5)
+    (gp,) = torch.autograd.grad(out_p.square().sum(), inp, retain_graph=True)
+    (gf,) = torch.autograd.grad(out_f.square().sum(), inp, retain_graph=True)
+    assert float((gp - gf).norm() / gp.norm()) < 1e-5
+    out_p.square().sum().backward()
+    out_f.square().sum().backward()
+    assert float((plain[2].weight.grad - fast[2].weight.grad).norm() / plain[2].weight.grad.norm()) < 1e-5
+    with torch.no_grad():  # inference: no graph kept
+        assert torch.allclose(plain(inp), fast(inp), rtol=1e-5, atol=1e-5)
+
+    onednn.available.cache_clear()
+    monkeypatch.setenv("OPENSEM_ONEDNN", "0")
+    try:
+        assert not onednn.available() and onednn.apply(copy.deepcopy(plain)) == 0
+    finally:
+        onednn.available.cache_clear()

@@ -5,7 +5,9 @@
   choice that fits under it while keeping the effective batch size.
 - data-centre GPU (A100, H100, H200, L40...): the whole card, bf16.
 - older GPUs without bf16: fp16.
-- CPU: bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX), else fp32; never 4-bit.
+- CPU: fp32 (its linear layers through oneDNN where that is exact and faster: opensem/onednn.py); bf16 autocast
+  only on request, also where the CPU has native bf16: it trains a different curve (the LoRA updates are rounded in
+  the bf16 sums) for little speed over fp32 through oneDNN (bench/train_throughput.py); never 4-bit.
 """
 
 from __future__ import annotations
@@ -136,10 +138,10 @@ def make_profile(cfg: TrainConfig, hw: Hardware, params_b: float = 0.0, hidden: 
             raise ConfigError("configs/train_config.yaml: key 'precision': fp16 is not supported on the CPU; use bf16 or fp32")
     elif hw.device == "cuda":
         precision = "bf16" if hw.bf16 else "fp16"
-    elif hw.device == "cpu" and hw.bf16:
-        precision = "bf16"
-        notes.append("CPU has native bf16: bf16 autocast (about 1.5x fp32 here)")
     else:
+        if hw.bf16:
+            notes.append("CPU has native bf16, training stays fp32: bf16 autocast trains a different loss curve "
+                         "(precision: bf16 to choose it)")
         precision = "fp32"
     mb, ga = cfg.micro_batch_size, cfg.gradient_accumulation_steps
     share: Optional[float] = None

@@ -33,6 +33,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from opensem import onednn
+
 ATTENTION = "opensem_sdpa_gqa"
 
 
@@ -179,6 +181,11 @@ class HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows: int):
+        with onednn.on():
+            return HeadLoss._forward(ctx, hidden, weight, targets, rows)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, rows: int):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], rows):

@@ -110,9 +110,12 @@ def load_model(run: Run, base, profile, engine: str, hw):
     n_ckpt = engines.apply_checkpointing(model, profile.checkpoint_layers)
     if n_ckpt:
         run.say(f"gradient checkpointing on {n_ckpt} decoder layers")
+    from opensem import onednn
     from opensem.kernel import lean
 
     lean.apply(model)  # the other layers keep fewer activations (MLP, norms: recomputed bit for bit; GQA attention)
+    if hw.device == "cpu" and profile.precision == "fp32" and onednn.apply(model):
+        run.say("linear layers: fp32 through oneDNN (exact here, and faster than the default)")
     return model, tok
 
 
