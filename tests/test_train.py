@@ -500,3 +500,40 @@ def test_linear_layers_through_onednn_compute_what_torch_computes(monkeypatch):
         assert not onednn.available() and onednn.apply(copy.deepcopy(plain)) == 0
     finally:
         onednn.available.cache_clear()
+
+
+def test_pre_instruction_tuning_trains_the_qa_pairs_first_then_the_documents_with_them(workspace):
+    """train.documents (train/documents.py): the plan's QA examples, the first `after` of their steps alone, then the
+    rest of them with every document chunk `passes` times; a real run trains that order to its last step."""
+    from opensem.train.documents import order
+
+    qa = [{"input_ids": [1] * (3 + i % 5), "assistant_masks": [0, 0, 1] + [1] * (i % 5), "qa": i} for i in range(12)]
+    docs = [{"input_ids": [2] * 20, "assistant_masks": [1] * 20, "doc": j} for j in range(3)]
+    rows = order(qa, docs, qa_steps=6, per_step=4, passes=2, after=0.5, seed=1)
+    assert len(rows) == 6 * 4 + 3 * 2
+    assert all("qa" in r for r in rows[:12])  # 3 of the 6 QA steps before any document
+    assert sorted(r["doc"] for r in rows if "doc" in r) == [0, 0, 1, 1, 2, 2]
+    assert sum("qa" in r for r in rows) == 24 and sorted(r["qa"] for r in rows if "qa" in r) == sorted(list(range(12)) * 2)
+    assert order(qa, docs, 6, 4, 2, 0.5, seed=1) == rows  # the seed fixes it
+
+    (workspace / "data/raw").mkdir(parents=True, exist_ok=True)
+    (workspace / "data/raw/pump.md").write_text("# Pumps\n\n" + " ".join(
+        f"The P-{i} pump weighs {10 + i} kilograms and runs at {200 + i} litres a minute." for i in range(6)))
+    rows_ = []
+    for i in range(6):
+        for w in ("What does the pump P-{i} weigh?", "How heavy is the P-{i} pump?"):
+            rows_.append({"conversations": [{"from": "human", "value": w.format(i=i)},
+                                            {"from": "gpt", "value": f"The P-{i} pump weighs {10 + i} kilograms."}],
+                          "metadata": {"fact": f"pump.md#000:{i}"}})
+    (workspace / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    set_config(workspace, "train", exposures_per_fact=4, replay=None, micro_batch_size=4, save_steps=100, run_name="pit",
+               documents={"enabled": True, "passes": 4, "after": 0.5})
+    from opensem.train import run_training
+
+    run_training(Workspace(workspace))
+    m = json.loads((workspace / "models/adapters/pit/manifest.json").read_text())
+    d = m["data"]["documents"]
+    assert d["chunks"] == 1 and d["passes"] == 4 and d["qa_only_steps"] == 3 and d["inputs"][0]["path"] == "pump.md"
+    # the QA pairs' 6 steps (as without documents) and one chunk 4 times: 28 examples, 4 a step
+    assert m["length"]["document_steps"] == d["steps_added"] == 1 and m["steps"] == 7
+    assert m["length"]["exposures_per_fact"] == 4.0  # the QA pairs' exposures are the plan's

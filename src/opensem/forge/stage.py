@@ -426,7 +426,7 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
         n = sum(c.doc == d.path for c in chunks)
         console.print(f"  {escape(cfg.input_dir)}/{escape(d.path)}: {n} chunk(s)")
     if facts:
-        _print_training_estimate(console, ws, len(facts), cfg.generation.questions_per_sentence)
+        _print_training_estimate(console, ws, len(facts), cfg.generation.questions_per_sentence, len(chunks))
     if usd is None and cfg.cost.max_cost_usd is not None:
         console.print(f"[yellow]the real run will refuse to start[/]: cost.max_cost_usd is set but no price is known for "
                       f"{cfg.teacher.resolved_model()!r} (add it under cost.prices)")
@@ -434,7 +434,7 @@ def _print_plan(console, ws, cfg, docs, chunks, reqs, strategy, teacher_id) -> d
             "est_input_tokens": tin, "est_output_tokens": tout, "est_usd": usd}
 
 
-def _print_training_estimate(console: Console, ws: Workspace, facts: int, wordings: int) -> None:
+def _print_training_estimate(console: Console, ws: Workspace, facts: int, wordings: int, chunks: int = 0) -> None:
     """What train_config.yaml will make of these facts if every wording passes the gates: steps and time."""
     from opensem.kernel.hardware import detect_hardware, make_profile
     from opensem.kernel.plan import gave_up_line, measured_speed, plan_steps
@@ -454,6 +454,9 @@ def _print_training_estimate(console: Console, ws: Workspace, facts: int, wordin
                   + (f"; speed from {source}" if source else "; no speed measured for this model here yet"))
     if plan.gave_up:
         console.print(f"[yellow]{gave_up_line(plan)}[/]")
+    if tcfg.documents.enabled:
+        console.print(f"documents (train.documents): about {-(-round(chunks * tcfg.documents.passes) // per_step)} more steps "
+                      f"({chunks} chunks x {tcfg.documents.passes:g} passes), after {tcfg.documents.after:.0%} of the QA steps")
 
 
 def _print_summary(console: Console, m: dict) -> None:

@@ -88,6 +88,16 @@ class RaftConfig(Strict):
                      "the rest hold distractors only")
 
 
+class DocumentsConfig(Strict):
+    """Pre-instruction-tuning (train/documents.py): the documents trained too, after the QA pairs."""
+
+    enabled: bool = Field(False, description="Train on the chunks of the documents as well (next-token loss on every "
+                          "token), after the QA pairs (Jiang et al. 2024's pre-instruction-tuning)")
+    passes: float = Field(10.0, gt=0, le=1000, description="How often each chunk of the documents is seen")
+    after: float = Field(0.5, ge=0.0, lt=1.0, description="Share of the QA pairs' steps trained on them alone before "
+                         "the documents join the rest of them")
+
+
 class TrainConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
     base_model: str = EMBEDDED_MODEL
     datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="data/processed/train.jsonl")])
@@ -128,6 +138,7 @@ class TrainConfig(LoraKeys, FullModuleKeys, OptimizerKeys, RunKeys):
     wandb_project: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
     raft: RaftConfig = Field(default_factory=RaftConfig)
+    documents: DocumentsConfig = Field(default_factory=DocumentsConfig)
 
     @field_validator("gradient_checkpointing")
     @classmethod

@@ -41,6 +41,7 @@ class StepPlan:
     speed_from: Optional[str] = None
     est_seconds: Optional[float] = None
     gave_up: Optional[dict] = None  # the time budget's cut: steps and exposures asked for, and given
+    document_steps: int = 0  # steps the documents add to the QA pairs' (pre-instruction-tuning), in ``steps``
 
     def record(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -49,7 +50,8 @@ class StepPlan:
         what = {"max_steps": "max_steps", "num_epochs": "num_epochs", "min_steps": "min_steps"}.get(self.by)
         head = (f"{self.facts} facts x {self.wordings_per_fact:.1f} wordings, {self.exposures_per_fact:.0f} exposures per fact: "
                 if self.facts and self.exposures_per_fact is not None else "")
-        return (head + f"{self.steps} steps ({self.passes:.1f} passes" + (f", set by {what}" if what else "") + ")"
+        docs = f", {self.document_steps} of them with the documents added" if self.document_steps else ""
+        return (head + f"{self.steps} steps ({self.passes:.1f} passes" + (f", set by {what}" if what else "") + docs + ")"
                 + (f", about {_minutes(self.est_seconds)}" if self.est_seconds else ""))
 
 

@@ -75,6 +75,8 @@ class Data:
     facts: int = 0  # distinct facts the examples name (the forge's metadata.fact)
     fact_examples: int = 0  # examples that name one
     raft: Optional[dict] = None  # what RAFT made of the examples (train/raft.py), when it is on
+    order: Optional[list] = None  # the whole run's rows in the recipe's order (one pass, no shuffling), if it sets one
+    documents: Optional[dict] = None  # the documents trained beside the QA pairs (train/documents.py), when on
 
 
 
@@ -162,7 +164,8 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
         **no_trainer_checkpointing(args_cls),  # applied in load_model, per layer (hf); Unsloth applies its own
         max_length=cfg.sequence_len,
         packing=cfg.sample_packing,
-        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        # batches of similar length (little padding), or the recipe's own order (already grouped by length)
+        train_sampling_strategy="sequential" if data.order else "group_by_length",
         report_to=report_to,
         ddp_backend="gloo" if (run.world_size > 1 and hw.device == "cpu") else None,
         ddp_find_unused_parameters=False if run.world_size > 1 else None,
@@ -173,7 +176,7 @@ def make_trainer(ws: Workspace, run: Run, profile, hw, model, tok, data: Data):
     return trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(data.train.rows),
+        train_dataset=Dataset.from_list(data.order or data.train.rows),
         eval_dataset=Dataset.from_list(data.test.rows) if data.test and data.test.rows else None,
         processing_class=tok,
     )

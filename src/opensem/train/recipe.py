@@ -51,6 +51,10 @@ def run_training(ws: Workspace, resume: bool = False, run_name: Optional[str] = 
         write_json(run.run_dir / "run.json", {"status": "running", "started": now(), "config": run.cfg.model_dump(mode="json"),
                                               "engine": engine, "chain": run.chain})
     run.plan = plan_length(ws, run, profile, data)
+    if run.cfg.documents.enabled:  # pre-instruction-tuning: the documents after the QA pairs (train/documents.py)
+        from opensem.train import documents
+
+        data = documents.apply(ws, run, tok, data, profile.micro_batch_size * profile.gradient_accumulation_steps * run.world_size)
     trainer = make_trainer(ws, run, profile, hw, model, tok, data)
     wall, eval_loss = train(run, trainer, data)
     if run.main:
@@ -177,6 +181,7 @@ def save(ws: Workspace, run: Run, trainer, tok, data: Data, base, n_params: int,
             "forge_manifest_sha256": forge_manifests.pop() if len(forge_manifests) == 1 else sorted(forge_manifests) or None,
             "replay": {"source": cfg.replay, "examples": data.replay},
             "raft": data.raft,
+            "documents": data.documents,
         },
         "base_model": base_record(base, run.run_dir, n_params),
         "chain": run.chain,
