@@ -39,7 +39,8 @@ def main() -> int:
     if r.returncode:
         print(r.stdout[-3000:], r.stderr[-3000:])
         return r.returncode
-    state = json.loads((ws / ".opensem/pipeline_state.json").read_text())
+    state = {k: v for k, v in json.loads((ws / ".opensem/pipeline_state.json").read_text()).items()
+             if isinstance(v, dict) and "seconds" in v}  # the stages' records (the file keeps the run's results too)
     fm = json.loads((ws / "data/processed/forge_manifest.json").read_text())
     forge, cov = fm["counts"], fm.get("coverage") or {}
     adapter = max((ws / "models/adapters").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)

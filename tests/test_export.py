@@ -429,6 +429,24 @@ def test_the_space_an_export_needs_is_known_before_it_starts(exported, monkeypat
         export_run(Workspace(ws), adapter, ["merged", "gguf"], ["q8_0"], True)
 
 
+def test_the_card_names_the_library_of_what_is_shipped_and_how_many_regressions_it_lists():
+    """library_name: peft for an adapter (or a LoRA GGUF), transformers for merged weights, gguf for GGUF files; the
+    regressions beyond the five largest drops are counted, not hidden."""
+    from opensem.export.card import evaluation, library_for
+
+    assert library_for({}) == "peft" and library_for({"lora-gguf": {}, "gguf:f16": {}}) == "peft"
+    assert library_for({"merged": {}}) == "transformers" and library_for({"merged": {}, "gguf:q8_0": {}}) == "gguf"
+    drops = [{"question": f"Q{i}?", "baseline_score": 3.0, "fine_tuned_score": 3.0 - i / 10} for i in range(7, 0, -1)]
+    res = {"comparison": {"paired_n": 9, "accuracy_baseline": 0.0, "accuracy_fine_tuned": 0.5, "mean_diff": 0.4,
+                          "mean_diff_ci": [0.1, 0.7], "wins": 5, "ties": 1, "losses": 3, "p_value": 0.01,
+                          "regressions": drops}, "summary": {"mean_score": 3.1}, "judge": "j", "pass_threshold": 4}
+    text = "\n".join(evaluation(res))
+    assert "worse than the base model (7; the 5 largest drops):" in text and "- Q7? (3.0 -> 2.3)" in text
+    assert "Q3?" in text and "Q2?" not in text
+    res["comparison"]["regressions"] = drops[:2]
+    assert "worse than the base model (2):" in "\n".join(evaluation(res))
+
+
 def test_push_uploads_the_adapter_and_its_card_and_writes_the_token_nowhere(tmp_path, base_models_dir, memorised_adapter):
     """`opensem push` against a stand-in for the Hub's HTTP API (HF_ENDPOINT): the repository created, the adapter's
     files and the model card in one commit, the token sent as the Authorization header and found in no file or log."""

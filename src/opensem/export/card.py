@@ -69,7 +69,8 @@ def evaluation(res: dict) -> list[str]:
         lines += ["", f"Forgetting check: {res['forgetting']['message']}"]
     regressions = c.get("regressions") or []
     if regressions:
-        lines += ["", f"Questions it answers worse than the base model ({len(regressions)}):", ""]
+        shown = "" if len(regressions) <= 5 else "; the 5 largest drops"
+        lines += ["", f"Questions it answers worse than the base model ({len(regressions)}{shown}):", ""]
         lines += [f"- {g['question']} ({g['baseline_score']:.1f} -> {g['fine_tuned_score']:.1f})" for g in regressions[:5]]
     return lines
 
@@ -90,6 +91,13 @@ def limitations(res: Optional[dict]) -> list[str]:
     return out
 
 
+def library_for(files) -> str:
+    """The card's library_name for what is shipped (format keys): GGUF files, merged weights, or the adapter."""
+    if any(k.startswith("gguf:") for k in files) and "lora-gguf" not in files:
+        return "gguf"
+    return "transformers" if "merged" in files else "peft"  # merged weights load in transformers alone
+
+
 def card(ws, adapter_dir, cfg, files: dict) -> str:
     """The model card's text for a trained run (``files``: what its export holds, by format key; none for the adapter
     alone). ``cfg``: export_config.yaml's schema (the card's license, datasets and tags)."""
@@ -98,7 +106,7 @@ def card(ws, adapter_dir, cfg, files: dict) -> str:
     m = read_json(adapter_dir / "manifest.json")
     sha, run_name, chain = adapter_hash(adapter_dir), m.get("run_name"), chain_text(adapter_dir)
     res, forge = judged(ws, sha), forged(ws, m)
-    library = "peft" if not any(k.startswith("gguf:") for k in files) or "lora-gguf" in files else "gguf"
+    library = library_for(files)
     data = m.get("data") or {}
     teacher = (forge or {}).get("teacher") or {}
     tcfg = m.get("config") or {}

@@ -55,7 +55,8 @@ def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, 
     folder = export_folder(ws, adapter_dir)
     exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
     files = files_to_push(ws, adapter_dir, what, folder, exported)
-    text = card(ws, adapter_dir, ws.export_config(), exported if what == "gguf" else {})
+    shipped = {k: f for k, f in exported.items() if what == "gguf" or (what == "merged" and k == "merged")}
+    text = card(ws, adapter_dir, ws.export_config(), shipped)
     paths = [name for _, name in files] + ["README.md"]
     console.print(f"push {what} of {adapter_dir.name} to {repo}{' (private)' if private else ''}: "
                   f"{len(files)} files and the model card, {sum(p.stat().st_size for p, _ in files) / 1e6:.1f} MB")
