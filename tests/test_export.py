@@ -371,6 +371,8 @@ def test_every_export_carries_a_model_card_with_the_judged_numbers(exported):
     if run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws)).returncode != 0:
         raise AssertionError("the judge did not run")
     res = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    assert run_cli("judge", "--calibrate", "-w", str(ws)).returncode == 0
+    calibrated = read_json(ws / "evals/reports/calibration.json")["judges"][res["judge"]]
     r = run_cli("export", "mem", "--format", "ollama", "-w", str(ws))
     assert r.returncode == 0, r.stderr[-2000:]
     text = (ws / "models/exports/mem/README.md").read_text()
@@ -378,7 +380,13 @@ def test_every_export_carries_a_model_card_with_the_judged_numbers(exported):
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "other" and "opensem" in meta["tags"]
     c = res["comparison"]
-    assert f"| accuracy | {c['accuracy_baseline'] * 100:.1f}% | {c['accuracy_fine_tuned'] * 100:.1f}% |" in text
+    base, tuned = read_json(ws / res["baseline_run"] / "results.json")["summary"], res["summary"]
+    assert (f"| accuracy | {base['accuracy'] * 100:.1f}% [{base['accuracy_ci'][0] * 100:.1f}, {base['accuracy_ci'][1] * 100:.1f}] "
+            f"| {c['accuracy_fine_tuned'] * 100:.1f}% [{tuned['accuracy_ci'][0] * 100:.1f}, {tuned['accuracy_ci'][1] * 100:.1f}] |") in text
+    assert (f"| mean score (1-5) | {base['mean_score']:.2f} [{base['mean_score_ci'][0]:.2f}, {base['mean_score_ci'][1]:.2f}] "
+            f"| {tuned['mean_score']:.2f} [{tuned['mean_score_ci'][0]:.2f}, {tuned['mean_score_ci'][1]:.2f}] |") in text
+    assert (f"Judge calibration (`opensem judge --calibrate`, 51 human-scored answers, the shipped set): Spearman "
+            f"{calibrated['spearman']:.2f}, exact {calibrated['exact']:.0%}") in text
     assert (f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{c['mean_diff_ci'][0]:.2f}, {c['mean_diff_ci'][1]:.2f}]"
             in text) and res["judge"] in text
     assert f"It answered {c['accuracy_fine_tuned'] * 100:.0f}% of {c['paired_n']} golden questions correctly" in text

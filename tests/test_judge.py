@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -235,6 +236,10 @@ def test_calibration_on_a_teams_own_file(workspace, tmp_path):
     assert "judge calibration on 6 human-scored answers" in " ".join(r.stdout.split()) and "our_scores.json" in r.stdout
     res = run_calibration(Workspace(workspace), f)
     assert res["offline-reference"]["n"] == 6 and res["offline-reference"]["spearman"] > 0.5
+    kept = json.loads((workspace / "evals/reports/calibration.json").read_text())["judges"]  # what the model card quotes
+    [entry] = kept.values()
+    assert entry["n"] == 6 and entry["set"] == str(f) and entry["spearman"] == res["offline-reference"]["spearman"]
+    assert entry["set_sha256"] == "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
     own[1]["human"] = 7
     f.write_text(json.dumps(own))
     r = run_cli("judge", "--calibrate", str(f), "-w", str(workspace))

@@ -307,16 +307,21 @@ def test_training_length_comes_from_exposures_per_fact_and_the_time_budget_says_
     assert plan_steps(TrainConfig(max_steps=7, time_budget_min=0.001), 480, 200, 400, 16, 0.3).steps == 7
 
 
-def test_a_run_trains_the_exposures_its_data_asks_for(workspace):
-    """Real training: the forge's facts in train.jsonl set the steps, and the manifest records the plan."""
+def pump_facts_jsonl() -> str:
+    """train.jsonl of 6 facts (the P-i pump's weight) in 2 wordings each, as the forge writes them."""
     rows = []
     for i in range(6):
         for w in ("What does the pump P-{i} weigh?", "How heavy is the P-{i} pump?"):
             rows.append({"conversations": [{"from": "human", "value": w.format(i=i)},
                                            {"from": "gpt", "value": f"The P-{i} pump weighs {10 + i} kilograms."}],
                          "metadata": {"fact": f"pump.md#000:{i}"}})
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_a_run_trains_the_exposures_its_data_asks_for(workspace):
+    """Real training: the forge's facts in train.jsonl set the steps, and the manifest records the plan."""
     data = workspace / "data/processed/train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text(pump_facts_jsonl())
     set_config(workspace, "train", exposures_per_fact=4, replay=None, micro_batch_size=4, save_steps=100, run_name="exp")
     from opensem.train import run_training
 
@@ -519,13 +524,7 @@ def test_pre_instruction_tuning_trains_the_qa_pairs_first_then_the_documents_wit
     (workspace / "data/raw").mkdir(parents=True, exist_ok=True)
     (workspace / "data/raw/pump.md").write_text("# Pumps\n\n" + " ".join(
         f"The P-{i} pump weighs {10 + i} kilograms and runs at {200 + i} litres a minute." for i in range(6)))
-    rows_ = []
-    for i in range(6):
-        for w in ("What does the pump P-{i} weigh?", "How heavy is the P-{i} pump?"):
-            rows_.append({"conversations": [{"from": "human", "value": w.format(i=i)},
-                                            {"from": "gpt", "value": f"The P-{i} pump weighs {10 + i} kilograms."}],
-                          "metadata": {"fact": f"pump.md#000:{i}"}})
-    (workspace / "data/processed/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    (workspace / "data/processed/train.jsonl").write_text(pump_facts_jsonl())
     set_config(workspace, "train", exposures_per_fact=4, replay=None, micro_batch_size=4, save_steps=100, run_name="pit",
                documents={"enabled": True, "passes": 4, "after": 0.5})
     from opensem.train import run_training

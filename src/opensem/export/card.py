@@ -52,17 +52,41 @@ def _f(x, fmt=".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def evaluation(res: dict) -> list[str]:
-    """The judged numbers: the table with CIs, the judge, retrieval rows, forgetting, top regressions."""
+def _cell(summary: Optional[dict], key: str, pct: bool) -> str:
+    """A summary's value with its 95% CI, e.g. ``23.9% [13.0, 37.0]`` or ``2.47 [2.07, 2.89]``."""
+    if not summary or summary.get(key) is None:
+        return "-"
+    scale, unit = (100, "%") if pct else (1, "")
+    ci = summary.get(f"{key}_ci")
+    return f"{summary[key] * scale:.{1 if pct else 2}f}{unit}" + (
+        f" [{ci[0] * scale:.{1 if pct else 2}f}, {ci[1] * scale:.{1 if pct else 2}f}]" if ci else "")
+
+
+def calibration_line(ws, judge: Optional[str]) -> str:
+    """The judge's agreement with human scores, as `opensem judge --calibrate` last measured it here."""
+    from opensem.judge.stage import calibration_record
+
+    m = read_json(calibration_record(ws), {}).get("judges", {}).get(judge)
+    if not m:
+        return "The judge's agreement with human scores was not measured in this workspace (`opensem judge --calibrate`)."
+    return (f"Judge calibration (`opensem judge --calibrate`, {m['n']} human-scored answers, {m['set']}): Spearman "
+            f"{m['spearman']:.2f}, exact {m['exact']:.0%}, within one point {m['within_1']:.0%}.")
+
+
+def evaluation(res: dict, baseline: Optional[dict] = None, calibration: str = "") -> list[str]:
+    """The judged numbers: the table with CIs (``baseline``: the baseline's summary), the judge and its calibration,
+    retrieval rows, forgetting, top regressions."""
     c, s = res["comparison"], res["summary"]
     ci = c["mean_diff_ci"]
     lines = ["## Evaluation", "", f"Judged on {c['paired_n']} hand-written golden questions by **{res.get('judge')}** "
-             f"(a score of {res.get('pass_threshold')} or more out of 5 counts as correct).", "",
-             "| | Baseline | Fine-Tuned |", "|---|---:|---:|",
-             f"| accuracy | {c['accuracy_baseline'] * 100:.1f}% | {c['accuracy_fine_tuned'] * 100:.1f}% |", "",
-             f"Fine-tuned mean score {_f(s.get('mean_score'))} of 5.",
-             f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired bootstrap), "
-             f"win / tie / loss {c['wins']} / {c['ties']} / {c['losses']}, p = {_f(c.get('p_value'), '.4f')}."]
+             f"(a score of {res.get('pass_threshold')} or more out of 5 counts as correct)."]
+    lines += ["", calibration] if calibration else []
+    base_accuracy = _cell(baseline or {"accuracy": c["accuracy_baseline"]}, "accuracy", True)
+    lines += ["", "| 95% CI in brackets | Baseline | Fine-Tuned |", "|---|---:|---:|",
+              f"| accuracy | {base_accuracy} | {_cell(s, 'accuracy', True)} |",
+              f"| mean score (1-5) | {_cell(baseline, 'mean_score', False)} | {_cell(s, 'mean_score', False)} |", "",
+              f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired bootstrap), "
+              f"win / tie / loss {c['wins']} / {c['ties']} / {c['losses']}, p = {_f(c.get('p_value'), '.4f')}."]
     if res.get("retrieval_comparisons"):
         lines += ["", f"With retrieval: {res.get('recommendation') or ''}".rstrip()]
     if res.get("forgetting"):
@@ -113,7 +137,11 @@ def card(ws, adapter_dir, cfg, files: dict) -> str:
     lines = [front_matter(m, cfg, library), f"# {run_name}", "",
              f"A small domain expert: {(m.get('base_model') or {}).get('name')} with a LoRA adapter trained by OpenSEM on "
              f"question/answer pairs written from {(forge or {}).get('counts', {}).get('files', 'its')} documents.", ""]
-    lines += evaluation(res) if res else ["## Evaluation", "", "Not judged in the workspace it was exported from."]
+    if res:
+        baseline = read_json(ws.path(res["baseline_run"]) / "results.json", {}).get("summary") if res.get("baseline_run") else None
+        lines += evaluation(res, baseline, calibration_line(ws, res.get("judge")))
+    else:
+        lines += ["## Evaluation", "", "Not judged in the workspace it was exported from."]
     lines += ["", "## Intended use and limitations", "",
               "Answering questions about the documents it was trained on, best checked against them."] + limitations(res)
     lines += ["", "## Lineage", "", f"- training data: `{(data.get('train') or {}).get('sha256')}` "

@@ -17,7 +17,7 @@ def judge(
     gguf: Annotated[Optional[Path], typer.Option(
         "--gguf", help="With --mode fine-tuned: answer with this exported GGUF of the adapter's run (llama.cpp), the model that ships")] = None,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="Report each judge's agreement with human scores: the shipped set, or FILE")] = False,
+        "--calibrate", help="Report each judge's agreement with human scores (the shipped set, or FILE) and keep it in evals/reports/calibration.json")] = False,
     file: Annotated[Optional[Path], typer.Argument(
         help="With --calibrate: your own human-scored answers, a JSON list of {question, golden, candidate, human_score 1-5}",
         show_default=False)] = None,

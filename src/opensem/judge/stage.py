@@ -384,7 +384,18 @@ def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optiona
         out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)}
         table.add_row(escape(j.name), f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
     console.print(table)
+    shipped = path or Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
+    record = read_json(calibration_record(ws), {"judges": {}})  # one entry per judge, the last measurement of each
+    for j in judges:
+        record["judges"][j.name] = out[j.short] | {"set": str(path) if path else "the shipped set",
+                                                   "set_sha256": file_sha256(shipped), "created": now()}
+    write_json(calibration_record(ws), record)
     return out
+
+
+def calibration_record(ws: Workspace) -> Path:
+    """Where `opensem judge --calibrate` keeps each judge's last agreement with human scores (the model card reads it)."""
+    return ws.path(ws.eval_config().reports_dir) / "calibration.json"
 
 
 # --- the judge as pipeline stages: baseline and fine-tuned -------------------------------------------------------
