@@ -56,10 +56,10 @@ def _cell(summary: Optional[dict], key: str, pct: bool) -> str:
     """A summary's value with its 95% CI, e.g. ``23.9% [13.0, 37.0]`` or ``2.47 [2.07, 2.89]``."""
     if not summary or summary.get(key) is None:
         return "-"
-    scale, unit = (100, "%") if pct else (1, "")
+    scale, unit, digits = (100, "%", 1) if pct else (1, "", 2)
     ci = summary.get(f"{key}_ci")
-    return f"{summary[key] * scale:.{1 if pct else 2}f}{unit}" + (
-        f" [{ci[0] * scale:.{1 if pct else 2}f}, {ci[1] * scale:.{1 if pct else 2}f}]" if ci else "")
+    text = f"{summary[key] * scale:.{digits}f}{unit}"
+    return text + (f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]" if ci else "")
 
 
 def calibration_line(ws, judge: Optional[str]) -> str:

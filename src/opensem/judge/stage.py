@@ -329,13 +329,18 @@ class CalibrationItem(BaseModel):
     human_score: int = Field(ge=1, le=5, validation_alias=AliasChoices("human_score", "human", "score"))
 
 
+def shipped_calibration_set() -> Path:
+    """The 51 human-scored answers shipped with the tool."""
+    return Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
+
+
 def load_calibration(path: Optional[Path]) -> list[CalibrationItem]:
     """The shipped set (51 human-scored answers about the example domain), or a team's own file."""
     from pydantic import ValidationError
 
     from opensem.encoding import read_text
 
-    path = path or Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
+    path = path or shipped_calibration_set()
     if not path.exists():
         raise OpenSEMError(f"{path}: calibration file not found")
     try:
@@ -384,11 +389,10 @@ def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optiona
         out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)}
         table.add_row(escape(j.name), f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
     console.print(table)
-    shipped = path or Path(str(resources.files("opensem") / "assets" / "judge" / "calibration_set.json"))
     record = read_json(calibration_record(ws), {"judges": {}})  # one entry per judge, the last measurement of each
     for j in judges:
         record["judges"][j.name] = out[j.short] | {"set": str(path) if path else "the shipped set",
-                                                   "set_sha256": file_sha256(shipped), "created": now()}
+                                                   "set_sha256": file_sha256(path or shipped_calibration_set()), "created": now()}
     write_json(calibration_record(ws), record)
     return out
 
