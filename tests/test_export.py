@@ -455,6 +455,27 @@ def test_the_card_names_the_library_of_what_is_shipped_and_how_many_regressions_
     assert "worse than the base model (2):" in "\n".join(evaluation(res))
 
 
+def test_the_card_finds_a_run_judged_before_the_last_one(tmp_path):
+    """An adapter judged earlier than the workspace's last judged run still gets its own numbers: the newest of the
+    judge's results that names it and holds a comparison; one never judged gets none."""
+    import os
+
+    from opensem.export.card import judged
+    from opensem.lineage import write_json
+    from opensem.workspace import Workspace, init_workspace
+
+    init_workspace(tmp_path / "ws")
+    reports = tmp_path / "ws/evals/reports"
+    runs = [("fine-tuned-1", "aaa111", {"mean_diff": 0.5}), ("fine-tuned-2", "aaa111", {"mean_diff": 0.7}),
+            ("fine-tuned-3", "aaa111", None), ("fine-tuned-4", "bbb222", {"mean_diff": 0.1})]
+    for t, (name, sha, cmp) in enumerate(runs):
+        write_json(reports / name / "results.json", {"lineage": {"adapter": f"models/adapters/x {sha}"}, "comparison": cmp, "n": name})
+        os.utime(reports / name / "results.json", (1_000_000 + t, 1_000_000 + t))
+    ws = Workspace(tmp_path / "ws")
+    assert judged(ws, "aaa111")["n"] == "fine-tuned-2"  # the newest compared one, not the later uncompared run
+    assert judged(ws, "bbb222")["n"] == "fine-tuned-4" and judged(ws, "ccc333") is None
+
+
 def test_push_uploads_the_adapter_and_its_card_and_writes_the_token_nowhere(tmp_path, base_models_dir, memorised_adapter):
     """`opensem push` against a stand-in for the Hub's HTTP API (HF_ENDPOINT): the repository created, the adapter's
     files and the model card in one commit, the token sent as the Authorization header and found in no file or log."""

@@ -3,8 +3,8 @@ matter, then Markdown) that tells what the model was trained on, how it was judg
 records themselves: the adapter's manifest, the forge's, and the judge's results for this very adapter.
 
 The judge's results and the forge's manifest are found as the pipeline passes results on (opensem.stages.recall:
-the last finished `fine-tuned` or `preferred` stage, and `forge`), and used only when their lineage names this
-adapter (and its training data). A model that was never judged here says so instead of showing numbers.
+the last finished `fine-tuned` or `preferred` stage, and `forge`; else the newest judge results whose lineage names
+the adapter), and used only when their lineage names this adapter (and its training data). A model that was never judged here says so instead of showing numbers.
 """
 
 from __future__ import annotations
@@ -20,15 +20,27 @@ HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the
 
 
 def judged(ws, adapter_sha: str) -> Optional[dict]:
-    """The judge's latest results for this adapter (the preference-tuned model's judge first), or None."""
+    """The judge's latest results for this adapter, or None: the last finished `preferred` or `fine-tuned` stage when
+    it judged this adapter, else the newest of the judge's results files (evals/reports/*/results.json) whose lineage
+    names it, so that a run judged before another one still has its numbers."""
     for name in ("preferred", "fine-tuned"):
         result = recall(ws, name)
         if result is None:
             continue
         details = load_stage(name).details(ws, result)
-        if adapter_sha in str((details.get("lineage") or {}).get("adapter", "")) and details.get("comparison"):
+        if _names(details, adapter_sha):
+            return details
+    reports = ws.path(ws.eval_config().reports_dir)
+    for path in sorted(reports.glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        details = read_json(path, None)
+        if isinstance(details, dict) and _names(details, adapter_sha):
             return details
     return None
+
+
+def _names(details: dict, adapter_sha: str) -> bool:
+    """A judge's results for this adapter, compared with a baseline."""
+    return adapter_sha in str((details.get("lineage") or {}).get("adapter", "")) and bool(details.get("comparison"))
 
 
 def forged(ws, train_manifest: dict) -> Optional[dict]:
