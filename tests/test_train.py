@@ -307,6 +307,24 @@ def test_training_length_comes_from_exposures_per_fact_and_the_time_budget_says_
     assert plan_steps(TrainConfig(max_steps=7, time_budget_min=0.001), 480, 200, 400, 16, 0.3).steps == 7
 
 
+def test_the_time_estimate_scales_a_measured_run_to_the_length_of_the_examples_about_to_train(tmp_path):
+    """The speed measured on plain QA pairs, scaled by tokens per example: RAFT's examples (passages and all, several
+    times as long) are not estimated at the plain pairs' time."""
+    from opensem.kernel.plan import measured_speed
+    from opensem.lineage import write_json
+
+    run = {"stage": "train", "config": {"base_model": "m"}, "hardware": {"device": "cpu"}, "steps": 100, "world_size": 1,
+           "profile": {"micro_batch_size": 16, "gradient_accumulation_steps": 1}, "wall_time_s": 480.0,
+           "real_tokens": 96_000, "created": "2026-01-01"}  # 1,600 examples of 60 tokens, 0.3 s each
+    write_json(tmp_path / "a" / "manifest.json", run)
+    plain, source = measured_speed(tmp_path, "m", "cpu")
+    assert abs(plain - 0.3) < 1e-9 and source == "run a on this machine"
+    long, source = measured_speed(tmp_path, "m", "cpu", tokens_per_example=420)
+    assert abs(long - 0.3 * 7) < 1e-9 and source == "run a on this machine, scaled to these examples' length"
+    write_json(tmp_path / "a" / "manifest.json", {k: v for k, v in run.items() if k != "real_tokens"})
+    assert measured_speed(tmp_path, "m", "cpu", tokens_per_example=420)[0] == plain  # no token count: as measured
+
+
 def pump_facts_jsonl() -> str:
     """train.jsonl of 6 facts (the P-i pump's weight) in 2 wordings each, as the forge writes them."""
     rows = []

@@ -96,9 +96,12 @@ def gave_up_line(plan: StepPlan) -> Optional[str]:
             f"{exp}; recall of the facts may suffer. Raise or remove time_budget_min to train them all")
 
 
-def measured_speed(adapters: Path, base_model: str, device: str) -> tuple[Optional[float], Optional[str]]:
+def measured_speed(adapters: Path, base_model: str, device: str,
+                   tokens_per_example: Optional[float] = None) -> tuple[Optional[float], Optional[str]]:
     """Seconds per training example: from the newest finished run under ``adapters`` that trained ``base_model`` on
-    ``device``; else the reference figure for the embedded model on a CPU; else unknown."""
+    ``device``; else the reference figure for the embedded model on a CPU; else unknown. With ``tokens_per_example``
+    (the data about to be trained), the run's time is scaled from its own examples' length to these: a RAFT example,
+    passages and all, is several times a plain one's."""
     best = None
     for m_path in adapters.glob("*/manifest.json"):
         m = read_json(m_path, {})
@@ -111,7 +114,12 @@ def measured_speed(adapters: Path, base_model: str, device: str) -> tuple[Option
         if best is None or m.get("created", "") > best.get("created", ""):
             best = m | {"_per_step": per_step, "_name": m_path.parent.name}
     if best:
-        return best["wall_time_s"] / (best["steps"] * best["_per_step"]), f"run {best['_name']} on this machine"
+        seen = best["steps"] * best["_per_step"]
+        speed, source = best["wall_time_s"] / seen, f"run {best['_name']} on this machine"
+        if tokens_per_example and best.get("real_tokens"):
+            speed *= tokens_per_example / (best["real_tokens"] / seen)
+            source += ", scaled to these examples' length"
+        return speed, source
     if base_model == EMBEDDED_MODEL and device == "cpu":
         return EMBEDDED_CPU_SECONDS_PER_EXAMPLE, "the embedded model on 2 CPU cores (reference figure)"
     return None, None

@@ -150,7 +150,8 @@ def plan_length(ws: Workspace, run: Run, profile, data: Data) -> StepPlan:
     """The run's optimizer steps, from exposures per fact (the forge's data), max_steps or num_epochs, within
     time_budget_min (kernel/plan.py)."""
     per_step = profile.micro_batch_size * profile.gradient_accumulation_steps * run.world_size
-    speed, source = measured_speed(ws.path(run.cfg.output_dir), run.cfg.base_model, profile.hardware.get("device", "cpu"))
+    speed, source = measured_speed(ws.path(run.cfg.output_dir), run.cfg.base_model, profile.hardware.get("device", "cpu"),
+                                   data.train.tokens / max(1, len(data.train.rows)))
     plan = plan_steps(run.cfg, len(data.train.rows), data.facts, data.fact_examples, per_step, speed, source)
     run.say(f"training length: {plan.describe()}" + (f" (speed from {source})" if source and plan.est_seconds else ""))
     if plan.gave_up:
