@@ -321,6 +321,15 @@ def test_the_time_estimate_scales_a_measured_run_to_the_length_of_the_examples_a
     assert abs(plain - 0.3) < 1e-9 and source == "run a on this machine"
     long, source = measured_speed(tmp_path, "m", "cpu", tokens_per_example=420)
     assert abs(long - 0.3 * 7) < 1e-9 and source == "run a on this machine, scaled to these examples' length"
+    # a later run on long examples (a token of which costs more): long data is timed from it, short data still from a
+    raft = run | {"wall_time_s": 4800.0, "real_tokens": 640_000, "created": "2026-01-02"}  # 400 tokens, 3 s an example
+    write_json(tmp_path / "b" / "manifest.json", raft)
+    long, source = measured_speed(tmp_path, "m", "cpu", tokens_per_example=420)
+    assert abs(long - 3.0 * 420 / 400) < 1e-9 and source.startswith("run b on this machine")
+    short, source = measured_speed(tmp_path, "m", "cpu", tokens_per_example=66)
+    assert abs(short - 0.3 * 1.1) < 1e-9 and source.startswith("run a on this machine")
+    assert measured_speed(tmp_path, "m", "cpu")[1] == "run b on this machine"  # no length given: the newest, as measured
+    (tmp_path / "b" / "manifest.json").unlink()
     write_json(tmp_path / "a" / "manifest.json", {k: v for k, v in run.items() if k != "real_tokens"})
     assert measured_speed(tmp_path, "m", "cpu", tokens_per_example=420)[0] == plain  # no token count: as measured
 

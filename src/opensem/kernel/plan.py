@@ -98,11 +98,13 @@ def gave_up_line(plan: StepPlan) -> Optional[str]:
 
 def measured_speed(adapters: Path, base_model: str, device: str,
                    tokens_per_example: Optional[float] = None) -> tuple[Optional[float], Optional[str]]:
-    """Seconds per training example: from the newest finished run under ``adapters`` that trained ``base_model`` on
-    ``device``; else the reference figure for the embedded model on a CPU; else unknown. With ``tokens_per_example``
-    (the data about to be trained), the run's time is scaled from its own examples' length to these: a RAFT example,
-    passages and all, is several times a plain one's."""
-    best = None
+    """Seconds per training example: from a finished run under ``adapters`` that trained ``base_model`` on ``device``;
+    else the reference figure for the embedded model on a CPU; else unknown. With ``tokens_per_example`` (the data
+    about to be trained), the run whose examples were closest in length is taken (the newest of equals), and its time
+    scaled from its own examples' length to these: a RAFT example, passages and all, is several times a plain one's,
+    and a token of it costs more (longer attention, more recomputed layers), so a RAFT run is timed from an earlier
+    RAFT run where there is one. Without it, the newest run."""
+    runs = []
     for m_path in adapters.glob("*/manifest.json"):
         m = read_json(m_path, {})
         prof = m.get("profile") or {}
@@ -111,13 +113,16 @@ def measured_speed(adapters: Path, base_model: str, device: str,
                 or (m.get("hardware") or {}).get("device") != device or not m.get("steps") or not per_step
                 or not m.get("wall_time_s")):
             continue
-        if best is None or m.get("created", "") > best.get("created", ""):
-            best = m | {"_per_step": per_step, "_name": m_path.parent.name}
-    if best:
-        seen = best["steps"] * best["_per_step"]
-        speed, source = best["wall_time_s"] / seen, f"run {best['_name']} on this machine"
-        if tokens_per_example and best.get("real_tokens"):
-            speed *= tokens_per_example / (best["real_tokens"] / seen)
+        seen = m["steps"] * per_step
+        runs.append({"name": m_path.parent.name, "created": m.get("created", ""), "speed": m["wall_time_s"] / seen,
+                     "tokens": m["real_tokens"] / seen if m.get("real_tokens") else None})
+    if runs:
+        newest = sorted(runs, key=lambda r: r["created"], reverse=True)
+        sized = [r for r in newest if r["tokens"]] if tokens_per_example else []
+        best = min(sized, key=lambda r: abs(math.log(r["tokens"] / tokens_per_example))) if sized else newest[0]
+        speed, source = best["speed"], f"run {best['name']} on this machine"
+        if sized:
+            speed *= tokens_per_example / best["tokens"]
             source += ", scaled to these examples' length"
         return speed, source
     if base_model == EMBEDDED_MODEL and device == "cpu":
