@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 RETRIEVAL = ["--set", "eval.retrieval.enabled=true"]
 RAFT = ["--set", "train.raft.enabled=true", "--set", "train.sequence_len=1024"]
 
