@@ -332,7 +332,7 @@ def test_the_exported_index_serves_the_retrieval_row_on_a_machine_without_the_wo
     folder = ws / "models/exports/mem/retrieval"
     meta = json.loads((folder / "retrieval.json").read_text())
     assert meta["top_k"] == 2 and meta["index"] == res["retrieval"]["index"] and meta["settings"]["repeat_penalty"] == 1.0
-    assert "python -m opensem.export.llama_server" in (folder / "README.md").read_text()
+    assert "python -P -m opensem.export.llama_server" in (folder / "README.md").read_text()
     elsewhere = tmp_path / "elsewhere"  # another machine: the GGUF and the index, no workspace
     shutil.copytree(folder, elsewhere / "retrieval")
     shutil.copy(ws / "models/exports/mem/mem-f16.gguf", elsewhere)
@@ -341,6 +341,65 @@ def test_the_exported_index_serves_the_retrieval_row_on_a_machine_without_the_wo
         got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": rag["g1"]["question"]}])
     assert got.choices[0].message.content.strip() == rag["g1"]["output"].strip()
     assert [s["id"] for s in got.model_extra["sources"]] == rag["g1"]["passages"]
+
+
+@pytest.mark.slow
+def test_serve_and_ask_deliver_the_recommended_row_word_for_word(exported, tmp_path):
+    """The judge answers with retrieval by default and records the row to ship; with no flag, `opensem ask` (the
+    latest run) and `opensem serve` (the unquantized f16 GGUF) answer as that row, word for word, and the override
+    flag gives the other fine-tuned row's judged answers."""
+    from opensem.adapters import adapter_hash
+
+    ws, _ = exported
+    (ws / "data/raw/vault.md").write_text(VAULT)
+    set_config(ws, "eval", answers={"max_new_tokens": 40, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
+               retrieval={"top_k": 2})
+    r = run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = read_json(ws / "evals/reports/fine-tuned-latest.json")
+    rec = res["recommended"]
+    assert rec["fine_tuned"] and rec["adapter"].endswith(adapter_hash(ws / "models/adapters/mem")), rec  # it memorised the facts
+    rows = {False: {it["id"]: it for it in res["items"]}, True: {it["id"]: it for it in res["retrieval"]["items"]}}
+    shipped, other = rows[rec["retrieval"]], rows[not rec["retrieval"]]
+    asked = run_cli("ask", shipped["g1"]["question"], "-w", str(ws))
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert asked.stdout.partition("\nsources:\n")[0].strip() == shipped["g1"]["output"].strip()
+    assert rec["label"] in " ".join(asked.stderr.split())
+    flag = "--no-retrieval" if rec["retrieval"] else "--retrieval"
+    for args, want, log in (((), shipped, "serve-rec.log"), ((flag,), other, "serve-other.log")):
+        with _serving(ws, tmp_path / log, "--gguf-type", "f16", *args) as (client, _):
+            for gid in ("g0", "g1", "g2"):
+                got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": want[gid]["question"]}])
+                assert got.choices[0].message.content.strip() == want[gid]["output"].strip(), (args, gid)
+
+
+def test_an_export_of_a_run_whose_recommended_row_uses_retrieval_carries_the_index(tmp_path, base_models_dir, memorised_adapter):
+    """Asked for merged weights only, the export of a run the judge recommends with retrieval writes the retrieval
+    index too, records the recommendation, and its card names the row, its figures and how to query it."""
+    from opensem.adapters import adapter_hash
+    from opensem.lineage import write_json
+
+    ws = _ws_with_run(tmp_path / "ws", base_models_dir, memorised_adapter)
+    (ws / "data/raw/vault.md").write_text(VAULT)
+    sha = adapter_hash(ws / "models/adapters/mem")
+    summary = {"n": 6, "accuracy": 0.5, "accuracy_ci": [0.17, 0.83], "mean_score": 3.5, "mean_score_ci": [2.5, 4.5]}
+    write_json(ws / "evals/reports/fine-tuned-1/results.json", {
+        "lineage": {"adapter": f"models/adapters/mem {sha}"}, "judge": "offline", "pass_threshold": 4, "summary": summary,
+        "comparison": {"paired_n": 6, "mean_diff": 1.0, "mean_diff_ci": [0.2, 1.8], "accuracy_baseline": 0.0,
+                       "accuracy_fine_tuned": 0.5, "wins": 4, "ties": 2, "losses": 0, "p_value": 0.03, "regressions": []},
+        "recommendation": "On your data: Fine-Tuned + retrieval is best", "recommended": {
+            "row": "fine_tuned_retrieval", "label": "Fine-Tuned + retrieval", "fine_tuned": True, "retrieval": True,
+            "retrieval_settings": {"top_k": 3, "method": "hybrid", "index": "x"}, "adapter": f"models/adapters/mem {sha}",
+            "summary": summary}})
+    r = run_cli("export", "mem", "--format", "merged", "--no-verify", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = ws / "models/exports/mem"
+    manifest = read_json(folder / "export_manifest.json")
+    assert set(manifest["files"]) == {"merged", "retrieval"} and manifest["recommended"]["row"] == "fine_tuned_retrieval"
+    assert json.loads((folder / "retrieval/retrieval.json").read_text())["method"] == "hybrid"
+    card = (folder / "README.md").read_text()
+    assert "The judge recommends **Fine-Tuned + retrieval**: accuracy 50.0% [17.0, 83.0], mean score 3.50 [2.50, 4.50]" in card
+    assert "`opensem serve mem`" in card and "`retrieval/` folder" in card
 
 
 @pytest.mark.slow
@@ -460,7 +519,7 @@ def test_the_card_finds_a_run_judged_before_the_last_one(tmp_path):
     judge's results that names it and holds a comparison; one never judged gets none."""
     import os
 
-    from opensem.export.card import judged
+    from opensem.verdict import judged
     from opensem.lineage import write_json
     from opensem.workspace import Workspace, init_workspace
 

@@ -325,12 +325,15 @@ def test_the_report_recommends_the_best_row_or_a_cheaper_one_level_with_it():
                                for i, s in enumerate(scores)]
         return {"baseline": make(b), "baseline_retrieval": make(br), "fine_tuned": make(f), "fine_tuned_retrieval": make(fr)}
 
-    best = recommend(rows([1] * 20, [2] * 20, [2, 3] * 10, [4, 5] * 10), 4, 500, 0)
+    row, best = recommend(rows([1] * 20, [2] * 20, [2, 3] * 10, [4, 5] * 10), 4, 500, 0)
+    assert row == "fine_tuned_retrieval"
     assert best.startswith("On your data: Fine-Tuned + retrieval is best (+") and "over Fine-Tuned)" in best, best
-    level = recommend(rows([1] * 20, [2] * 20, [3, 4, 3, 4] * 5, [4, 3, 4, 4] * 5), 4, 500, 0)
+    row, level = recommend(rows([1] * 20, [2] * 20, [3, 4, 3, 4] * 5, [4, 3, 4, 4] * 5), 4, 500, 0)
+    assert row == "fine_tuned"
     assert level.startswith("On your data: Fine-Tuned is level with Fine-Tuned + retrieval (") and level.endswith(
         "and cheaper to serve: use Fine-Tuned"), level
-    worse = recommend(rows([1] * 20, [4, 5] * 10, [2, 3] * 10, [2, 3] * 10), 4, 500, 0)
+    row, worse = recommend(rows([1] * 20, [4, 5] * 10, [2, 3] * 10, [2, 3] * 10), 4, 500, 0)
+    assert row == "baseline_retrieval"
     assert worse.startswith("On your data: Baseline + retrieval is best ("), worse
 
 

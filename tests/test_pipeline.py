@@ -59,6 +59,16 @@ def test_opensem_run_end_to_end_with_lineage_and_skips(tmp_path, base_models_dir
     assert not golden & train_qs
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "Lineage" in html and "Per question" in html
+    # by default both models also answer with retrieval, and the judge records which of the four rows to ship
+    assert m["fine_tuned"]["retrieval"]["recall_at_k"] is not None and "baseline_retrieval__baseline" in ft["retrieval_comparisons"]
+    assert m["recommended"]["row"] in ("baseline", "baseline_retrieval", "fine_tuned", "fine_tuned_retrieval")
+    assert m["recommended"]["summary"]["n"] == 6 and m["recommendation"].startswith("On your data: ")
+    # why it misses: the fine-tuned model also answered a sample of its own training questions, scored the same way
+    own = ft["own_questions"]
+    n_train = len((ws / "data/processed/train.jsonl").read_text().splitlines())
+    assert own["summary"]["n"] == min(24, n_train) and own["items"]
+    assert {it["question"] for it in own["items"]} <= train_qs and m["diagnosis"].startswith("Why it misses: ")
+    assert m["diagnosis"] in (run / "report.md").read_text() and "Fine-tune or retrieve?" in html
 
     # a second run skips every up-to-date stage
     r2 = run_cli("run", "-w", str(ws))

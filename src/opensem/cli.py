@@ -102,35 +102,51 @@ def doctor(workspace: WorkspaceOpt = Path(".")):
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question")],
-    adapter: Annotated[Optional[str], typer.Option(help="Adapter name in models/adapters or a path")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="A run name in models/adapters or a path (default: the latest finished run)")] = None,
+    base: Annotated[bool, typer.Option("--base", help="The base model of the train config, no adapter")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer in tokens (default: the judged one, eval_config.yaml answers.max_new_tokens)")] = None,
-    retrieval: Annotated[bool, typer.Option("--retrieval", help="Put the top passages of data/raw in the prompt, as the judge's \"+ retrieval\" row does, and list them")] = False,
+    retrieval: Annotated[Optional[bool], typer.Option("--retrieval/--no-retrieval", help="Put the top passages of data/raw in the prompt, as the judge's \"+ retrieval\" row does, and list them (default: as the judge's recommended row)")] = None,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
-    """Answer a question with the base model of the train config (and an adapter, if given), as the judge answers:
-    greedy (answers.temperature), the judged system prompt and answer length; with --retrieval, from your documents."""
+    """Answer a question as the judge answered it: greedy (answers.temperature), the judged system prompt and answer
+    length. Default: the latest finished run, as the judge's recommended row (with or without passages of your
+    documents); --base for the model under it, --retrieval / --no-retrieval to choose."""
     from opensem.adapters import find_adapter, trained_on
     from opensem.inference import load_chat_model
     from opensem.models import resolve_base_model
+    from opensem.verdict import answer_with_retrieval
 
     ws = _ws(workspace, sets)
     cfg = ws.train_config()
-    adapter_dir = find_adapter(ws, cfg, adapter) if adapter else None
-    base = (trained_on(adapter_dir) if adapter_dir else None) or resolve_base_model(cfg.base_model, ws.base_models_dir)
-    model = load_chat_model(base.path, str(adapter_dir) if adapter_dir else None)
+    if base and adapter:
+        raise OpenSEMError("--base and --adapter: name one of them")
+    adapter_dir = None if base else find_adapter(ws, cfg, adapter) if adapter else _latest_run(ws)
+    use_retrieval = answer_with_retrieval(ws, adapter_dir, retrieval, console.print)
+    model_base = (trained_on(adapter_dir) if adapter_dir else None) or resolve_base_model(cfg.base_model, ws.base_models_dir)
+    model = load_chat_model(model_base.path, str(adapter_dir) if adapter_dir else None)
     answers = ws.eval_config().answers
     passages, text = [], question
-    if retrieval:
+    if use_retrieval:
         from opensem.retrieval import Retriever
 
-        text, passages = Retriever.for_workspace(ws, base.path, console)(question, answers.system_prompt)
+        text, passages = Retriever.for_workspace(ws, model_base.path, console)(question, answers.system_prompt)
     conv = ([{"role": "system", "content": answers.system_prompt}] if answers.system_prompt else []) + [{"role": "user", "content": text}]
     out.print(model.generate([conv], max_new_tokens=max_new_tokens or answers.max_new_tokens, temperature=answers.temperature)[0].text,
               markup=False, highlight=False, soft_wrap=True)
     if passages:
         out.print("\nsources:\n" + "\n".join(f"[{i + 1}] {p.heading} ({p.id})" for i, p in enumerate(passages)),
                   markup=False, highlight=False, soft_wrap=True)
+
+
+def _latest_run(ws) -> Optional[Path]:
+    """The run `opensem export` and `opensem serve` pick without a name, or None (then the base model answers)."""
+    from opensem.export.stage import find_run
+
+    try:
+        return find_run(ws, None)
+    except OpenSEMError:
+        return None
 
 
 add_stage_commands()  # here, so that `opensem --help` lists them between ask and run

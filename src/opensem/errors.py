@@ -11,6 +11,10 @@ class ConfigError(OpenSEMError):
     pass
 
 
+class NoDocuments(OpenSEMError):
+    """The documents folder holds nothing readable (the forge stops; the judge leaves out its retrieval rows)."""
+
+
 class StageInterrupted(OpenSEMError):
     """Raised after a stage saved its work on Ctrl-C or a budget stop."""
 

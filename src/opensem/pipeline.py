@@ -130,7 +130,7 @@ def run_pipeline(ws: Workspace, force: bool = False, console: Optional[Console] 
     console.print(f"run {run_id}: {_rel(ws, run_dir)}/" + ", ".join(["run_manifest.json", *reports]))
     if manifest.get("headline"):
         console.print(f"[bold]{manifest['headline']}[/]")
-    for key in ("retrieval_line", "recommendation"):
+    for key in ("retrieval_line", "recommendation", "diagnosis"):
         if manifest.get(key):
             console.print(f"[bold]{manifest[key]}[/]")
     return manifest
@@ -158,7 +158,7 @@ def run_manifest(ws: Workspace, run_id: str, p: Pipeline, stages: list[Stage]) -
     for s in stages:
         result = p.results[s.name]
         manifest[s.name.replace("-", "_")] = result.summary | {"artifacts": {k: vars(a) for k, a in result.artifacts.items()}}
-        for key in ("judge", "headline", "comparison", "retrieval_line", "recommendation"):  # the last stage reporting one: the run's
+        for key in ("judge", "headline", "comparison", "retrieval_line", "recommendation", "recommended", "diagnosis"):  # the last stage reporting one: the run's
             if result.summary.get(key) is not None:
                 manifest[key] = result.summary[key]
     manifest["versions"] = versions()

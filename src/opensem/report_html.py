@@ -151,6 +151,7 @@ def write_html_report(path: Path, manifest: dict, sections: list, training_log: 
 <div class="cards">{''.join(f"<div class='card'><span>{escape(k)}</span><b>{escape(v)}</b></div>" for k, v in cards)}</div>
 <div class="plots">{''.join(f"<img alt='plot' src='{p}'>" for p in plots)}</div>
 {f"<p class='{'warn' if forgetting.get('flagged') else ''}'>Forgetting check: {escape(forgetting.get('message', ''))}</p>" if forgetting else ""}
+{f"<p class='headline flat'>{escape(ft_res['diagnosis'])}</p>" if ft_res.get("diagnosis") else ""}
 {retrieval}
 <h2>Per question</h2>
 <p class="sub">Sorted with regressions (score fell) first, highlighted in red; improvements in green.</p>

@@ -2,9 +2,9 @@
 matter, then Markdown) that tells what the model was trained on, how it was judged and where it is weak, from the
 records themselves: the adapter's manifest, the forge's, and the judge's results for this very adapter.
 
-The judge's results and the forge's manifest are found as the pipeline passes results on (opensem.stages.recall:
-the last finished `fine-tuned` or `preferred` stage, and `forge`; else the newest judge results whose lineage names
-the adapter), and used only when their lineage names this adapter (and its training data). A model that was never judged here says so instead of showing numbers.
+The judge's results are the newest whose lineage names this adapter (opensem/verdict.py), with the row the judge
+recommends shipping; the forge's manifest is the last finished `forge` stage's when it names this adapter's data.
+A model that was never judged here says so instead of showing numbers.
 """
 
 from __future__ import annotations
@@ -15,32 +15,9 @@ import yaml
 
 from opensem.lineage import read_json
 from opensem.stages import load_stage, recall
+from opensem.verdict import judged
 
 HF_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the embedded model's own repository
-
-
-def judged(ws, adapter_sha: str) -> Optional[dict]:
-    """The judge's latest results for this adapter, or None: the last finished `preferred` or `fine-tuned` stage when
-    it judged this adapter, else the newest of the judge's results files (evals/reports/*/results.json) whose lineage
-    names it, so that a run judged before another one still has its numbers."""
-    for name in ("preferred", "fine-tuned"):
-        result = recall(ws, name)
-        if result is None:
-            continue
-        details = load_stage(name).details(ws, result)
-        if _names(details, adapter_sha):
-            return details
-    reports = ws.path(ws.eval_config().reports_dir)
-    for path in sorted(reports.glob("*/results.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        details = read_json(path, None)
-        if isinstance(details, dict) and _names(details, adapter_sha):
-            return details
-    return None
-
-
-def _names(details: dict, adapter_sha: str) -> bool:
-    """A judge's results for this adapter, compared with a baseline."""
-    return adapter_sha in str((details.get("lineage") or {}).get("adapter", "")) and bool(details.get("comparison"))
 
 
 def forged(ws, train_manifest: dict) -> Optional[dict]:
@@ -99,8 +76,6 @@ def evaluation(res: dict, baseline: Optional[dict] = None, calibration: str = ""
               f"| mean score (1-5) | {_cell(baseline, 'mean_score', False)} | {_cell(s, 'mean_score', False)} |", "",
               f"Mean score difference {c['mean_diff']:+.2f}, 95% CI [{ci[0]:.2f}, {ci[1]:.2f}] (paired bootstrap), "
               f"win / tie / loss {c['wins']} / {c['ties']} / {c['losses']}, p = {_f(c.get('p_value'), '.4f')}."]
-    if res.get("retrieval_comparisons"):
-        lines += ["", f"With retrieval: {res.get('recommendation') or ''}".rstrip()]
     if res.get("forgetting"):
         lines += ["", f"Forgetting check: {res['forgetting']['message']}"]
     regressions = c.get("regressions") or []
@@ -108,6 +83,29 @@ def evaluation(res: dict, baseline: Optional[dict] = None, calibration: str = ""
         shown = "" if len(regressions) <= 5 else "; the 5 largest drops"
         lines += ["", f"Questions it answers worse than the base model ({len(regressions)}{shown}):", ""]
         lines += [f"- {g['question']} ({g['baseline_score']:.1f} -> {g['fine_tuned_score']:.1f})" for g in regressions[:5]]
+    return lines
+
+
+def how_to_use(res: Optional[dict], run_name: str, files: dict) -> list[str]:
+    """The row the judge recommends, its judged accuracy and score with CIs, and how to query it that way."""
+    rec = (res or {}).get("recommended")
+    if not rec:
+        return []
+    s = rec["summary"]
+    lines = ["## Recommended use", "", f"The judge recommends **{rec['label']}**: accuracy {_cell(s, 'accuracy', True)}, "
+             f"mean score {_cell(s, 'mean_score', False)} on {s.get('n')} golden questions (95% CIs). "
+             f"{res.get('recommendation') or ''}".rstrip()]
+    if not rec["fine_tuned"]:
+        lines += ["", "The fine-tuned model did not beat the base model on this row: weigh shipping the base model instead."]
+    if rec["retrieval"]:
+        r = rec.get("retrieval_settings") or {}
+        bundle = "retrieval" in files
+        lines += ["", f"Ask it with the top {r.get('top_k')} passages of the documents in the prompt ({r.get('method')} "
+                  f"retrieval), as it was judged: `opensem serve {run_name}` and `opensem ask` do so by default"
+                  + (", and the `retrieval/` folder of this export serves it without the workspace "
+                     "(its README.md says how)." if bundle else ".")]
+    else:
+        lines += ["", f"Ask it as it is, without passages: `opensem serve {run_name}`, or any runtime of the files below."]
     return lines
 
 
@@ -152,6 +150,7 @@ def card(ws, adapter_dir, cfg, files: dict) -> str:
     if res:
         baseline = read_json(ws.path(res["baseline_run"]) / "results.json", {}).get("summary") if res.get("baseline_run") else None
         lines += evaluation(res, baseline, calibration_line(ws, res.get("judge")))
+        lines += [""] + how_to_use(res, run_name, files) if res.get("recommended") else []
     else:
         lines += ["## Evaluation", "", "Not judged in the workspace it was exported from."]
     lines += ["", "## Intended use and limitations", "",

@@ -47,18 +47,25 @@ def serve(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 8000,
     engine: Annotated[str, typer.Option(help="llama.cpp (the exported GGUF) | vllm (merged base + --enable-lora, CUDA)")] = "llama.cpp",
     gguf_type: Annotated[Optional[str], typer.Option("--gguf-type", help="Which exported GGUF (default: the smallest that passed its check)")] = None,
-    retrieval: Annotated[bool, typer.Option("--retrieval", help="Answer from data/raw: the judge's \"+ retrieval\" prompt, sources in the response")] = False,
+    retrieval: Annotated[Optional[bool], typer.Option("--retrieval/--no-retrieval", help="Answer from data/raw with the judge's \"+ retrieval\" prompt, sources in the response (default: as the judge's recommended row)")] = None,
     workspace: WorkspaceOpt = Path("."),
     sets: SetOpt = None,
 ):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 for an exported run (exported first if needed)."""
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 for an exported run (exported first if needed), answering as
+    the judge's recommended row (with or without retrieval) unless told otherwise."""
     from opensem.export.serve import serve_run
     from opensem.export.stage import find_run
+    from opensem.verdict import answer_with_retrieval
 
     if engine not in ("llama.cpp", "vllm"):
         raise OpenSEMError(f"--engine {engine!r}: use llama.cpp or vllm")
     ws = open_workspace(workspace, sets)
-    sys.exit(serve_run(ws, find_run(ws, run_name), port, engine, gguf_type, console, retrieval))
+    run = find_run(ws, run_name)
+    use = answer_with_retrieval(ws, run, retrieval, console.print)
+    if use and retrieval is None and engine == "vllm":
+        console.print("[yellow]--engine vllm serves the model alone: the recommended row's retrieval is left out[/]")
+        use = False
+    sys.exit(serve_run(ws, run, port, engine, gguf_type, console, use))
 
 
 def push(

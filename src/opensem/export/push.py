@@ -5,6 +5,9 @@
     merged    the merged model folder of `opensem export --format merged`, and the card
     gguf      the exported GGUF files that passed their check, the Modelfile if there is one, and the card
 
+When the judge recommends a row with retrieval, the export's retrieval index (retrieval/: passages, vectors,
+tokenizer, settings; exported now if missing) goes with any of them, so that the pushed expert answers as judged.
+
 The token comes from HF_TOKEN or the huggingface_hub login (`hf auth login`); it is passed to huggingface_hub and
 never written anywhere by us. HF_ENDPOINT points at another Hub.
 """
@@ -45,6 +48,24 @@ def files_to_push(ws: Workspace, adapter_dir: Path, what: str, folder: Path, exp
     return [(p, p.name) for p in ggufs] + ([(folder / "Modelfile", "Modelfile")] if (folder / "Modelfile").exists() else [])
 
 
+def retrieval_bundle(ws: Workspace, adapter_dir: Path, folder: Path, console: Console) -> list[tuple[Path, str]]:
+    """The retrieval index's files (regular files inside retrieval/, no links) when the recommended row uses it."""
+    from opensem.verdict import recommended
+
+    rec = recommended(ws, adapter_dir)
+    if not (rec and rec["retrieval"]):
+        return []
+    bundle = folder / "retrieval"
+    if not (bundle / "retrieval.json").is_file():
+        from opensem.export.stage import export_run
+
+        console.print(f"the judge recommends {rec['label']}: exporting its retrieval index to push with it")
+        export_run(ws, adapter_dir, ["retrieval"], None, False, console)
+    root = bundle.resolve()
+    return [(p, "retrieval/" + p.relative_to(bundle).as_posix()) for p in sorted(bundle.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)]
+
+
 def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, dry_run: bool, console: Console) -> list[str]:
     """Create the repository (if new) and upload the files and the card in one commit; returns the paths uploaded."""
     from opensem.export.card import card
@@ -54,8 +75,9 @@ def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, 
         raise OpenSEMError(f"--repo {repo!r}: expected user/name (or org/name)")
     folder = export_folder(ws, adapter_dir)
     exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
-    files = files_to_push(ws, adapter_dir, what, folder, exported)
-    shipped = {k: f for k, f in exported.items() if what == "gguf" or (what == "merged" and k == "merged")}
+    files = files_to_push(ws, adapter_dir, what, folder, exported) + retrieval_bundle(ws, adapter_dir, folder, console)
+    exported = read_json(folder / EXPORT_MANIFEST, {}).get("files", {})
+    shipped = {k: f for k, f in exported.items() if what == "gguf" or (what == "merged" and k == "merged") or k == "retrieval"}
     text = card(ws, adapter_dir, ws.export_config(), shipped)
     paths = [name for _, name in files] + ["README.md"]
     console.print(f"push {what} of {adapter_dir.name} to {repo}{' (private)' if private else ''}: "

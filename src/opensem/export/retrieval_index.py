@@ -8,8 +8,8 @@ machine keeps the "+ retrieval" row it was judged with.
         retrieval.json    top_k, the template's version, the embedder, the index key, the judged settings and system prompt
         README.md         how to serve it
 
-Served with opensem's runner, which needs no workspace: ``python -m opensem.export.llama_server --model
-../RUN-f16.gguf --alias RUN --port 8000 --index .`` (``pip install 'opensem[export]'`` on that machine).
+Served with opensem's runner, which needs no workspace: ``python -P -m opensem.export.llama_server --model
+../RUN-f16.gguf --alias RUN --port 8000 --index .`` (-P: nothing in the bundle's folder is imported) (``pip install 'opensem[export]'`` on that machine).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ README = """# {run}: retrieval index
 The passages of the documents this expert was judged with ("+ retrieval" row), for answering from them elsewhere.
 Serve the GGUF with them (OpenAI-compatible, on 127.0.0.1; `pip install 'opensem[export]'` first):
 
-    python -m opensem.export.llama_server --model ../{gguf} --alias {run} --port 8000 --index .
+    python -P -m opensem.export.llama_server --model ../{gguf} --alias {run} --port 8000 --index .
 
-Each question goes into the prompt the judge graded (top {top_k} passages, the template {template}), with the judged
+(`-P` keeps Python from importing anything from this folder.) Each question goes into the prompt the judge graded
+(top {top_k} passages ranked by {method}, the template {template}), with the judged
 settings; the response carries the passages as `sources`, and `"retrieval": false` in a request turns it off.
 Index {index}: {passages} passages embedded with {embedder}.
 """
@@ -63,7 +64,7 @@ class RetrievalIndex:
         AutoTokenizer.from_pretrained(str(job.base_path)).save_pretrained(str(tmp / "tokenizer"))
         AutoConfig.from_pretrained(str(job.base_path)).save_pretrained(str(tmp / "tokenizer"))
         ecfg = job.ws.eval_config()
-        meta = {"top_k": ecfg.retrieval.top_k, "template": TEMPLATE_VERSION, "embedder": EMBEDDER_PACKAGE, "index": index.key,
+        meta = {"top_k": ecfg.retrieval.top_k, "method": index.method, "template": TEMPLATE_VERSION, "embedder": EMBEDDER_PACKAGE, "index": index.key,
                 "passages": len(index.passages), "settings": judged_settings(ecfg.answers), "system_prompt": ecfg.answers.system_prompt}
         (tmp / "retrieval.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         ggufs = {v["type"]: v for k, v in job.files.items() if k.startswith("gguf:")}

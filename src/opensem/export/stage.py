@@ -150,9 +150,15 @@ class ExportJob:
 def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = None, gguf_types: Optional[list[str]] = None,
                do_verify: Optional[bool] = None, console: Optional[Console] = None) -> Path:
     """Export one run; returns its export folder. Files already exported from the same adapter are kept."""
+    from opensem.verdict import recommended
+
     console = console or Console(stderr=True)
     cfg = ws.export_config()
     asked = formats or cfg.formats
+    rec = recommended(ws, adapter_dir)
+    if rec and rec["retrieval"] and "retrieval" not in asked:  # the row that ships answers from the documents
+        asked = [*asked, "retrieval"]
+        console.print(f"the judge recommends {rec['label']}: the retrieval index is exported with it (retrieval/)")
     fmts = plan_formats(asked)
     m = read_json(adapter_dir / MANIFEST)
     run_name, sha = m["run_name"], adapter_hash(adapter_dir)
@@ -170,7 +176,7 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
     record.update({"created": now(), "source": {
         "run_name": run_name, "stage": m.get("stage"), "method": m.get("method"), "adapter_dir": str(adapter_dir),
         "adapter_sha256": sha, "manifest_sha256": file_sha256(adapter_dir / MANIFEST), "base_model": m.get("base_model"),
-        "chain": chain_text(adapter_dir)}, "converter": converter.version(),
+        "chain": chain_text(adapter_dir)}, "converter": converter.version(), "recommended": rec,
         "versions": versions("opensem", "torch", "transformers", "peft", "llama-cpp-python", "gguf")})
     record.setdefault("files", {})
     record["verify"] = cfg.verify.model_dump() | {"enabled": job.do_verify}

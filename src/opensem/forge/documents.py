@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from opensem.forge.config import ForgeConfig
 from opensem.encoding import NotText, decode_text
-from opensem.errors import OpenSEMError
+from opensem.errors import NoDocuments, OpenSEMError
 from opensem.lineage import file_sha256
 from opensem.terminal import Console
 from opensem.workspace import Workspace
@@ -335,7 +335,7 @@ def ingest(ws: Workspace, cfg: ForgeConfig, console: Console) -> tuple[list, lis
     for s in skipped:
         console.print(f"[yellow]skipped[/] {escape(cfg.input_dir)}/{escape(s.path)}: {escape(s.reason)}")
     if not docs:
-        raise OpenSEMError(
+        raise NoDocuments(
             f"{cfg.input_dir}: no readable .txt, .md or .pdf documents: put your documents there "
             f"(or run `opensem init --example product-manual` for the example)"
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -56,8 +56,11 @@ class JudgeSpec(LLMSpec):
 
 
 class RetrievalConfig(Strict):
-    enabled: bool = Field(False, description="Also answer with the top_k passages of your documents in the prompt")
+    enabled: bool = Field(True, description="Also answer with the top_k passages of your documents in the prompt: "
+                          "the '+ retrieval' rows, recall@k, and the recommended row")
     top_k: int = Field(3, ge=1, le=20)
+    method: Literal["dense", "bm25", "hybrid"] = Field(
+        "hybrid", description="How passages are ranked: embeddings, BM25, or both fused by reciprocal rank")
 
 
 class EvalConfig(Strict):
@@ -70,4 +73,6 @@ class EvalConfig(Strict):
     seed: int = 0
     forgetting_set: Optional[str] = Field("builtin", description="'builtin', a path to a golden-format file, or null")
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    train_sample: int = Field(24, ge=0, le=1000, description="The fine-tuned model also answers this many of its own "
+                              "training questions: the 'why it misses' line (0: off)")
     promptfoo: Optional[str] = Field(None, description="promptfoo command; default: the workspace's or the tool's node_modules")

@@ -194,9 +194,10 @@ def retrieval_line(rcmp: Optional[dict]) -> Optional[str]:
 SERVING_COST = ["baseline", "fine_tuned", "baseline_retrieval", "fine_tuned_retrieval"]  # cheapest to serve first
 
 
-def recommend(rows: dict[str, list[dict]], pass_threshold: int, samples: int, seed: int) -> str:
-    """Which of the four rows to ship: the best by mean score, unless a cheaper one is level with it (paired CI
-    holding 0), then the cheapest such one, saying so. Retrieval costs an index and longer prompts on every answer."""
+def recommend(rows: dict[str, list[dict]], pass_threshold: int, samples: int, seed: int) -> tuple[str, str]:
+    """Which of the four rows to ship, and the line that says why: the best by mean score, unless a cheaper one is
+    level with it (paired CI holding 0), then the cheapest such one. Retrieval costs an index and longer prompts on
+    every answer."""
     def mean(items):
         scores = [it["score"] for it in items if it.get("score") is not None]
         return sum(scores) / len(scores) if scores else float("-inf")
@@ -208,13 +209,13 @@ def recommend(rows: dict[str, list[dict]], pass_threshold: int, samples: int, se
     for cheaper in SERVING_COST[:SERVING_COST.index(best)]:
         c = compare(rows[cheaper], rows[best], pass_threshold, samples, seed)
         if c["mean_diff_ci"][0] <= 0:
-            return (f"On your data: {ROW_NAMES[cheaper]} is level with {ROW_NAMES[best]} ({ROW_NAMES[best]} - {ROW_NAMES[cheaper]}: "
-                    f"{said(c)}) and cheaper to serve: use {ROW_NAMES[cheaper]}")
+            return cheaper, (f"On your data: {ROW_NAMES[cheaper]} is level with {ROW_NAMES[best]} ({ROW_NAMES[best]} - "
+                             f"{ROW_NAMES[cheaper]}: {said(c)}) and cheaper to serve: use {ROW_NAMES[cheaper]}")
     runner = max((r for r in SERVING_COST if r != best), key=lambda r: mean(rows[r]))
     c = compare(rows[runner], rows[best], pass_threshold, samples, seed)
     level = c["mean_diff_ci"][0] <= 0
-    return (f"On your data: {ROW_NAMES[best]} is best ({said(c)} over {ROW_NAMES[runner]}"
-            + (", which is level with it and costs more to serve)" if level else ")"))
+    return best, (f"On your data: {ROW_NAMES[best]} is best ({said(c)} over {ROW_NAMES[runner]}"
+                  + (", which is level with it and costs more to serve)" if level else ")"))
 
 
 def render_retrieval(console: Console, base: Optional[dict], tuned: Optional[dict], rcmp: Optional[dict]) -> None:
@@ -251,6 +252,8 @@ def markdown(judge_name: str, base: Optional[dict], tuned: Optional[dict], cmp: 
             lines.append(f"  - `{g['id']}` {g['question']} ({g['baseline_score']:.2f} -> {g['fine_tuned_score']:.2f})")
         if forgetting:
             lines += ["", f"- forgetting check: {forgetting['message']}"]
+    if tuned and tuned.get("diagnosis"):
+        lines += ["", f"**{tuned['diagnosis']}**"]
     if rcmp:
         lines += ["", "## With retrieval", "", f"**{retrieval_line(rcmp)}**", ""] + ([f"**{recommendation}**", ""] if recommendation else []) + [
                   "| comparison | mean score difference | 95% CI | win / tie / loss |", "|---|---:|---:|---:|"]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from rich.markup import escape
 
-from opensem.judge import commands
+from opensem.judge import commands, diagnosis
 from opensem.adapters import adapter_hash, chain_text, find_adapter, trained_on
 from opensem.judge.config import EvalConfig
 from opensem.errors import OpenSEMError
@@ -98,19 +98,33 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
     console = console or Console()
     t0 = time.time()
     run = setup_judge(ws, mode, adapter, console, gguf)
-    everything = [(it.id, it.question, it.system) for it in run.items] + [("forget:" + it.id, it.question, None) for it in run.forget]
-    with stage_progress(console, f"{mode}: answering {len(run.items)} golden + {len(run.forget)} general questions", len(everything)) as adv:
-        answers = answer_all(ws, run, everything, adv)
-    rag = retrieval_answers(ws, run, console) if run.ecfg.retrieval.enabled else None
+    rag = retrieval_prompts(ws, run, console) if run.ecfg.retrieval.enabled else None
+    own = diagnosis.training_sample(ws, run.adapter_dir, run.ecfg.train_sample) if run.adapter_dir else []
+    everything = ([(it.id, it.question, it.system) for it in run.items] + [("forget:" + it.id, it.question, None) for it in run.forget]
+                  + [("rag:" + it.id, rag["prompts"][it.id], it.system) for it in run.items if rag]
+                  + [("own:" + o.id, o.question, o.system) for o in own])
+    what = f"{len(run.items)} golden" + (" (and with retrieval)" if rag else "") + f" + {len(run.forget)} general" + \
+        (f" + {len(own)} of its training questions" if own else "")
+    t1 = time.time()
+    with stage_progress(console, f"{mode}: answering {what}", len(everything)) as adv:
+        answers = answer_all(ws, run, everything, adv)  # one batched generation for every row
+    answer_seconds = time.time() - t1
+    if rag is not None:
+        rag["answers"] = {it.id: answers["rag:" + it.id] for it in run.items}
     run_dir = _new_run_dir(run.reports_dir, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith("forget:")})
+    write_json(run_dir / "answers.json", {k: v for k, v in answers.items() if not k.startswith(("forget:", "rag:", "own:"))})
     per_item, rag_items = grade_with_promptfoo(run, answers, run_dir, console, rag)
     forget_items = score_forgetting(run, answers)
     result = results_record(ws, run, run_dir, per_item, forget_items, time.time() - t0)
+    result["answer_seconds"] = round(answer_seconds, 1)
     if rag is not None:
         result["retrieval"] = retrieval_record(run, rag, rag_items)
+    if own:
+        result["own_questions"] = diagnosis.own_record(run.judge, own, answers, run.ecfg)
     write_json(run_dir / "results.json", result)
     base_res = compare_with_baseline(ws, run, result, console)
+    if own:
+        result["diagnosis"] = diagnosis.line(result, run.ecfg.pass_threshold)
     write_json(run_dir / "results.json", result)
     write_json(run.reports_dir / f"{mode}-latest.json", result)
     tuned_res = result if mode == "fine-tuned" else None
@@ -120,6 +134,8 @@ def run_judge(ws: Workspace, mode: str, adapter: Optional[str] = None, console: 
                                        encoding="utf-8")
     report.render(console, run.judge.name, base_res, tuned_res, cmp, forgetting)
     report.render_retrieval(console, base_res, tuned_res, result.get("retrieval_comparisons"))
+    if result.get("diagnosis"):
+        console.print(f"[bold]{escape(result['diagnosis'])}[/]")
     console.print(f"results: {result['run_dir']}/ (results.json, report.md, promptfoo_output.json); "
                   f"browse it with `PROMPTFOO_CONFIG_DIR=.opensem/promptfoo npx promptfoo view`")
     return result
@@ -164,14 +180,20 @@ def setup_judge(ws: Workspace, mode: str, adapter: Optional[str], console: Conso
                     gguf=gguf)
 
 
-def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
-    """The same model answers each golden question with the top_k passages of the documents in the prompt."""
+def retrieval_prompts(ws: Workspace, run: JudgeRun, console: Console) -> Optional[dict]:
+    """Each golden question with the top_k passages of the documents in the prompt (the index built once and cached
+    by the corpus's content), fitted to the model's context; None, said once, when data/raw has no documents."""
     from opensem.inference import PromptChecker
     from opensem import retrieval
 
-    k = run.ecfg.retrieval.top_k
-    index = retrieval.Index.build(ws, console)
-    found = index.search([it.question for it in run.items], k)
+    rcfg = run.ecfg.retrieval
+    try:
+        index = retrieval.Index.build(ws, console)
+    except retrieval.NoDocuments as e:
+        console.print(f"[yellow]no '+ retrieval' rows[/]: {escape(str(e))}")
+        return None
+    t = time.time()
+    found = index.search([it.question for it in run.items], rcfg.top_k)
     checker = PromptChecker(run.weights.path)
     prompts = {}
     for it, passages in zip(run.items, found):
@@ -179,14 +201,10 @@ def retrieval_answers(ws: Workspace, run: JudgeRun, console: Console) -> dict:
         system = it.system or run.ecfg.answers.system_prompt
         prompts[it.id] = index.fitted(it.question, passages, lambda text: not checker.too_long(
             conversation(text, system), run.ecfg.answers.max_new_tokens))
-    label = f"{run.label} + retrieval"
-    with stage_progress(console, f"{run.mode}: answering {len(run.items)} golden questions with retrieval (top {k})",
-                        len(run.items)) as adv:
-        got = answer_all(ws, run, [(it.id, prompts[it.id][0], it.system) for it in run.items], adv)
     hits = {it.id: retrieval.holds_answer(it.question, it.answer, prompts[it.id][1]) for it in run.items}
-    return {"label": label, "answers": got, "passages": {i: [p.id for p in ps] for i, (_, ps) in prompts.items()},
-            "prompts": {i: t for i, (t, _) in prompts.items()}, "hits": hits, "top_k": k, "index": index.key,
-            "template": retrieval.TEMPLATE_VERSION}
+    return {"label": f"{run.label} + retrieval", "passages": {i: [p.id for p in ps] for i, (_, ps) in prompts.items()},
+            "prompts": {i: t for i, (t, _) in prompts.items()}, "hits": hits, "top_k": rcfg.top_k, "method": index.method,
+            "index": index.key, "template": retrieval.TEMPLATE_VERSION, "search_seconds": round(time.time() - t, 2)}
 
 
 def grade_with_promptfoo(run: JudgeRun, answers: dict[str, str], run_dir: Path, console: Console,
@@ -234,8 +252,8 @@ def retrieval_record(run: JudgeRun, rag: dict, items: list[dict]) -> dict:
         it["passages"], it["retrieved_answer"] = rag["passages"][it["id"]], rag["hits"][it["id"]]
         it["prompt"] = rag["prompts"][it["id"]]
     hits = list(rag["hits"].values())
-    return {"label": rag["label"], "top_k": rag["top_k"], "index": rag["index"], "template": rag["template"],
-            "recall_at_k": sum(hits) / len(hits) if hits else None, "items": items,
+    return {"label": rag["label"], "top_k": rag["top_k"], "method": rag["method"], "index": rag["index"],
+            "template": rag["template"], "search_seconds": rag["search_seconds"], "recall_at_k": sum(hits) / len(hits) if hits else None, "items": items,
             "summary": report.summarize(items, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)}
 
 
@@ -301,8 +319,23 @@ def compare_with_baseline(ws: Workspace, run: JudgeRun, result: dict, console: C
             f"{b}__{a}": {k: v for k, v in report.compare(rows[a], rows[b], ecfg.pass_threshold, ecfg.bootstrap_samples,
                                                             ecfg.seed).items() if k != "regressions"}
             for a, b in report.RETRIEVAL_PAIRS}
-        result["recommendation"] = report.recommend(rows, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+        row, result["recommendation"] = report.recommend(rows, ecfg.pass_threshold, ecfg.bootstrap_samples, ecfg.seed)
+        result["recommended"] = recommended_record(row, result, base_res)
     return base_res
+
+
+def recommended_record(row: str, result: dict, base_res: dict) -> dict:
+    """The row the judge recommends, as export, serve, ask, push and the model card read it: which model (the
+    fine-tuned adapter, whose hash the results' lineage names, or the base model), with or without retrieval (the
+    index, top_k and method it was judged with), and its judged figures."""
+    source = result if row.startswith("fine_tuned") else base_res
+    retrieval = row.endswith("_retrieval")
+    summary = (source["retrieval"] if retrieval else source)["summary"]
+    r = result["retrieval"]
+    return {"row": row, "label": report.ROW_NAMES[row], "fine_tuned": row.startswith("fine_tuned"), "retrieval": retrieval,
+            "retrieval_settings": {"top_k": r["top_k"], "method": r.get("method", "dense"), "index": r["index"]} if retrieval else None,
+            "adapter": result["lineage"]["adapter"] if row.startswith("fine_tuned") else None,
+            "summary": {k: summary.get(k) for k in ("n", "accuracy", "accuracy_ci", "mean_score", "mean_score_ci")}}
 
 
 def forgetting_check(base_items: list[dict], tuned_items: list[dict], ecfg) -> Optional[dict]:
@@ -413,9 +446,12 @@ def judge_result(ws: Workspace, stage: str, result: dict) -> StageResult:
     if result.get("retrieval"):
         r = result["retrieval"]
         summary["retrieval"] = {"top_k": r["top_k"], "recall_at_k": r["recall_at_k"], "summary": r["summary"]}
+    if result.get("diagnosis"):
+        summary["diagnosis"] = result["diagnosis"]
     if result.get("retrieval_comparisons"):
         summary["retrieval_line"] = report.retrieval_line(result["retrieval_comparisons"])
         summary["recommendation"] = result.get("recommendation")
+        summary["recommended"] = result.get("recommended")
         summary["retrieval_comparisons"] = result["retrieval_comparisons"]
     return StageResult(stage, {"results": art}, summary)
 
