@@ -377,3 +377,42 @@ def test_the_closing_line_says_no_significant_change_when_the_ci_includes_zero()
     render(console, "offline", {"summary": summary}, {"summary": summary}, flat)
     last = console.export_text().strip().splitlines()[-1]
     assert last.startswith("No significant change") and "improved" not in last
+
+
+def test_why_it_misses_reads_its_own_training_questions_beside_the_golden_set(tmp_path):
+    """The line says: not learnt (low on its own questions), memorized but not generalized (a point or more apart),
+    or not in its data; retrieval carries it when that row is half a point ahead. The sample is the adapter's own
+    training file while its hash matches, single-turn conversations only, never a file outside the workspace."""
+    from opensem.judge.diagnosis import line, training_sample
+    from opensem.lineage import file_sha256, write_json
+    from opensem.workspace import Workspace, init_workspace
+
+    def res(own, golden, rag=None):
+        r = {"own_questions": {"summary": {"mean_score": own, "n": 24}}, "summary": {"mean_score": golden}}
+        return r | ({"retrieval": {"summary": {"mean_score": rag}}} if rag is not None else {})
+
+    assert "has not learnt its training data" in line(res(2.1, 1.4), 4)
+    assert "memorized its training wordings but does not generalize" in line(res(4.6, 2.0), 4)
+    assert "not in its training data" in line(res(4.3, 3.9), 4) and "retrieval" not in line(res(4.3, 3.9), 4)
+    said = line(res(4.6, 2.0, rag=3.1), 4)
+    assert said.startswith("Why it misses: 4.60 on 24 of its own training questions, 2.00 on the golden set: ")
+    assert said.endswith("; retrieval carries it (3.10 with passages in the prompt).")
+    assert line({"summary": {"mean_score": 2.0}}, 4) is None
+
+    init_workspace(tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    data = tmp_path / "ws/data/processed/train.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": f"A{i}."}]} for i in range(30)]
+    rows.append({"conversations": [{"from": "human", "value": "one"}, {"from": "gpt", "value": "two"},
+                                   {"from": "human", "value": "three"}, {"from": "gpt", "value": "four"}]})
+    data.write_text("\n".join(json.dumps(r) for r in rows + [[1, 2]]) + "\n")
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text(data.read_text())
+    adapter = tmp_path / "ws/models/adapters/run"
+    files = [{"path": "data/processed/train.jsonl", "sha256": file_sha256(data)}, {"path": str(outside), "sha256": file_sha256(outside)}]
+    write_json(adapter / "manifest.json", {"data": {"train": {"files": files}}})
+    got = training_sample(ws, adapter, 24)
+    assert len(got) == 24 and len({g.id for g in got}) == 24 and all(g.id.startswith("data/processed/train.jsonl:") for g in got)
+    assert all(g.answer == "A" + g.question[1:-1] + "." for g in got) and got == training_sample(ws, adapter, 24)
+    data.write_text(data.read_text() + "\n")  # changed since training
+    assert training_sample(ws, adapter, 24) == []

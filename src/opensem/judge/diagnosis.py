@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from opensem.errors import OpenSEMError
 from opensem.lineage import file_sha256, read_json
 from opensem.workspace import Workspace
 
@@ -37,22 +38,30 @@ def training_sample(ws: Workspace, adapter_dir: Optional[Path], n: int, seed: in
 
     if not adapter_dir or n <= 0:
         return []
-    files = (((read_json(adapter_dir / "manifest.json", {}) or {}).get("data") or {}).get("train") or {}).get("files") or []
+    train = _dig(read_json(adapter_dir / "manifest.json", {}), "data", "train")
+    files = [f for f in (train.get("files") or []) if isinstance(f, dict) and isinstance(f.get("path"), str)]
     pool: list[OwnQuestion] = []
     for f in files:
-        path = ws.path(f.get("path", ""))
-        if not path.is_file() or file_sha256(path) != f.get("sha256"):
-            continue  # changed since training: not the data this adapter saw
+        path = ws.path(f["path"])
+        if not path.resolve().is_relative_to(ws.root.resolve()) or not path.is_file() or file_sha256(path) != f.get("sha256"):
+            continue  # outside the workspace, or changed since training: not the data this adapter saw here
         for line, rec in jsonl_records(path):
-            if not isinstance(rec, dict):
-                continue
-            msgs = to_messages(rec, "conversations", f"{path}:{line}")
+            try:
+                msgs = to_messages(rec, "conversations", f"{path}:{line}") if isinstance(rec, dict) else []
+            except OpenSEMError:
+                continue  # not a conversation (a preference pair, a document chunk): nothing to ask
             turns = [m for m in msgs if m["role"] != "system"]
             if [m["role"] for m in turns] != ["user", "assistant"]:
                 continue
             system = next((m["content"] for m in msgs if m["role"] == "system"), None)
             pool.append(OwnQuestion(f"{f['path']}:{line}", turns[0]["content"], turns[1]["content"], system))
     return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def _dig(d, *keys) -> dict:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d if isinstance(d, dict) else {}
 
 
 def own_record(judge, own: list[OwnQuestion], answers: dict[str, str], ecfg) -> dict:
