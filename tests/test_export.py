@@ -4,6 +4,7 @@ runtime and server, and Go's text/template (Ollama's template engine) for the Mo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -371,6 +372,72 @@ def test_serve_and_ask_deliver_the_recommended_row_word_for_word(exported, tmp_p
             for gid in ("g0", "g1", "g2"):
                 got = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": want[gid]["question"]}])
                 assert got.choices[0].message.content.strip() == want[gid]["output"].strip(), (args, gid)
+
+
+@pytest.mark.slow
+def test_the_served_endpoint_stays_up_under_concurrent_and_hostile_requests(exported, tmp_path):
+    """From localhost only, bounded in count and time: 30 concurrent chat requests with retrieval on, and hostile
+    bodies (100k nested '[', a system message whose content is an object, 'messages' not a list, a 2 MB body, a
+    10 MB user message); each hostile one gets a 4xx JSON error, never a 500 or a traceback; the server then still
+    answers a normal request as before, and its peak memory stays bounded. Prints the figures."""
+    import concurrent.futures
+    import statistics
+    import urllib.error
+    import urllib.request
+
+    ws, _ = exported
+    (ws / "data/raw/vault.md").write_text(VAULT)
+    set_config(ws, "eval", answers={"max_new_tokens": 24, "batch_size": 8})
+    log = tmp_path / "serve-load.log"
+    with _serving(ws, log, "--gguf-type", "f16", "--retrieval") as (client, port):
+        before = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[1][0]}])
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+        def post(body: bytes) -> tuple[int, bytes, float]:
+            t = time.time()
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    return r.status, r.read(), time.time() - t
+            except urllib.error.HTTPError as e:
+                return e.code, e.read(), time.time() - t
+
+        normal = [json.dumps({"model": "mem", "messages": [{"role": "user", "content": FACTS[i % 4][0]}]}).encode() for i in range(30)]
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            got = list(pool.map(post, normal))
+        hostile = {"nested": b"[" * 100_000, "object content": json.dumps({"messages": [
+            {"role": "system", "content": {"x": 1}}, {"role": "user", "content": "q"}]}).encode(),
+            "messages not a list": b'{"messages": "hi"}', "2 MB body": b'{"messages": [], "pad": "' + b"x" * 2_000_000 + b'"}',
+            "10 MB message": json.dumps({"messages": [{"role": "user", "content": "word " * 2_000_000}]}).encode()}
+        refused = {name: post(body) for name, body in hostile.items()}
+        after = client.chat.completions.create(model="mem", messages=[{"role": "user", "content": FACTS[1][0]}])
+        peak_mb = next(int(line.split()[1]) for line in Path(f"/proc/{_server_pid(port)}/status").read_text().splitlines()
+                       if line.startswith("VmHWM")) / 1024
+    latencies = sorted(t for _, _, t in got)
+    errors = [status for status, _, _ in got if status != 200]
+    p50, p95 = statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+    print(f"serve under load: {len(got)} concurrent requests, {len(errors)} errors, p50 {p50:.1f} s, p95 {p95:.1f} s; "
+          f"hostile: {', '.join(f'{k} {v[0]}' for k, v in refused.items())}; peak RSS {peak_mb:.0f} MB")
+    assert not errors and all(json.loads(b)["choices"][0]["message"]["content"] for _, b, _ in got)
+    for name, (status, body, _) in refused.items():
+        assert 400 <= status < 500, (name, status, body[:200])
+        assert json.loads(body)["error"]["message"] and b"Traceback" not in body, name
+    assert refused["2 MB body"][0] == 413 and refused["10 MB message"][0] == 413
+    assert after.choices[0].message.content == before.choices[0].message.content
+    assert peak_mb < 4000 and "Traceback" not in log.read_text()
+
+
+def _server_pid(port: int) -> int:
+    """The process listening on 127.0.0.1:port (the served model; `opensem serve` execs into it)."""
+    inode = next(line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return int(fd.parts[2])
+        except OSError:
+            continue
+    raise AssertionError(f"no process listens on port {port}")
 
 
 def test_an_export_of_a_run_whose_recommended_row_uses_retrieval_carries_the_index(tmp_path, base_models_dir, memorised_adapter):

@@ -405,7 +405,7 @@ def test_why_it_misses_reads_its_own_training_questions_beside_the_golden_set(tm
     rows = [{"conversations": [{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": f"A{i}."}]} for i in range(30)]
     rows.append({"conversations": [{"from": "human", "value": "one"}, {"from": "gpt", "value": "two"},
                                    {"from": "human", "value": "three"}, {"from": "gpt", "value": "four"}]})
-    data.write_text("\n".join(json.dumps(r) for r in rows + [[1, 2]]) + "\n")
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     outside = tmp_path / "outside.jsonl"
     outside.write_text(data.read_text())
     adapter = tmp_path / "ws/models/adapters/run"

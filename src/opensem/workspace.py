@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -163,22 +164,36 @@ def examples_root() -> Path:
     raise OpenSEMError("the example domains are not installed with this copy of opensem")
 
 
+EXAMPLE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+def example_names() -> list[str]:
+    """The shipped examples: folders under examples_root() with a plain name."""
+    return sorted(p.name for p in examples_root().iterdir() if p.is_dir() and not p.is_symlink() and EXAMPLE_NAME.fullmatch(p.name))
+
+
+def example_dir(name: str) -> Path:
+    """An example by its name only (never a path: '/etc', '..', 'x/../..' are refused)."""
+    names = example_names()
+    if name not in names:
+        raise OpenSEMError(f"--example {name!r}: no such example; use one of {', '.join(names)}")
+    return examples_root() / name
+
+
 def init_workspace(dest: Path, example: str | None = None, force: bool = False) -> list[Path]:
     """Create the layout in ``dest``; never overwrite a user's file unless ``force``."""
     dest = Path(dest).expanduser().resolve()
+    ex = example_dir(example) if example else None  # a name from the list, before anything is written
     created: list[Path] = []
     for d in LAYOUT_DIRS:
         (dest / d).mkdir(parents=True, exist_ok=True)
     src = template_dir()
     copies: list[tuple[Path, Path]] = [(f, dest / f.relative_to(src)) for f in src.rglob("*") if f.is_file()]
-    if example:
-        ex = examples_root() / example
-        if not ex.is_dir():
-            names = ", ".join(sorted(p.name for p in examples_root().iterdir() if p.is_dir()))
-            raise OpenSEMError(f"no example named {example!r}; available: {names}")
-        # the example's files win over the template's
+    if ex:
+        # the example's files win over the template's; regular files inside the example only
         copies = [c for c in copies if not (ex / c[0].relative_to(src)).exists()]
-        copies += [(f, dest / f.relative_to(ex)) for f in ex.rglob("*") if f.is_file() and f.name != "README.md"]
+        copies += [(f, dest / f.relative_to(ex)) for f in ex.rglob("*") if f.is_file() and not f.is_symlink()
+                   and f.name != "README.md" and f.resolve().is_relative_to(ex.resolve())]
     templates = {f.relative_to(src): f.read_bytes() for f in src.rglob("*") if f.is_file()}
     for s, d in copies:
         # a file still equal to the template is not the user's: an example may replace it

@@ -58,8 +58,9 @@ def calibration_line(ws, judge: Optional[str]) -> str:
     m = read_json(calibration_record(ws), {}).get("judges", {}).get(judge)
     if not m:
         return "The judge's agreement with human scores was not measured in this workspace (`opensem judge --calibrate`)."
+    rho = f"{m['spearman']:.2f}" if isinstance(m.get("spearman"), (int, float)) else f"undefined ({m.get('spearman_undefined', 'not measured')})"
     return (f"Judge calibration (`opensem judge --calibrate`, {m['n']} human-scored answers, {m['set']}): Spearman "
-            f"{m['spearman']:.2f}, exact {m['exact']:.0%}, within one point {m['within_1']:.0%}.")
+            f"{rho}, exact {m['exact']:.0%}, within one point {m['within_1']:.0%}.")
 
 
 def evaluation(res: dict, baseline: Optional[dict] = None, calibration: str = "") -> list[str]:

@@ -12,11 +12,64 @@ judged one, and a chat without a system message gets the judged system prompt. W
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from typing import Any, Optional
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused (413); --max-body-bytes
+MAX_MESSAGES = 256  # messages in one chat request
+MAX_DEPTH = 32  # nesting of a request body's JSON
+DEADLINE_S = 30.0  # for reading the prompt's passages (retrieval), off the event loop
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with a 4xx JSON error instead of a traceback."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _depth(text: bytes, limit: int) -> None:
+    """Refuse JSON nested deeper than ``limit`` before parsing it (a body of 100k '[' would exhaust the parser's
+    recursion); brackets inside strings do not count."""
+    depth, in_str, escaped = 0, False, False
+    for ch in text.decode("utf-8", "replace"):
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"request body nested deeper than {limit} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def check_request(req: dict, chat: bool) -> None:
+    """The shapes the server reads: messages a list of at most MAX_MESSAGES objects with a string role and string (or
+    list-of-parts) content."""
+    if not chat:
+        return
+    messages = req.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be a list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'")
+        content = m.get("content")
+        if not (content is None or isinstance(content, str) or (isinstance(content, list) and all(isinstance(x, dict) for x in content))):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of content parts")
 
 
 def judged_settings(answers) -> dict[str, Any]:
@@ -28,13 +81,16 @@ def fill(body: bytes, settings: dict[str, Any], system: Optional[str], chat: boo
     """A request body with the judged settings where it has none, the judged system prompt where a chat has no system
     message, and, with a ``retriever``, the last user message put in the judge's "+ retrieval" prompt (unless the
     request says ``"retrieval": false``). Returns the body and the passages given. A body that is not a JSON object
-    passes unchanged (the server answers it with its own error)."""
+    passes unchanged (the server answers it with its own error); one nested too deeply or with messages of the wrong
+    shape raises BadRequest."""
+    _depth(body or b"", MAX_DEPTH)
     try:
         req = json.loads(body or b"null")
     except ValueError:
         return body, []
     if not isinstance(req, dict):
         return body, []
+    check_request(req, chat)
     for key, value in settings.items():
         if req.get(key) is None:
             req[key] = value
@@ -69,19 +125,41 @@ class JudgedDefaults:
     """ASGI middleware: every chat or text completion request passes through ``fill`` before the server reads it; a
     non-streamed answer given passages carries them back."""
 
-    def __init__(self, app, settings: dict[str, Any], system: Optional[str], retriever=None):
-        self.app, self.settings, self.system, self.retriever = app, settings, system, retriever
+    def __init__(self, app, settings: dict[str, Any], system: Optional[str], retriever=None, max_body: int = MAX_BODY_BYTES,
+                 deadline: float = DEADLINE_S):
+        import threading
+
+        self.app, self.settings, self.system = app, settings, system
+        self.max_body, self.deadline = max_body, deadline
+        lock = threading.Lock()  # one retrieval at a time (its tokenizer is not shared across threads); parsing is not held
+
+        def serialized(question, system_prompt):
+            with lock:
+                return retriever(question, system_prompt)
+
+        self.retriever = serialized if retriever is not None else None
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] != "http" or scope.get("method") != "POST" or path not in (CHAT, COMPLETIONS):
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
+        body, more, size = b"", True, 0
+        while more:  # read to the end (the client is still sending), keeping at most max_body bytes
             message = await receive()
-            body += message.get("body", b"")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self.max_body:
+                body += chunk
             more = message.get("more_body", False)
-        body, passages = fill(body, self.settings, self.system, path == CHAT, self.retriever)
+        if size > self.max_body:
+            return await refuse(send, 413, f"request body of {size} bytes: at most {self.max_body}")
+        try:  # parsing and retrieval in a worker thread: a slow request never blocks the others
+            body, passages = await asyncio.wait_for(asyncio.to_thread(
+                fill, body, self.settings, self.system, path == CHAT, self.retriever), self.deadline)
+        except BadRequest as e:
+            return await refuse(send, e.status, str(e))
+        except asyncio.TimeoutError:
+            return await refuse(send, 503, f"preparing the prompt took over {self.deadline:.0f} s")
         replayed = False
 
         async def replay():
@@ -121,6 +199,14 @@ class JudgedDefaults:
         return wrapped
 
 
+async def refuse(send, status: int, message: str) -> None:
+    """An OpenAI-style JSON error, never a traceback."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -133,6 +219,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--checker", default=None, help="with --workspace: the evaluated model's folder (its tokenizer and context)")
     p.add_argument("--index", default=None, help="retrieve from an exported index folder (`opensem export --format retrieval`); "
                    "its retrieval.json gives the judged settings and system prompt")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies are refused (413)")
     args = p.parse_args(argv)
     retriever, settings, system = None, json.loads(args.settings), args.system
     if args.workspace:
@@ -155,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=args.port),
                      model_settings=[ModelSettings(model=args.model, model_alias=args.alias, n_ctx=args.n_ctx, verbose=False,
                                                    seed=0, n_threads=os.cpu_count())])  # as the round-trip check ran it
-    uvicorn.run(JudgedDefaults(app, settings, system, retriever), host="127.0.0.1", port=args.port,
+    uvicorn.run(JudgedDefaults(app, settings, system, retriever, args.max_body_bytes), host="127.0.0.1", port=args.port,
                 log_level="warning")
 
 

@@ -104,7 +104,9 @@ def push(ws: Workspace, adapter_dir: Path, repo: str, what: str, private: bool, 
     except Exception as e:  # the network (the HTTP client's own errors): no route, refused, timed out
         if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
             raise
-        raise OpenSEMError(f"push to {repo}: could not reach {constants.ENDPOINT} ({type(e).__name__}): check the "
+        from opensem.llm.base import public_url
+
+        raise OpenSEMError(f"push to {repo}: could not reach {public_url(constants.ENDPOINT)} ({type(e).__name__}): check the "
                            f"connection (or HF_ENDPOINT)") from None
     console.print(f"pushed: {info.commit_url}")
     return paths

@@ -45,9 +45,13 @@ def training_sample(ws: Workspace, adapter_dir: Optional[Path], n: int, seed: in
         path = ws.path(f["path"])
         if not path.resolve().is_relative_to(ws.root.resolve()) or not path.is_file() or file_sha256(path) != f.get("sha256"):
             continue  # outside the workspace, or changed since training: not the data this adapter saw here
-        for line, rec in jsonl_records(path):
+        try:
+            records = list(jsonl_records(path))
+        except OpenSEMError:
+            continue  # not training data this judge can read: no sample from it
+        for line, rec in records:
             try:
-                msgs = to_messages(rec, "conversations", f"{path}:{line}") if isinstance(rec, dict) else []
+                msgs = to_messages(rec, "conversations", f"{path}:{line}")
             except OpenSEMError:
                 continue  # not a conversation (a preference pair, a document chunk): nothing to ask
             turns = [m for m in msgs if m["role"] != "system"]

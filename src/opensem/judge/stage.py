@@ -380,6 +380,8 @@ def load_calibration(path: Optional[Path]) -> list[CalibrationItem]:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise OpenSEMError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise OpenSEMError(f"{path}: nested too deeply: expected a JSON list of {{question, golden, candidate, human_score}} items") from None
     if not isinstance(data, list):
         raise OpenSEMError(f"{path}: expected a JSON list of {{question, golden, candidate, human_score}} items")
     items = []
@@ -398,7 +400,6 @@ def load_calibration(path: Optional[Path]) -> list[CalibrationItem]:
 def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optional[Console] = None) -> dict:
     """Agreement of the offline scorer (and the configured judge, if it is another) with human scores."""
     from rich.table import Table
-    from scipy.stats import spearmanr
 
     console = console or Console()
     items = load_calibration(path)
@@ -416,11 +417,12 @@ def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optiona
         verdicts = j.score_many([(it.question, it.golden, it.candidate) for it in items])
         ok = [(h, v.score) for h, v in zip(human, verdicts) if v.score is not None]
         errors = len(items) - len(ok)
-        rho = float(spearmanr([h for h, _ in ok], [s for _, s in ok]).statistic) if len(ok) > 2 else float("nan")
+        rho, why = rank_correlation([h for h, _ in ok], [s for _, s in ok])
         exact = sum(round(s) == h for h, s in ok) / len(ok) if ok else 0.0
         within = sum(abs(round(s) - h) <= 1 for h, s in ok) / len(ok) if ok else 0.0
-        out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)}
-        table.add_row(escape(j.name), f"{rho:.3f}", f"{exact:.0%}", f"{within:.0%}", str(errors))
+        out[j.short] = {"spearman": rho, "exact": exact, "within_1": within, "errors": errors, "n": len(items)} | (
+            {"spearman_undefined": why} if why else {})
+        table.add_row(escape(j.name), f"{rho:.3f}" if rho is not None else f"undefined ({why})", f"{exact:.0%}", f"{within:.0%}", str(errors))
     console.print(table)
     record = read_json(calibration_record(ws), {"judges": {}})  # one entry per judge, the last measurement of each
     for j in judges:
@@ -428,6 +430,19 @@ def run_calibration(ws: Workspace, path: Optional[Path] = None, console: Optiona
                                                    "set_sha256": file_sha256(path or shipped_calibration_set()), "created": now()}
     write_json(calibration_record(ws), record)
     return out
+
+
+def rank_correlation(human: list, judged: list) -> tuple[Optional[float], Optional[str]]:
+    """Spearman's rho, or None and why it is undefined (never NaN, which is not JSON)."""
+    from scipy.stats import spearmanr
+
+    if len(human) < 3:
+        return None, "fewer than 3 scored answers"
+    if len(set(human)) == 1:
+        return None, "all human scores equal"
+    if len(set(judged)) == 1:
+        return None, "all the judge's scores equal"
+    return float(spearmanr(human, judged).statistic), None
 
 
 def calibration_record(ws: Workspace) -> Path:

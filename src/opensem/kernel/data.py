@@ -34,16 +34,21 @@ def to_messages(record: dict, field: str, where: str) -> list[dict]:
 
 
 def jsonl_records(path: Path):
-    """(line number, record) for every non-blank line of a JSONL file; a line that is not JSON is a one-line error
-    naming the file and line."""
+    """(line number, record) for every non-blank line of a JSONL file; a line that is not a JSON object (not JSON,
+    another JSON value, nested past Python's limit) is a one-line error naming the file and line."""
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise OpenSEMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise OpenSEMError(f"{path}:{n}: nested too deeply to be a record: fix or remove the line") from None
+            if not isinstance(rec, dict):
+                raise OpenSEMError(f"{path}:{n}: expected a JSON object ({{...}}), found {type(rec).__name__}: fix or remove the line")
+            yield n, rec
 
 
 def load_conversations(path: Path, field: str) -> list[list[dict]]:

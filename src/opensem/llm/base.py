@@ -406,8 +406,12 @@ def public_url(url: Optional[str]) -> Optional[str]:
         return None
     from urllib.parse import urlsplit, urlunsplit
 
-    u = urlsplit(url)
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return "(an unparsable URL)"
     host = u.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    return urlunsplit((u.scheme, host + (f":{u.port}" if u.port else ""), u.path.rstrip("/"), "", ""))
+    return urlunsplit((u.scheme, host + (f":{port}" if port else ""), u.path.rstrip("/"), "", ""))

@@ -1,0 +1,159 @@
+"""Hostile and careless input, round three: names that become paths, secrets in printed URLs, the served endpoint's
+request bodies, and loaders that meet JSON of the wrong shape. Each test names the row of the round's table it
+proves; the served endpoint under load is tested with the real server in test_export.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from opensem.errors import OpenSEMError
+
+
+@pytest.mark.parametrize("name", ["/etc", ".", "..", "product-manual/../../../../etc", "product-manual/", "../examples/product-manual"])
+def test_row1_init_takes_an_example_by_its_name_only(tmp_path, name):
+    """`opensem init WS --example X` copies a shipped example, never a folder a path names; nothing is written."""
+    r = run_cli("init", str(tmp_path / "ws"), "--example", name)
+    assert r.returncode == 2 and "no such example; use one of" in r.stderr and "product-manual" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "ws").exists()
+
+
+def test_row5_a_password_in_hf_endpoint_is_never_printed(tmp_path, base_models_dir, memorised_adapter):
+    import shutil
+
+    from conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem", ignore=shutil.ignore_patterns("merged"))
+    env = {"HF_ENDPOINT": "http://hubuser:s3cretpass@127.0.0.1:9/", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf-home")}
+    r = run_cli("push", "mem", "--repo", "me/mem", "-w", str(ws), env=env)
+    assert r.returncode == 2 and "could not reach http://127.0.0.1:9" in r.stderr, r.stderr[-2000:]
+    assert "s3cretpass" not in r.stderr + r.stdout and "hubuser" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("body, said", [
+    (b"[" * 100_000, "nested deeper than 32 levels"),
+    (json.dumps({"messages": [{"role": "system", "content": {"x": 1}}, {"role": "user", "content": "q"}]}).encode(),
+     "messages[0].content must be a string"),
+    (b'{"messages": "hi"}', "'messages' must be a list"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}] * 300}).encode(), "at most 256"),
+    (json.dumps({"messages": [{"content": "no role"}]}).encode(), "string 'role'"),
+])
+def test_row6_the_servers_request_handler_refuses_bad_bodies_with_a_reason(body, said):
+    from opensem.export.llama_server import BadRequest, fill
+
+    with pytest.raises(BadRequest, match=said.replace("[", r"\[").replace("]", r"\]")):
+        fill(body, {"temperature": 0.0}, None, True)
+    # brackets inside a string are text, not nesting
+    text = json.dumps({"messages": [{"role": "user", "content": "[" * 1000 + '\\"{'}]}).encode()
+    assert json.loads(fill(text, {}, None, True)[0])["messages"][0]["content"].startswith("[[[")
+
+
+def test_row7_a_body_over_the_cap_is_refused_before_it_is_parsed_and_retrieval_runs_off_the_event_loop():
+    """The middleware reads a too-large body to its end, keeps at most the cap, answers 413 as JSON; a request's
+    retrieval runs in a worker thread, so a slow one does not hold the event loop (another request is served
+    meanwhile)."""
+    import asyncio
+    import time
+
+    from opensem.export.llama_server import JudgedDefaults
+
+    served = []
+
+    async def app(scope, receive, send):
+        msg = await receive()
+        served.append(json.loads(msg["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"choices": []}', "more_body": False})
+
+    def slow_retriever(question, system):
+        time.sleep(1.0)
+        return "passages + " + question, []
+
+    async def call(mw, body: bytes, parts: int = 1):
+        sent, chunks = [], [body[i::parts] for i in range(parts)] if parts > 1 else [body]
+        queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        await mw(scope, receive, send)
+        return sent
+
+    async def main():
+        capped = JudgedDefaults(app, {}, None, max_body=1000)
+        big = await call(capped, json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode(), parts=5)
+        assert big[0]["status"] == 413 and "at most 1000" in json.loads(big[1]["body"])["error"]["message"] and not served
+        mw = JudgedDefaults(app, {}, None, retriever=slow_retriever)
+        t = time.time()
+        slow = asyncio.create_task(call(mw, json.dumps({"messages": [{"role": "user", "content": "q1"}]}).encode()))
+        await asyncio.sleep(0.1)
+        plain = await call(mw, json.dumps({"messages": [{"role": "user", "content": "q2"}], "retrieval": False}).encode())
+        quick = time.time() - t
+        await slow
+        return quick, plain
+
+    quick, plain = asyncio.run(main())
+    assert plain[0]["status"] == 200 and quick < 0.8  # served while the slow retrieval was still running
+    assert served[-1]["messages"][0]["content"] == "passages + q1"
+
+
+def test_row8_a_calibration_file_nested_too_deep_is_a_one_line_error(workspace, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    r = run_cli("judge", "--calibrate", str(deep), "-w", str(workspace))
+    assert r.returncode == 2 and "nested too deeply" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_row9_equal_human_scores_give_an_undefined_spearman_never_nan(workspace, tmp_path):
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps([{"question": f"q{i}?", "golden": "Paris.", "candidate": c, "human_score": 3}
+                                for i, c in enumerate(["Paris.", "Lyon.", "It is Paris.", "No idea."])]))
+    r = run_cli("judge", "--calibrate", str(same), "-w", str(workspace))
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = " ".join(r.stdout.split())
+    assert "undefined" in said and "Warning" not in r.stderr
+    text = (workspace / "evals/reports/calibration.json").read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in calibration.json")
+
+    record = json.loads(text, parse_constant=no_constants)
+    [entry] = record["judges"].values()
+    assert entry["spearman"] is None and entry["spearman_undefined"] == "all human scores equal"
+
+
+def test_row10_a_jsonl_line_that_is_not_an_object_is_a_one_line_error(tmp_path):
+    from opensem.kernel.data import load_conversations
+
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}]})
+    for bad, said in (("[1, 2, 3]", "expected a JSON object ({...}), found list"), ('"text"', "found str"),
+                      ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        data.write_text(f"{good}\n{bad}\n")
+        with pytest.raises(OpenSEMError) as e:
+            load_conversations(data, "conversations")
+        assert str(e.value).startswith(f"{data}:2: ") and said in str(e.value)
+
+
+def test_row11_the_bundles_readme_runs_the_server_without_importing_from_the_bundle():
+    from opensem.export.retrieval_index import README
+
+    assert "python -P -m opensem.export.llama_server" in README and "python -m " not in README.replace("python -P -m ", "")
+
+
+def test_example_names_are_the_shipped_folders():
+    from opensem.workspace import example_dir, example_names
+
+    assert {"product-manual", "island-ferry", "sensor-link-spec"} <= set(example_names())
+    assert example_dir("island-ferry").name == "island-ferry" and Path(example_dir("island-ferry")).is_dir()
