@@ -157,3 +157,106 @@ def test_example_names_are_the_shipped_folders():
 
     assert {"product-manual", "island-ferry", "sensor-link-spec"} <= set(example_names())
     assert example_dir("island-ferry").name == "island-ferry" and Path(example_dir("island-ferry")).is_dir()
+
+
+def _ws_with_mem(tmp_path, base_models_dir, memorised_adapter):
+    import shutil
+
+    from conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", base_models_dir)
+    shutil.copytree(memorised_adapter, ws / "models/adapters/mem", ignore=shutil.ignore_patterns("merged"))
+    return ws
+
+
+def test_row2_a_run_name_from_a_manifest_never_leads_outside_the_workspace(tmp_path, base_models_dir, memorised_adapter):
+    ws = _ws_with_mem(tmp_path, base_models_dir, memorised_adapter)
+    manifest = ws / "models/adapters/mem/manifest.json"
+    m = json.loads(manifest.read_text())
+    for name in ("../../../escaped_export", "/tmp/abs", "a/b", "..", "x\n"):
+        manifest.write_text(json.dumps(m | {"run_name": name}))
+        for args in (("export", "mem", "--format", "merged", "--no-verify"), ("serve", "mem", "--port", "1"),
+                     ("push", "mem", "--repo", "me/x", "--dry-run")):
+            r = run_cli(*args, "-w", str(ws))
+            assert r.returncode == 2 and "is not a plain name" in r.stderr and "manifest.json" in r.stderr, (name, args, r.stderr[-800:])
+            assert "Traceback" not in r.stderr
+    assert not (tmp_path / "escaped_export").exists() and not list(tmp_path.glob("**/escaped_export"))
+
+
+def test_row3_push_sends_only_what_the_export_made(tmp_path, base_models_dir, memorised_adapter):
+    """The upload list comes from the export folder: a manifest naming .env or a path outside lists nothing, a GGUF
+    that is a link or has no passed check is refused by name, a link inside merged/ is refused."""
+    import os
+
+    from opensem.lineage import file_sha256
+
+    ws = _ws_with_mem(tmp_path, base_models_dir, memorised_adapter)
+    (ws / ".env").write_text("SECRET=1\n")
+    out = ws / "models/exports/mem"
+    out.mkdir(parents=True)
+    passed = {"check": {"passed": True}}
+    files = {"gguf:f16": {"path": ".env", "sha256": file_sha256(ws / ".env"), **passed},
+             "gguf:q8_0": {"path": "/etc/hostname", **passed}, "merged": {"path": "models/exports/mem/merged"}}
+    (out / "export_manifest.json").write_text(json.dumps({"files": files}))
+    r = run_cli("push", "mem", "--repo", "me/x", "--what", "gguf", "--dry-run", "-w", str(ws))
+    assert r.returncode == 2 and "has no exported GGUF" in r.stderr and ".env" not in r.stdout
+    os.symlink(ws / ".env", out / "mem-f16.gguf")
+    r = run_cli("push", "mem", "--repo", "me/x", "--what", "gguf", "--dry-run", "-w", str(ws))
+    assert r.returncode == 2 and "mem-f16.gguf is not a file this export made" in r.stderr
+    (out / "mem-f16.gguf").unlink()
+    (out / "mem-f16.gguf").write_bytes(b"GGUF")
+    files["gguf:f16"] = {"path": "models/exports/mem/mem-f16.gguf", "sha256": file_sha256(out / "mem-f16.gguf"), "check": None}
+    (out / "export_manifest.json").write_text(json.dumps({"files": files}))
+    r = run_cli("push", "mem", "--repo", "me/x", "--what", "gguf", "--dry-run", "-w", str(ws))
+    assert r.returncode == 2 and "did not pass its round-trip check" in r.stderr
+    (out / "merged").mkdir()
+    (out / "merged/model.safetensors").write_bytes(b"w")
+    os.symlink(ws / ".env", out / "merged/config.json")
+    r = run_cli("push", "mem", "--repo", "me/x", "--what", "merged", "--dry-run", "-w", str(ws))
+    assert r.returncode == 2 and "config.json is a link" in r.stderr and "SECRET" not in r.stdout
+
+
+def test_row4_the_card_escapes_what_it_quotes_from_the_golden_set():
+    from opensem.export.card import evaluation, quote
+
+    payloads = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "![t](http://evil.example/t.png)",
+                "## Evaluation\n| row | 100% |\n|---|---|", "x" * 3848]
+    regressions = [{"id": f"q{i}", "question": q, "baseline_score": 4.0, "fine_tuned_score": 2.0} for i, q in enumerate(payloads)]
+    res = {"comparison": {"paired_n": 5, "mean_diff": -1.0, "mean_diff_ci": [-2.0, -0.1], "accuracy_baseline": 0.4,
+                          "accuracy_fine_tuned": 0.2, "wins": 0, "ties": 0, "losses": 5, "p_value": 0.03, "regressions": regressions},
+           "summary": {"accuracy": 0.2, "mean_score": 2.0}, "judge": "offline", "pass_threshold": 4}
+    text = "\n".join(evaluation(res))
+    assert "<script" not in text and "<img" not in text and "![t]" not in text and "\n## Evaluation\n| row" not in text
+    assert text.count("## Evaluation") == 1 and max(len(line) for line in text.splitlines()) < 300
+    assert quote("a\nb  c") == "a b c" and quote("1 | 2") == "1 \\| 2"
+
+
+@pytest.mark.slow
+def test_names_that_become_paths_property(tmp_path):
+    """Any name, from a flag or a file: a shipped example's name or a one-line error, never a path outside; a run
+    name either plain (its folder inside the parent) or a one-line error; nothing else is raised."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from opensem.workspace import child_path, example_dir, example_names
+
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    names = st.one_of(st.text(max_size=40), st.sampled_from(["..", ".", "/", "a/../..", "product-manual/..", "x\n", "\x00",
+                                                              "island-ferry", "~", "$HOME", "a" * 101, "C:\\x"]))
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(names)
+    def check(name):
+        try:
+            ex = example_dir(name)
+            assert name in example_names() and ex.parent.name == "examples"
+        except OpenSEMError as e:
+            assert "\n" not in str(e)
+        try:
+            p = child_path(parent, name, "run_name", "manifest.json")
+            assert p.parent == parent and p.resolve().is_relative_to(parent.resolve()) and "/" not in name and ".." not in name
+        except OpenSEMError as e:
+            assert str(e).startswith("manifest.json: run_name ")
+
+    check()

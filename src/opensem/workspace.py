@@ -165,6 +165,24 @@ def examples_root() -> Path:
 
 
 EXAMPLE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # always fullmatch: "$" lets a trailing newline through
+
+
+def plain_name(value, what: str, source: str) -> str:
+    """The one rule for a name read from a file or a flag that becomes a folder or file name (run names, aliases):
+    letters, digits, '.', '_', '-', no '..'; anything else is a one-line error naming where it came from."""
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise OpenSEMError(f"{source}: {what} {str(value)[:80]!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                           f"no '/' or '..'): fix it, or take the files from a source you trust")
+    return value
+
+
+def child_path(parent: Path, name: str, what: str, source: str) -> Path:
+    """``parent / name`` for a plain ``name``, checked to resolve inside ``parent`` (a link out is refused too)."""
+    path = Path(parent) / plain_name(name, what, source)
+    if not path.resolve().is_relative_to(Path(parent).resolve()):
+        raise OpenSEMError(f"{source}: {what} {name!r} leads outside {parent}: remove the link there")
+    return path
 
 
 def example_names() -> list[str]:

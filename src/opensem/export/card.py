@@ -9,6 +9,7 @@ A model that was never judged here says so instead of showing numbers.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import yaml
@@ -35,6 +36,19 @@ def front_matter(m: dict, cfg, library: str) -> str:
     if cfg.card.datasets:
         meta["datasets"] = list(cfg.card.datasets)
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+
+
+def quote(text, limit: int = 200) -> str:
+    """Text from the golden set as the card may show it: one line, at most ``limit`` characters, HTML escaped and
+    every Markdown sign escaped, so it can add no heading, table, link, image or script to the card."""
+    import html
+
+    one = " ".join(str(text).split())
+    one = one if len(one) <= limit else one[: limit - 1] + "…"
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(one, quote=False))
 
 
 def _f(x, fmt=".2f") -> str:
@@ -83,7 +97,7 @@ def evaluation(res: dict, baseline: Optional[dict] = None, calibration: str = ""
     if regressions:
         shown = "" if len(regressions) <= 5 else "; the 5 largest drops"
         lines += ["", f"Questions it answers worse than the base model ({len(regressions)}{shown}):", ""]
-        lines += [f"- {g['question']} ({g['baseline_score']:.1f} -> {g['fine_tuned_score']:.1f})" for g in regressions[:5]]
+        lines += [f"- {quote(g['question'])} ({g['baseline_score']:.1f} -> {g['fine_tuned_score']:.1f})" for g in regressions[:5]]
     return lines
 
 

@@ -29,23 +29,45 @@ ADAPTER_FILES = re.compile(r"adapter_model\.safetensors|adapter_config\.json|tok
 
 
 def files_to_push(ws: Workspace, adapter_dir: Path, what: str, folder: Path, exported: dict) -> list[tuple[Path, str]]:
-    """(local file, path in the repository) for what is pushed, the card aside; ``folder`` and ``exported``: the run's
-    export folder and its export manifest's files."""
-    from opensem.export.verify import passed
+    """(local file, path in the repository) for what is pushed, the card aside. The list is made from the export
+    folder itself (regular files inside it, no links, the names each format writes) and checked against the export
+    manifest (``exported``): a GGUF must be listed there under its own name, with the same hash, and its round-trip
+    check passed; anything else is refused with the file named."""
+    from opensem.lineage import file_sha256
 
     run = folder.name
     if what == "adapter":
-        return [(p, p.name) for p in sorted(adapter_dir.iterdir()) if p.is_file() and ADAPTER_FILES.fullmatch(p.name)]
+        return [(p, p.name) for p in sorted(adapter_dir.iterdir()) if _regular_inside(p, adapter_dir) and ADAPTER_FILES.fullmatch(p.name)]
     if what == "merged":
         if "merged" not in exported or not (folder / "merged").is_dir():
             raise OpenSEMError(f"push --what merged: {run} has no merged export: run `opensem export {run} --format merged` first")
-        return [(p, p.relative_to(folder / "merged").as_posix()) for p in sorted((folder / "merged").rglob("*")) if p.is_file()
+        merged = folder / "merged"
+        links = [p for p in merged.rglob("*") if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(merged.resolve()))]
+        if links:
+            raise OpenSEMError(f"push --what merged: {links[0]} is a link: the merged export holds regular files only; export it again")
+        return [(p, p.relative_to(merged).as_posix()) for p in sorted(merged.rglob("*")) if _regular_inside(p, merged)
                 and p.name != "opensem_merged.json"]
-    ggufs = [ws.path(f["path"]) for k, f in exported.items() if k.startswith("gguf:") and passed(f) and ws.path(f["path"]).exists()]
+    listed = {Path(f.get("path", "")).name: f for k, f in exported.items() if k.startswith("gguf:") and isinstance(f, dict)}
+    ggufs = []
+    for p in sorted(folder.glob(f"{run}-*.gguf")):
+        if "-lora-" in p.name:
+            continue
+        entry = listed.get(p.name)
+        if not _regular_inside(p, folder) or entry is None:
+            raise OpenSEMError(f"push --what gguf: {p} is not a file this export made: remove it, or export again")
+        if not (entry.get("check") or {}).get("passed") or entry.get("sha256") != file_sha256(p):
+            raise OpenSEMError(f"push --what gguf: {p} did not pass its round-trip check (or was exported without it, or "
+                               f"changed since): export it again with the check")
+        ggufs.append(p)
     if not ggufs:
         raise OpenSEMError(f"push --what gguf: {run} has no exported GGUF that passed its check: run `opensem export {run} "
                            f"--format gguf` first")
-    return [(p, p.name) for p in ggufs] + ([(folder / "Modelfile", "Modelfile")] if (folder / "Modelfile").exists() else [])
+    modelfile = folder / "Modelfile"
+    return [(p, p.name) for p in ggufs] + ([(modelfile, "Modelfile")] if _regular_inside(modelfile, folder) else [])
+
+
+def _regular_inside(path: Path, folder: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(folder.resolve())
 
 
 def retrieval_bundle(ws: Workspace, adapter_dir: Path, folder: Path, console: Console) -> list[tuple[Path, str]]:

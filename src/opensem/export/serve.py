@@ -88,8 +88,10 @@ def vllm_available() -> Optional[str]:
 
 def serve_run(ws, adapter_dir: Path, port: int, engine: str, gguf_type: Optional[str], console: Console,
               retrieval: bool = False) -> int:
+    from opensem.workspace import plain_name
+
     m = read_json(adapter_dir / MANIFEST)
-    alias = m["run_name"]
+    alias = plain_name(m.get("run_name"), "run_name", str(adapter_dir / MANIFEST))
     _port_free(port)
     if engine == "vllm":
         if retrieval:

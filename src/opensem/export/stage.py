@@ -57,7 +57,10 @@ def find_run(ws: Workspace, name: Optional[str]) -> Path:
 
 def export_folder(ws: Workspace, adapter_dir: Path) -> Path:
     """Where a run's exports go: models/exports/{run_name} (export_config.yaml's output_dir)."""
-    return ws.output_path(ws.export_config().output_dir, "export.output_dir") / read_json(adapter_dir / MANIFEST)["run_name"]
+    from opensem.workspace import child_path
+
+    return child_path(ws.output_path(ws.export_config().output_dir, "export.output_dir"), read_json(adapter_dir / MANIFEST).get("run_name"),
+                      "run_name", str(adapter_dir / MANIFEST))
 
 
 def golden_sample(ws: Workspace, n: int) -> tuple[list[str], list[list[dict]]]:
@@ -160,8 +163,10 @@ def export_run(ws: Workspace, adapter_dir: Path, formats: Optional[list[str]] = 
         asked = [*asked, "retrieval"]
         console.print(f"the judge recommends {rec['label']}: the retrieval index is exported with it (retrieval/)")
     fmts = plan_formats(asked)
+    from opensem.workspace import plain_name
+
     m = read_json(adapter_dir / MANIFEST)
-    run_name, sha = m["run_name"], adapter_hash(adapter_dir)
+    run_name, sha = plain_name(m.get("run_name"), "run_name", str(adapter_dir / MANIFEST)), adapter_hash(adapter_dir)
     base_path = base_model_dir(adapter_dir)  # on this machine, or a clear error now, before any work
     out = export_folder(ws, adapter_dir)
     record = read_json(out / EXPORT_MANIFEST, {})

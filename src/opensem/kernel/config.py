@@ -3,12 +3,13 @@ recipe shares (LoRA, optimizer, run), composed into the cpt and preference schem
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
 from opensem.config import EMBEDDED_MODEL, Strict
+from opensem.workspace import PLAIN_NAME as RUN_NAME_RE  # the one rule for names that become paths
+
 
 class DatasetSpec(Strict):
     path: str
@@ -16,7 +17,6 @@ class DatasetSpec(Strict):
     field_messages: str = "conversations"
 
 
-RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # always fullmatch: "$" lets a trailing newline through
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 TargetModules = Union[list[str], Literal["all-linear"]]
 
