@@ -260,3 +260,12 @@ def test_names_that_become_paths_property(tmp_path):
             assert str(e).startswith("manifest.json: run_name ")
 
     check()
+
+
+def test_a_manifest_nested_too_deep_is_a_one_line_error(tmp_path):
+    from opensem.lineage import read_json
+
+    deep = tmp_path / "manifest.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(OpenSEMError, match="nested too deeply"):
+        read_json(deep)

@@ -82,6 +82,8 @@ def read_json(path: Path, default: Any = _REQUIRED) -> Any:
     except json.JSONDecodeError as e:
         raise OpenSEMError(f"{path}: corrupt JSON (line {e.lineno}: {e.msg}): restore it from a backup or delete it "
                            f"to redo what wrote it") from None
+    except RecursionError:
+        raise OpenSEMError(f"{path}: nested too deeply to be a record of ours: restore it from a backup or delete it") from None
 
 
 def written_by(data_file: Path) -> Optional[Path]:
