@@ -349,17 +349,29 @@ def test_serve_and_ask_deliver_the_recommended_row_word_for_word(exported, tmp_p
     """The judge answers with retrieval by default and records the row to ship; with no flag, `opensem ask` (the
     latest run) and `opensem serve` (the unquantized f16 GGUF) answer as that row, word for word, and the override
     flag gives the other fine-tuned row's judged answers."""
-    from opensem.adapters import adapter_hash
-
     ws, _ = exported
     (ws / "data/raw/vault.md").write_text(VAULT)
+    golden = ws / "evals/golden_set.json"
+    kept = golden.read_text()
+    # the four facts it memorised: fine-tuned beats the base model on every one, so a fine-tuned row is recommended
+    # (with the two general questions too, six pairs are too few for the CI to leave 0, and the baseline is level)
+    golden.write_text(json.dumps([{"id": f"g{i}", "question": q, "answer": a} for i, (q, a) in enumerate(FACTS[:4])]))
     set_config(ws, "eval", answers={"max_new_tokens": 40, "batch_size": 8}, forgetting_set=None, bootstrap_samples=200,
                retrieval={"top_k": 2})
+    try:
+        _serve_and_ask_as_recommended(ws, tmp_path)
+    finally:
+        golden.write_text(kept)
+
+
+def _serve_and_ask_as_recommended(ws: Path, tmp_path: Path) -> None:
+    from opensem.adapters import adapter_hash
+
     r = run_cli("judge", "--mode", "fine-tuned", "--adapter", "mem", "-w", str(ws))
     assert r.returncode == 0, r.stderr[-2000:]
     res = read_json(ws / "evals/reports/fine-tuned-latest.json")
     rec = res["recommended"]
-    assert rec["fine_tuned"] and rec["adapter"].endswith(adapter_hash(ws / "models/adapters/mem")), rec  # it memorised the facts
+    assert rec["fine_tuned"] and rec["adapter"].endswith(adapter_hash(ws / "models/adapters/mem")), res["recommendation"]
     rows = {False: {it["id"]: it for it in res["items"]}, True: {it["id"]: it for it in res["retrieval"]["items"]}}
     shipped, other = rows[rec["retrieval"]], rows[not rec["retrieval"]]
     asked = run_cli("ask", shipped["g1"]["question"], "-w", str(ws))
